@@ -1,0 +1,44 @@
+# camid: two commands do all the set-up on a fresh machine.
+#   make run   - make .venv, install, run the whole pipeline (dvc repro) on the embedded default data
+#   make test  - same set-up, then the test suite (slow tests excluded; `make test-slow` runs them)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-slow imagemagick bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# ImageMagick's `identify` is the reference the JPEG-quality tests compare against.
+imagemagick:
+	@identify -version 2>/dev/null | grep -q ImageMagick || { \
+	  echo "installing ImageMagick (reference for JPEG quality tests)"; \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq imagemagick >/dev/null; }
+
+run: install
+	source $(BIN)/activate && dvc repro
+	@source $(BIN)/activate && camid register --summary
+
+test: install imagemagick
+	source $(BIN)/activate && python -m pytest
+
+test-slow: install imagemagick
+	source $(BIN)/activate && python -m pytest -m slow
+
+bench: install imagemagick
+	source $(BIN)/activate && for b in bench/*.py; do python $$b; done
+
+clean:
+	rm -rf data models metrics plots mlruns mlflow.db .dvc/cache .dvc/tmp

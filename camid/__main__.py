@@ -1,0 +1,3 @@
+from camid.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""`camid` command line: a thin door onto the stage modules.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported only when their command runs, so `camid --help` and light commands stay fast
+(TensorFlow is imported by the commands that need it, not by the CLI).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from camid import __version__
+from camid.errors import CamidError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("camid.synth", "make the virtual camera zoo: real JPEGs from simulated imaging pipelines"),
+    "acquire": ("camid.acquire", "the acquire stage: build data/raw from the source set in params (synthetic|folder|flickr)"),
+    "crawl": ("camid.acquire.flickr", "crawl a photo site (flickr) for originals of the catalog's cameras"),
+    "ingest": ("camid.acquire.ingest", "link a Kaggle-layout or <label>/<files> tree into the raw data layout"),
+    "inspect": ("camid.forensics.inspect", "forensic header inspection: EXIF, ImageMagick-exact JPEG quality, edits, phash"),
+    "filter": ("camid.filter", "the filter stage: keep only untouched originals of catalog cameras"),
+    "split": ("camid.split", "the split stage: stratified train/validation split of the filtered photos"),
+    "prepare": ("camid.prepare", "the prepare stage: decode each photo once into a cache of CFA-aligned crops"),
+    "train": ("camid.train", "train one backbone, tracked in MLflow"),
+    "tune": ("camid.tune", "keras-tuner search over a backbone's hyperparameters, one nested MLflow run per trial"),
+    "evaluate": ("camid.evaluate", "score trained models on the held-out split: weighted accuracy, confusion matrix"),
+    "register": ("camid.register", "bundle trained runs into the camid pyfunc model and register it in MLflow"),
+    "predict": ("camid.predict", "batch prediction with a registered model: Kaggle submission CSV and probabilities"),
+    "profile": ("camid.profile", "switch params.yaml to a named profile (e.g. kaggle)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camid", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"camid {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    except CamidError as exc:
+        print(f"camid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"camid {args.command}: interrupted", file=sys.stderr)
+        return 130

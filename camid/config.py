@@ -1,0 +1,239 @@
+"""Typed loader for params.yaml: the one source of truth for the camera catalog and every default.
+
+Each section of params.yaml maps onto a frozen dataclass below. Stages read only the section they need, so
+DVC can re-run only what a changed key affects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from camid.errors import CamidError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(CamidError, ValueError):
+    """params.yaml is missing, malformed, or names something unknown."""
+
+
+@dataclass(frozen=True)
+class Camera:
+    label: str
+    make: str
+    models: tuple[str, ...]          # EXIF Model glob patterns (fnmatch, case-sensitive)
+    sizes: tuple[tuple[int, int], ...]  # native (h, w); either orientation is accepted
+    rot90: bool                      # photos come in both orientations, so rot90 is a valid augmentation
+    search: str = ""                 # free text for photo-site searches
+
+    def matches_model(self, model: str | None) -> bool:
+        model = (model or "").strip()
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def is_native_size(self, height: int, width: int) -> bool:
+        return any((height, width) in ((h, w), (w, h)) for h, w in self.sizes)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    name: str
+    cameras: tuple[Camera, ...]
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.cameras]
+
+    def __len__(self) -> int:
+        return len(self.cameras)
+
+    def index(self, label: str) -> int:
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise ConfigError(
+                f"unknown camera label {label!r}; the {self.name!r} catalog has: {', '.join(self.labels)}"
+            ) from None
+
+    def get(self, label: str) -> Camera:
+        return self.cameras[self.index(label)]
+
+    def by_model(self, model: str | None) -> Camera | None:
+        return next((c for c in self.cameras if c.matches_model(model)), None)
+
+
+@dataclass(frozen=True)
+class FlickrParams:
+    api_url: str = "https://api.flickr.com/services/rest/"
+    max_per_camera: int = 3000
+    per_page: int = 250
+    requests_per_second: float = 1.0
+    check_exif: bool = False
+    timeout_s: float = 30
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class AcquireParams:
+    source: str = "synthetic"
+    folder: str = ""
+    flickr: FlickrParams = field(default_factory=FlickrParams)
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    seed: int = 2018
+    images_per_device: int = 24
+    bad_fraction: float = 0.15
+    pipelines: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    min_quality: int = 94
+    phash_max_distance: int = 4
+    max_pixels: int = 100_000_000
+    editors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 7
+    val_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    crops_per_image: int = 8
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    archs: tuple[str, ...] = ("smallcnn",)
+    patch: int = 64
+    weights: str = "none"
+    epochs: int = 8
+    steps_per_epoch: int = 60
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    dense: tuple[int, ...] = (128,)
+    dropout: tuple[float, ...] = (0.3,)
+    manipulation_prob: float = 0.5
+    aux_weight: float = 0.2
+    lr_factor: float = 0.5
+    lr_patience: int = 5
+    early_stopping_patience: int = 12
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    algorithm: str = "hyperband"
+    max_trials: int = 4
+    epochs: int = 3
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    tta: bool = True
+    blend: str = "mean_square"
+    balance: bool = False
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str = "camid"
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class Params:
+    catalog: Catalog
+    synth: SynthParams
+    acquire: AcquireParams
+    filter: FilterParams
+    split: SplitParams
+    prepare: PrepareParams
+    train: TrainParams
+    tune: TuneParams
+    evaluate: EvaluateParams
+    register: RegisterParams
+    profiles: dict
+    path: Path
+
+
+def _build(cls, section: str, raw: Any):
+    """Instantiate a section dataclass, turning lists into tuples and rejecting unknown keys."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params section {section!r} must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in params section {section!r}: {', '.join(unknown)}")
+    values = {}
+    for key, value in raw.items():
+        if key == "flickr":
+            value = _build(FlickrParams, f"{section}.flickr", value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+def _catalog(raw: dict) -> Catalog:
+    active = raw.get("active", "virtual")
+    entries = raw.get(active)
+    if not entries:
+        choices = [k for k in raw if k != "active"]
+        raise ConfigError(f"catalog.active is {active!r} but params.yaml has no such catalog; choose one of {choices}")
+    cameras = []
+    for entry in entries:
+        try:
+            cameras.append(Camera(
+                label=entry["label"], make=entry.get("make", ""), models=tuple(entry["models"]),
+                sizes=tuple((int(h), int(w)) for h, w in entry["sizes"]), rot90=bool(entry.get("rot90", False)),
+                search=entry.get("search", entry["label"]),
+            ))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"catalog {active!r}: malformed camera entry {entry!r}: {exc}") from None
+    labels = [c.label for c in cameras]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"catalog {active!r} has duplicate labels")
+    return Catalog(active, tuple(cameras))
+
+
+def load_raw(path: str | os.PathLike | None = None) -> dict:
+    path = Path(path or os.environ.get("CAMID_PARAMS", PARAMS_FILE))
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run camid from the project root or set CAMID_PARAMS to a params file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return raw
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Load params.yaml (or $CAMID_PARAMS) into typed sections."""
+    raw = load_raw(path)
+    return Params(
+        catalog=_catalog(raw.get("catalog") or {}),
+        synth=_build(SynthParams, "synth", raw.get("synth")),
+        acquire=_build(AcquireParams, "acquire", raw.get("acquire")),
+        filter=_build(FilterParams, "filter", raw.get("filter")),
+        split=_build(SplitParams, "split", raw.get("split")),
+        prepare=_build(PrepareParams, "prepare", raw.get("prepare")),
+        train=_build(TrainParams, "train", raw.get("train")),
+        tune=_build(TuneParams, "tune", raw.get("tune")),
+        evaluate=_build(EvaluateParams, "evaluate", raw.get("evaluate")),
+        register=_build(RegisterParams, "register", raw.get("register")),
+        profiles=raw.get("profiles") or {},
+        path=Path(path or os.environ.get("CAMID_PARAMS", PARAMS_FILE)),
+    )
