@@ -76,6 +76,8 @@ class FlickrParams:
     check_exif: bool = False
     timeout_s: float = 30
     retries: int = 5
+    backoff_s: float = 1.0           # first retry wait; doubles on each further retry (Retry-After wins when sent)
+    image_host: str = ""             # replaces the scheme and host of url_o when set (tests point it at a fake server)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class SplitParams:
 class PrepareParams:
     crops_per_image: int = 8
     shard_size: int = 256
+    seed: int = 11
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class TuneParams:
 class EvaluateParams:
     tta: bool = True
     blend: str = "mean_square"
-    balance: bool = False
+    balance: str = "none"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""`camid inspect PATH... [--json] [--workers N]`: what a photo's file says about where it came from.
+
+One record per file, with the keys in FIELDS. JPEG headers are parsed directly (no pixel decoding) for size,
+sampling, ImageMagick's quality, EXIF, XMP and Photoshop resources; the perceptual hash comes from a reduced
+decode (JPEG draft mode, 1/2 to 1/8 scale), which still runs the entropy decoder over the whole scan, so a
+truncated file is caught. Other formats go through Pillow. A file that cannot be read gets an `error` of the
+form "<kind>: <detail>" (kinds in ERROR_KINDS) and never stops a run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from camid.errors import CamidError
+from camid.forensics.exif import MalformedExif, edit_reason, parse_exif, read_exif
+from camid.forensics.jpeg_quality import JpegFormatError, JpegHeaderTruncated, read_jpeg_header
+
+FIELDS = ("path", "format", "width", "height", "exif_width", "exif_height", "orientation", "make", "model",
+          "software", "datetime", "quality", "subsampling", "edited", "edit_reason", "sha256", "phash", "error")
+
+# "<kind>: <detail>" in `error`; the filter stage uses the kind as its rejection reason.
+ERROR_KINDS = {
+    "unreadable": "the file could not be opened or read",
+    "empty": "zero-byte file",
+    "not_image": "not an image format camid can read (HEIC without a plug-in, text, ...)",
+    "too_large": "pixel count above max_pixels (decompression-bomb guard)",
+    "truncated": "the file ends before its image data does",
+    "corrupt": "malformed image data or header",
+    "bad_exif": "an EXIF block that cannot be parsed",
+}
+_PHASH_DRAFT_SIZE = (256, 256)  # draft decode to the smallest scale at least this big
+
+
+class InspectError(Exception):
+    def __init__(self, kind: str, detail: str):
+        assert kind in ERROR_KINDS, kind
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def error_kind(error: str | None) -> str | None:
+    """The kind of an `error` string from inspect_file (see ERROR_KINDS)."""
+    return error.partition(":")[0] if error else None
+
+
+def inspect_file(path: str | os.PathLike, editors: Sequence[str] = (), max_pixels: int = 100_000_000, *,
+                 hashes: bool = True) -> dict:
+    """Inspect one file; never raises for a bad file (its `error` says why).
+
+    editors: names of editing software (params filter.editors); max_pixels: decompression-bomb guard.
+    hashes=False skips sha256 and phash, leaving pure header work (no pixel decoding, no full read).
+    """
+    record = dict.fromkeys(FIELDS)
+    record.update(path=str(path), edited=False)
+    try:
+        _inspect(Path(path), record, tuple(editors), max_pixels, hashes)
+    except InspectError as exc:
+        record["error"] = str(exc)
+    except MemoryError:
+        record["error"] = "too_large: out of memory while decoding"
+    except Exception as exc:  # one bad file never stops a run: anything unforeseen is reported as corrupt
+        record["error"] = f"corrupt: {type(exc).__name__}: {exc}"
+    return record
+
+
+def _inspect(path: Path, record: dict, editors: tuple[str, ...], max_pixels: int, hashes: bool) -> None:
+    try:
+        if path.stat().st_size == 0:
+            raise InspectError("empty", "zero-byte file")
+        if hashes:
+            data = path.read_bytes()
+            record["sha256"] = hashlib.sha256(data).hexdigest()
+            fp = io.BytesIO(data)
+        else:
+            fp = open(path, "rb")
+    except OSError as exc:
+        raise InspectError("unreadable", exc.strerror or str(exc)) from None
+    with fp:
+        is_jpeg = fp.read(2) == b"\xff\xd8"
+        fp.seek(0)
+        metadata_error = (_inspect_jpeg if is_jpeg else _inspect_other)(fp, record, editors, max_pixels, hashes)
+    if metadata_error:
+        raise metadata_error
+
+
+def _metadata(record: dict, fields: dict | None, xmp, irb, editors) -> None:
+    fields = fields or {}
+    for key in ("exif_width", "exif_height", "orientation", "make", "model", "software", "datetime"):
+        record[key] = fields.get(key)
+    record["edit_reason"] = edit_reason(fields, xmp, irb, editors)
+    record["edited"] = record["edit_reason"] is not None
+
+
+def _check_size(record: dict, max_pixels: int) -> None:
+    if record["width"] * record["height"] > max_pixels:
+        raise InspectError("too_large", f"{record['width']}x{record['height']} pixels exceeds max_pixels {max_pixels}")
+
+
+def _inspect_jpeg(fp, record, editors, max_pixels, hashes) -> InspectError | None:
+    try:
+        header = read_jpeg_header(fp)
+    except JpegHeaderTruncated as exc:
+        raise InspectError("truncated", str(exc)) from None
+    except JpegFormatError as exc:
+        raise InspectError("corrupt", str(exc)) from None
+    record.update(format="JPEG", width=header.width, height=header.height, quality=header.quality,
+                  subsampling=header.subsampling)
+    metadata_error, fields = None, None
+    if header.exif:
+        try:
+            fields = read_exif(header.exif)
+        except MalformedExif as exc:
+            metadata_error = InspectError("bad_exif", str(exc))
+    _metadata(record, fields, header.xmp, header.photoshop, editors)
+    _check_size(record, max_pixels)
+    if hashes:
+        fp.seek(0)
+        record["phash"] = _phash(fp, draft=True)
+    return metadata_error
+
+
+def _inspect_other(fp, record, editors, max_pixels, hashes) -> InspectError | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        raise InspectError("too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise InspectError("not_image", "not a format Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InspectError("corrupt", str(exc)) from None
+    with image:
+        record.update(format=image.format, width=image.width, height=image.height)
+        metadata_error, fields = None, None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fields = parse_exif(image.getexif())
+        except Exception as exc:  # Pillow raises many types on corrupt TIFF structures
+            metadata_error = InspectError("bad_exif", f"{type(exc).__name__}: {exc}")
+        xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+        irb = getattr(image, "tag_v2", {}).get(34377) if image.format == "TIFF" else None
+        _metadata(record, fields, xmp.encode() if isinstance(xmp, str) else xmp,
+                  irb if isinstance(irb, bytes) else None, editors)
+        _check_size(record, max_pixels)
+        if hashes:
+            fp.seek(0)
+            record["phash"] = _phash(fp, draft=False)
+    return metadata_error
+
+
+def _phash(fp, draft: bool) -> str:
+    import imagehash  # imports scipy: only when hashing
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(fp) as image:
+                if draft:
+                    image.draft("L", _PHASH_DRAFT_SIZE)
+                image.load()
+                return str(imagehash.phash(image))
+    except Image.DecompressionBombError as exc:
+        raise InspectError("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        kind = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise InspectError(kind, str(exc) or type(exc).__name__) from None
+
+
+def iter_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named, and files under the directories named (sorted; hidden names skipped)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CamidError(f"{path} does not exist")
+    return files
+
+
+def inspect_paths(files: Sequence[str | os.PathLike], editors: Sequence[str] = (), max_pixels: int = 100_000_000,
+                  *, workers: int = 1, hashes: bool = True, chunksize: int = 4) -> Iterator[dict]:
+    """inspect_file over `files`, in `workers` processes, yielding records in input order."""
+    job = functools.partial(inspect_file, editors=tuple(editors), max_pixels=max_pixels, hashes=hashes)
+    if workers <= 1 or len(files) < 2:
+        yield from map(job, files)
+        return
+    with multiprocessing.get_context("fork").Pool(min(workers, len(files))) as pool:
+        yield from pool.imap(job, files, chunksize=chunksize)
+
+
+_TABLE = (("quality", 7), ("size", 11), ("sampling", 8), ("model", 18), ("software", 22), ("edited", 6))
+
+
+def _table_row(record: dict) -> str:
+    size = f"{record['width']}x{record['height']}" if record["width"] else ""
+    cells = {"quality": record["quality"], "size": size, "sampling": record["subsampling"],
+             "model": record["model"], "software": record["software"], "edited": "yes" if record["edited"] else ""}
+    text = " ".join(str(cells[name] if cells[name] is not None else "")[:width].ljust(width) for name, width in _TABLE)
+    return f"{text} {record['path']}" + (f"  [{record['error']}]" if record["error"] else "")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories (walked)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
+    parser.add_argument("--no-hash", dest="hashes", action="store_false",
+                        help="header fields only: skip sha256 and the perceptual hash (no pixel decoding)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from camid.config import load_params
+
+    params = load_params().filter
+    files = iter_files(args.paths)
+    if not args.json:
+        print(" ".join(name.ljust(width) for name, width in _TABLE), "path")
+    for record in inspect_paths(files, params.editors, params.max_pixels, workers=args.workers, hashes=args.hashes):
+        print(json.dumps(record) if args.json else _table_row(record), flush=False)
+    sys.stdout.flush()
+    return 0

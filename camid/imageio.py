@@ -1,0 +1,47 @@
+"""Decoding untrusted image bytes into RGB pixels, with a reason for every way it can fail.
+
+Used by batch prediction and the served model: a request row that is not a decodable image, a bomb, or too
+small for the model's patch gets an `ImageError` whose message says which and what to send instead.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from camid.errors import CamidError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageError(CamidError):
+    """These bytes cannot be used as an image for the model."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """JPEG, PNG or TIFF bytes -> uint8 RGB array (H, W, 3). Raises ImageError with the reason."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"expected image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+                                     f"{max_pixels:,}; send a crop instead")
+                img.load()
+                rgb = img.convert("RGB") if img.mode != "RGB" else img
+                return np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image (expected JPEG, PNG or TIFF bytes)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None

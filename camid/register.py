@@ -1,0 +1,176 @@
+"""The register stage: log the ensemble as an MLflow pyfunc model, register it, and move the champion alias.
+
+The model is logged from code (`camid/serving_model.py`) with the camid package shipped in `code_paths`, the
+ensemble bundle as its artifact, and the evaluation on the held-out split as its metrics. The alias
+(`champion` by default) moves to the new version only if it scores at least as well as the current one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+from camid.cli import optional
+from camid.config import load_params
+from camid.errors import CamidError
+from camid.fileio import write_json
+
+log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parent
+SCORE_TAG = "weighted_accuracy"
+# What the served model needs at run time (the rest of camid's dependencies are for training and data).
+SERVING_REQUIREMENTS = ("tensorflow", "keras", "mlflow", "pillow", "numpy", "pandas", "scipy", "uvicorn")
+
+
+def pinned_requirements() -> list[str]:
+    """The serving requirements with the exact versions installed here (the same pins as pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def bundle_from_runs(run_ids: list[str], out: Path) -> Path:
+    """Fetch trained models from MLflow runs (artifacts model/model.keras and summary.json) into a bundle."""
+    import mlflow
+
+    from camid.inference.ensemble import Ensemble
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = []
+        for run_id in run_ids:
+            target = Path(tmp) / run_id
+            target.mkdir()
+            try:
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras", dst_path=str(target))
+                summary = mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")
+            except Exception as exc:  # MLflow raises several types for a missing run or artifact
+                raise CamidError(f"cannot fetch the trained model of MLflow run {run_id}: {exc}. Pass the run id of a "
+                                 "`camid train` run from this tracking store") from None
+            (target / "model" / "model.keras").rename(target / "model.keras")
+            write_json(target / "run.json", summary)
+            dirs.append(target)
+        return Ensemble.write_bundle(dirs, out)
+
+
+def champion_score(client, name: str, alias: str) -> tuple[str | None, float | None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None, None
+    score = version.tags.get(SCORE_TAG)
+    return version.version, (float(score) if score is not None else None)
+
+
+def register(bundle: Path, evaluation: dict, model_name: str, alias: str) -> dict:
+    """Log + register the pyfunc; move `alias` if it scores at least as well as the current holder."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from camid import tracking
+    from camid.serving import signature
+
+    spec = json.loads((bundle / "ensemble.json").read_text())
+    score = float(evaluation["weighted_accuracy"])
+    with tracking.run("register", tags={"stage": "register", "members": ",".join(m["arch"] for m in spec["members"])}) as active:
+        mlflow.log_metrics({k: v for k, v in evaluation.items() if isinstance(v, float)})
+        mlflow.log_dict(evaluation, "evaluation.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PACKAGE_DIR / "serving_model.py"),
+            artifacts={"bundle": str(bundle)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(spec["labels"]),
+            pip_requirements=pinned_requirements(),
+            registered_model_name=model_name,
+        )
+        run_id = active.info.run_id
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(model_name, version, SCORE_TAG, str(score))
+    client.set_model_version_tag(model_name, version, "members", ",".join(m["arch"] for m in spec["members"]))
+    previous, previous_score = champion_score(client, model_name, alias)
+    moved = previous is None or previous_score is None or score >= previous_score
+    if moved:
+        client.set_registered_model_alias(model_name, alias, version)
+    result = {
+        "model_name": model_name, "version": version, "run_id": run_id, "model_uri": f"models:/{model_name}/{version}",
+        "alias": alias, "alias_uri": f"models:/{model_name}@{alias}", "weighted_accuracy": score,
+        "champion_version": version if moved else previous, "champion_moved": moved,
+        "previous_champion": previous, "previous_champion_score": previous_score,
+        "tracking_uri": tracking.tracking_uri(),
+    }
+    log.info("registered %s version %s (weighted accuracy %.4f); %s", model_name, version, score,
+             f"{alias} -> version {version}" if moved else
+             f"{alias} stays on version {previous} ({previous_score:.4f} > {score:.4f})")
+    return result
+
+
+def summary_text(record_file: Path = Path("registry/registered.json"),
+                 metrics_file: Path = Path("metrics/evaluate.json")) -> str:
+    if not record_file.is_file():
+        raise CamidError(f"{record_file} not found: nothing has been registered yet (run `make run` or `dvc repro`)")
+    record = json.loads(record_file.read_text())
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    lines = [
+        "",
+        f"camid: model {record['model_name']} version {record['version']} registered in {record['tracking_uri']}",
+        f"  weighted accuracy on the held-out split: {record['weighted_accuracy']:.4f}"
+        + (f" (unaltered {metrics['accuracy_unaltered']:.4f}, manipulated {metrics['accuracy_manipulated']:.4f}, "
+           f"chance {metrics['chance']:.3f})" if metrics else ""),
+        f"  {record['alias_uri']} -> version {record['champion_version']}",
+        f"  metrics: {metrics_file}, plots/confusion.png, models/train/*/training_curves.png; `dvc metrics show`",
+        f"  serve:   mlflow models serve -m {record['alias_uri']} --env-manager local -p 5001",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=Path("models/ensemble"),
+                        help="an ensemble bundle (the evaluate stage's output)")
+    parser.add_argument("--runs", nargs="*", metavar="RUN_ID", type=optional(str),
+                        help="build the bundle from these `camid train` MLflow runs instead (any mix of backbones)")
+    parser.add_argument("--evaluation", type=Path,
+                        help="the evaluate stage's metrics for this bundle (default: score it now on --cache)")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="crop cache to score on")
+    parser.add_argument("--out", type=Path, default=Path("registry/registered.json"), help="record of what was registered")
+    parser.add_argument("--summary", action="store_true", help="only print what is registered and where the metrics are")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.summary:
+        print(summary_text(args.out))
+        return 0
+    params = load_params()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", params.register.model_name):
+        raise CamidError(f"register.model_name {params.register.model_name!r} must be letters, digits, '.', '_' or '-'")
+    bundle = args.bundle
+    args.runs = [run_id for r in (args.runs or []) if r for run_id in re.split(r"[,\s]+", r) if run_id]
+    if args.runs:
+        bundle = bundle_from_runs(args.runs, Path("models/ensemble-runs"))
+    if not (bundle / "ensemble.json").is_file():
+        raise CamidError(f"{bundle} is not an ensemble bundle: run the evaluate stage first, or pass --runs RUN_ID ...")
+    if args.evaluation and not args.runs:
+        if not args.evaluation.is_file():
+            raise CamidError(f"--evaluation {args.evaluation} not found: run the evaluate stage first")
+        evaluation = json.loads(args.evaluation.read_text())
+    else:
+        from camid.evaluate import score
+        from camid.inference.ensemble import Ensemble
+
+        evaluation, _ = score(Ensemble.load(bundle), args.cache, params.evaluate)
+    record = register(bundle, evaluation, params.register.model_name, params.register.alias)
+    write_json(args.out, record)
+    print(summary_text(args.out))
+    return 0

@@ -1,0 +1,74 @@
+"""MLflow glue shared by the stages: where runs go, what every run is tagged with, and plots as images."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "camid"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_version(path: str | os.PathLike, lock_file: str = "dvc.lock") -> str:
+    """The DVC hash of a stage output (from dvc.lock) or, before DVC has locked it, a hash of its index files."""
+    path = Path(path)
+    lock = Path(lock_file)
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if Path(out.get("path", "")) == path and out.get("md5"):
+                    return out["md5"]
+    digest = hashlib.md5()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.suffix in {".json", ".parquet", ".csv"}:
+            digest.update(f.relative_to(path).as_posix().encode())
+            digest.update(f.read_bytes())
+    return "local-" + digest.hexdigest()
+
+
+@contextlib.contextmanager
+def run(run_name: str, tags: dict | None = None, nested: bool = False) -> Iterator["mlflow.ActiveRun"]:
+    """Start (or, under `mlflow run`, join) a tracked run in the camid experiment, tagged with the git commit."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID") and not nested:
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    with mlflow.start_run(run_name=run_name, nested=nested) as active:
+        mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
+        yield active
+
+
+def log_figure(fig, artifact_file: str, local_path: str | os.PathLike | None = None) -> None:
+    """Log a matplotlib figure to the active MLflow run and, optionally, save it for DVC too."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    if local_path is not None:
+        from camid.fileio import atomic_path
+
+        with atomic_path(local_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    if mlflow.active_run() is not None:
+        mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)

@@ -1,0 +1,223 @@
+"""The train stage: one backbone, trained on patches cut from the crop cache, tracked in MLflow.
+
+The model sees a patch and the `manipulated` flag and predicts the camera, plus (auxiliary head) which of the
+eight test-set manipulations was applied. Validation scores every held-out photo unaltered and under each
+manipulation, and the competition's weighted accuracy (0.7 unaltered + 0.3 manipulated) drives the
+checkpoint, the learning-rate schedule and early stopping.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from camid.cli import optional
+from camid.config import TrainParams, load_params
+from camid.errors import CamidError
+from camid.fileio import atomic_dir, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+MONITOR = "val_weighted_accuracy"
+
+
+def read_cache_meta(cache: Path) -> dict:
+    meta_file = Path(cache) / "meta.json"
+    if not meta_file.is_file():
+        raise CamidError(f"{meta_file} not found: run the prepare stage first (dvc repro prepare, or camid prepare)")
+    return json.loads(meta_file.read_text())
+
+
+def predict_cameras(model, images: np.ndarray, manipulated: np.ndarray, batch_size: int) -> np.ndarray:
+    """Camera probabilities for uint8 patches (no TTA: the per-epoch check must be cheap)."""
+    out = model.predict({"image": images.astype("float32"), "manipulated": manipulated.reshape(-1, 1).astype("float32")},
+                        batch_size=batch_size, verbose=0)
+    return np.asarray(out["camera"])
+
+
+def scoring_callbacks(evalset, batch_size: int) -> list:
+    """Per-epoch validation score (weighted accuracy over unaltered + manipulated patches) and MLflow logging.
+
+    Listed before anything that monitors MONITOR: they read the value these write into the epoch logs.
+    """
+    import keras
+    import mlflow
+
+    from camid.metrics import weighted_accuracy
+
+    class ValidationScore(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            probs = predict_cameras(self.model, evalset.images, evalset.manipulation > 0, batch_size)
+            logs[MONITOR] = weighted_accuracy(evalset.labels, probs.argmax(1), evalset.manipulation > 0)
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+    return [ValidationScore(), MlflowEpochLogger()]
+
+
+def make_callbacks(evalset, train: TrainParams, work: Path, best_so_far: float | None) -> list:
+    import keras
+
+    return scoring_callbacks(evalset, train.batch_size) + [
+        keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train.lr_factor,
+                                          patience=train.lr_patience, min_lr=1e-7, verbose=0),
+        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train.early_stopping_patience),
+        keras.callbacks.ModelCheckpoint(str(work / "best.keras"), monitor=MONITOR, mode="max", save_best_only=True,
+                                        initial_value_threshold=best_so_far),
+        keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
+        # Survives an interruption: a re-run with the same settings resumes from the last finished epoch.
+        keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=False),
+    ]
+
+
+def run_key(arch: str, train: TrainParams, meta: dict) -> str:
+    blob = json.dumps({"arch": arch, "train": dataclasses.asdict(train), "cache": meta}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[str], catalog, *,
+          metrics_file: Path | None = None, plots_file: Path | None = None, extra_tags: dict | None = None) -> dict:
+    """Train `arch` on `cache`, write `out/model.keras` (best checkpoint) and `out/run.json`; return the summary."""
+    import keras
+    import mlflow
+
+    from camid import tracking
+    from camid.dataset import TrainPatches, eval_patches
+    from camid.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
+    from camid.models import compile_model, configure_devices, create_model
+    from camid.plots import confusion_figure, history_figure
+
+    meta = read_cache_meta(cache)
+    if meta["labels"] != labels:
+        raise CamidError(f"the crop cache {cache} was made for cameras {meta['labels']}, but the catalog now lists "
+                         f"{labels}: re-run the prepare stage")
+    if train.patch > meta["patch"]:
+        raise CamidError(f"train.patch={train.patch} but the cache {cache} holds crops for patch {meta['patch']}: "
+                         "re-run the prepare stage with this patch size")
+    keras.utils.set_random_seed(train.seed)
+    # Work in progress lives under .camid/checkpoints, keyed by every setting, so an interrupted run resumes
+    # only with the same settings; `out` appears whole, and only once training has finished.
+    work = Path(os.environ.get("CAMID_CHECKPOINTS", ".camid/checkpoints")) / f"{arch}-{run_key(arch, train, meta)}"
+    resuming = (work / "backup").is_dir() and (work / "history.csv").is_file()
+    if not resuming:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    best_so_far = float(pd.read_csv(work / "history.csv")[MONITOR].max()) if resuming else None
+    if resuming:
+        log.info("resuming %s from %s (best %s so far %.4f)", arch, work, MONITOR, best_so_far)
+
+    data = TrainPatches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
+                        steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
+                        seed=train.seed)
+    evalset = eval_patches(cache, split="val", patch=train.patch)
+    strategy = configure_devices()
+
+    tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache), **(extra_tags or {})}
+    with tracking.run(run_name=f"train-{arch}", tags=tags) as active:
+        mlflow.log_params({"arch": arch, **{k: v for k, v in dataclasses.asdict(train).items() if k != "archs"},
+                           "cache_patch": meta["patch"], "num_classes": len(labels),
+                           "train_crops": meta.get("counts", {}).get("train"), "val_images": len(np.unique(evalset.image_id))})
+        with strategy.scope():
+            model = create_model(arch, num_classes=len(labels), patch=train.patch, weights=train.weights,
+                                 dense=train.dense, dropout=train.dropout)
+            compile_model(model, learning_rate=train.learning_rate, aux_weight=train.aux_weight)
+        log.info("training %s (%s parameters) for up to %d epochs of %d steps", arch,
+                 f"{model.count_params():,}", train.epochs, train.steps_per_epoch)
+        model.fit(data, epochs=train.epochs, verbose=2, callbacks=make_callbacks(evalset, train, work, best_so_far))
+
+        # Score the best checkpoint, not the last epoch.
+        best = keras.models.load_model(work / "best.keras")
+        manipulated = evalset.manipulation > 0
+        pred = predict_cameras(best, evalset.images, manipulated, train.batch_size).argmax(1)
+        matrix = confusion_matrix(evalset.labels, pred, len(labels))
+        summary = {
+            "arch": arch,
+            "run_id": active.info.run_id,
+            "patch": train.patch,
+            "labels": labels,
+            "weighted_accuracy": weighted_accuracy(evalset.labels, pred, manipulated),
+            "accuracy_unaltered": float(np.mean(pred[~manipulated] == evalset.labels[~manipulated])),
+            "accuracy_manipulated": float(np.mean(pred[manipulated] == evalset.labels[manipulated])),
+            "per_camera": dict(zip(labels, per_camera_accuracy(evalset.labels, pred, len(labels)))),
+            "chance": 1 / len(labels),
+        }
+        mlflow.log_metrics({f"best_{k}": v for k, v in summary.items()
+                            if k in ("weighted_accuracy", "accuracy_unaltered", "accuracy_manipulated")})
+        history = pd.read_csv(work / "history.csv")
+        with atomic_dir(out) as tmp:
+            shutil.copy2(work / "best.keras", tmp / "model.keras")
+            shutil.copy2(work / "history.csv", tmp / "history.csv")
+            write_json(tmp / "run.json", summary)
+            tracking.log_figure(confusion_figure(matrix, labels, f"{arch}: validation (unaltered + manipulated)"),
+                                "confusion_matrix.png", tmp / "confusion_matrix.png")
+            tracking.log_figure(history_figure(history, f"{arch} training"), "training_curves.png",
+                                tmp / "training_curves.png")
+            mlflow.log_artifact(str(tmp / "model.keras"), artifact_path="model")
+            mlflow.log_dict(summary, "summary.json")
+    shutil.rmtree(work, ignore_errors=True)
+    if metrics_file:
+        write_json(metrics_file, {k: summary[k] for k in ("weighted_accuracy", "accuracy_unaltered", "accuracy_manipulated")})
+    if plots_file:
+        with atomic_path(plots_file) as tmp:
+            history.to_csv(tmp, index=False)
+    log.info("%s: validation weighted accuracy %.4f (chance %.3f); MLflow run %s", arch,
+             summary["weighted_accuracy"], summary["chance"], summary["run_id"])
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="backbone name from the registry (camid.models.list_backbones())")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="the prepare stage's crop cache")
+    parser.add_argument("--out", type=optional(Path), help="output folder (default models/train/<arch>)")
+    parser.add_argument("--metrics", type=optional(Path), help="write the final validation metrics here (JSON)")
+    parser.add_argument("--plots", type=optional(Path), help="write the per-epoch history here (CSV)")
+    parser.add_argument("--params-file", type=optional(Path), help="a YAML file of train-key overrides (e.g. tune's best)")
+    for field in dataclasses.fields(TrainParams):
+        if field.name in ("archs",):
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
+                            type=optional(kind), help=f"override train.{field.name}")
+
+
+def resolve_train_params(args: argparse.Namespace, base: TrainParams) -> TrainParams:
+    """params.yaml's train block, then a params file (tune's best), then command-line flags."""
+    import yaml
+
+    overrides = {}
+    if getattr(args, "params_file", None):
+        if not args.params_file.is_file():
+            raise CamidError(f"--params-file {args.params_file} not found")
+        overrides.update((yaml.safe_load(args.params_file.read_text()) or {}).get("train", {}))
+    for field in dataclasses.fields(TrainParams):
+        value = getattr(args, field.name, None)
+        if value is None or field.name == "archs":
+            continue
+        if field.name in ("dense", "dropout"):
+            value = tuple((float if field.name == "dropout" else int)(v) for v in str(value).replace(",", " ").split())
+        overrides[field.name] = value
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainParams)}
+    if unknown:
+        raise CamidError(f"unknown train setting(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(base, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params()
+    settings = resolve_train_params(args, params.train)
+    out = args.out or Path("models/train") / args.arch
+    train(args.arch, args.cache, out, settings, params.catalog.labels, params.catalog,
+          metrics_file=args.metrics, plots_file=args.plots)
+    return 0

@@ -1,0 +1,153 @@
+"""keras-tuner search over a backbone's hyperparameters, every trial a nested MLflow run under one parent.
+
+Searched: learning rate, dropout, head width, patch size and manipulation probability; the objective is
+the competition's weighted accuracy on the held-out split. The best values are logged to the parent run
+and written as a params file (`train:` block) that `camid train --params-file` reads, or, with `--apply`,
+written into params.yaml so `dvc repro` retrains with them.
+
+Distributed search: keras-tuner runs one chief (the oracle) and many workers from the same command, told
+apart by environment variables (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT); see
+the README.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from camid.cli import optional
+from camid.config import TrainParams, TuneParams, load_params
+from camid.errors import CamidError
+from camid.fileio import write_text
+from camid.train import MONITOR, read_cache_meta, scoring_callbacks
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ("hyperband", "bayesian", "random")
+
+
+def patch_choices(cache_patch: int, min_size: int) -> list[int]:
+    """Even patch sizes from 3/4 of the cached patch up to it, as far as the backbone accepts them."""
+    sizes = sorted({cache_patch, (cache_patch * 3 // 4) // 2 * 2})
+    return [s for s in sizes if s >= min_size] or [cache_patch]
+
+
+def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: list[str]):
+    import keras_tuner as kt
+
+    from camid.dataset import TrainPatches, eval_patches
+    from camid.models import compile_model, create_model, get_backbone
+
+    meta = read_cache_meta(cache)
+    sizes = patch_choices(min(meta["patch"], base.patch), get_backbone(arch).min_size)
+
+    class CamidHyperModel(kt.HyperModel):
+        def build(self, hp):
+            patch = hp.Choice("patch", sizes)
+            model = create_model(arch, num_classes=len(labels), patch=patch, weights=base.weights,
+                                 dense=(hp.Choice("dense", [64, 128, 256, 512]),),
+                                 dropout=(hp.Float("dropout", 0.0, 0.5, step=0.1),))
+            compile_model(model, learning_rate=hp.Float("learning_rate", 1e-5, 1e-2, sampling="log"),
+                          aux_weight=base.aux_weight)
+            return model
+
+        def fit(self, hp, model, *args, **kwargs):
+            patch = hp.get("patch")
+            data = TrainPatches(cache, catalog, patch=patch, batch_size=base.batch_size,
+                                steps_per_epoch=base.steps_per_epoch,
+                                manipulation_prob=hp.Float("manipulation_prob", 0.2, 0.8, step=0.1), seed=base.seed)
+            evalset = eval_patches(cache, split="val", patch=patch)
+            callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
+            return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
+
+    return CamidHyperModel()
+
+
+def make_tuner(algorithm: str, hypermodel, directory: Path, project: str, max_trials: int, epochs: int, seed: int):
+    import keras_tuner as kt
+    import mlflow
+
+    classes = {"hyperband": kt.Hyperband, "bayesian": kt.BayesianOptimization, "random": kt.RandomSearch}
+    if algorithm not in classes:
+        raise CamidError(f"unknown tune.algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+
+    class TrackedTuner(classes[algorithm]):
+        """Each trial is a nested MLflow run holding its hyperparameters, per-epoch metrics and score."""
+
+        def run_trial(self, trial, *args, **kwargs):
+            with mlflow.start_run(run_name=f"trial-{trial.trial_id}", nested=True):
+                mlflow.set_tags({"stage": "tune-trial", "trial_id": trial.trial_id})
+                mlflow.log_params(trial.hyperparameters.values)
+                histories = super().run_trial(trial, *args, **kwargs)
+                history = histories[-1] if isinstance(histories, list) else histories
+                scores = getattr(history, "history", {}).get(MONITOR, [])
+                if scores:
+                    mlflow.log_metric(f"best_{MONITOR}", max(scores))
+                return histories
+
+    objective = kt.Objective(MONITOR, direction="max")
+    common = dict(objective=objective, directory=str(directory), project_name=project, overwrite=True, seed=seed)
+    if algorithm == "hyperband":
+        tuner = TrackedTuner(hypermodel, max_epochs=epochs, factor=3, **common)
+        tuner.oracle.max_trials = max_trials  # Hyperband has no max_trials of its own: cap it through the oracle
+    else:
+        tuner = TrackedTuner(hypermodel, max_trials=max_trials, **common)
+    return tuner
+
+
+def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalog, out: Path,
+         directory: Path = Path("tuning")) -> dict:
+    import mlflow
+
+    from camid import tracking
+
+    hypermodel = make_hypermodel(arch, cache, base, catalog, catalog.labels)
+    tuner = make_tuner(settings.algorithm, hypermodel, directory, f"{arch}-{settings.algorithm}",
+                       settings.max_trials, settings.epochs, base.seed)
+    with tracking.run(f"tune-{arch}", tags={"stage": "tune", "arch": arch, "data_version": tracking.data_version(cache)}):
+        mlflow.log_params({"arch": arch, "algorithm": settings.algorithm, "max_trials": settings.max_trials,
+                           "epochs": settings.epochs, "steps_per_epoch": base.steps_per_epoch})
+        tuner.search(epochs=settings.epochs)
+        best_trial = tuner.oracle.get_best_trials(1)[0]
+        best = best_trial.hyperparameters.values
+        mlflow.log_params({f"best_{k}": v for k, v in best.items()})
+        mlflow.log_metric(f"best_{MONITOR}", float(best_trial.score))
+        train_block = {"learning_rate": float(best["learning_rate"]), "dropout": [float(best["dropout"])],
+                       "dense": [int(best["dense"])], "patch": int(best["patch"]),
+                       "manipulation_prob": float(best["manipulation_prob"])}
+        import yaml
+
+        text = (f"# best of {len(tuner.oracle.trials)} {settings.algorithm} trials for {arch}: "
+                f"{MONITOR} {best_trial.score:.4f}\n" + yaml.safe_dump({"train": train_block}, sort_keys=True))
+        write_text(out, text)
+        mlflow.log_artifact(str(out))
+    log.info("best %s %.4f with %s; written to %s", MONITOR, best_trial.score, train_block, out)
+    return {"score": float(best_trial.score), "train": train_block, "trials": len(tuner.oracle.trials)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="backbone name from the registry")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="the prepare stage's crop cache")
+    parser.add_argument("--max-trials", type=optional(int), default=None, help="override tune.max_trials")
+    parser.add_argument("--algorithm", type=optional(str), default=None, help="hyperband | bayesian | random")
+    parser.add_argument("--epochs", type=optional(int), default=None, help="override tune.epochs (per trial)")
+    parser.add_argument("--steps-per-epoch", type=optional(int), default=None, help="override train.steps_per_epoch")
+    parser.add_argument("--out", type=optional(Path), default=Path("tuning/best_params.yaml"),
+                        help="where to write the best values (a `train:` params block)")
+    parser.add_argument("--apply", action="store_true", help="also write the best values into params.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params()
+    settings = dataclasses.replace(params.tune, **{k: v for k, v in
+                                                  (("max_trials", args.max_trials), ("algorithm", args.algorithm),
+                                                   ("epochs", args.epochs)) if v is not None})
+    base = params.train if args.steps_per_epoch is None else dataclasses.replace(params.train,
+                                                                                 steps_per_epoch=args.steps_per_epoch)
+    result = tune(args.arch, args.cache, settings, base, params.catalog, args.out or Path("tuning/best_params.yaml"))
+    if args.apply:
+        from camid.profile import set_params
+
+        set_params({f"train.{k}": v for k, v in result["train"].items()})
+        print("params.yaml train block updated; `dvc repro` retrains with the tuned values")
+    return 0

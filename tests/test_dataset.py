@@ -1,0 +1,132 @@
+"""Training batches and the validation set cut from a real cache made by the prepare stage."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from camid.dataset import EvalSet, TrainPatches, eval_patches
+from camid.errors import CamidError
+from camid.manipulations import MANIPULATIONS, apply
+from camid.prepare import prepare, read_index, shard_path
+from tests.test_prepare import make_split
+
+PATCH = 64
+
+
+def column_ramp(height: int, width: int, seed: int) -> np.ndarray:
+    """Every row the same, which every manipulation preserves exactly: a patch with unequal rows was turned."""
+    rng = np.random.default_rng(seed)
+    row = rng.integers(0, 256, (1, width, 3))
+    return np.repeat(row, height, axis=0).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, catalog):
+    labels = catalog.labels
+    # Aster-A1 (rot90) has one photo, Boreal-B7 (no rot90) three: sampling must still balance the cameras.
+    chosen = {"Aster-A1": 1, "Boreal-B7": 3, "Corvid-C3": 1, "Dune-D5": 1}
+    assert [catalog.get(label).rot90 for label in chosen] == [True, False, True, False]
+    train = [label for label, n in chosen.items() for _ in range(n)]
+    folder = tmp_path_factory.mktemp("dataset")
+    split_dir = make_split(folder / "split", {"train": train, "val": [labels[0], labels[2], labels[2]]},
+                           pixels=column_ramp)
+    prepare(split_dir, folder / "cache", catalog, patch=PATCH, crops_per_image=2, shard_size=3, seed=1, workers=1)
+    return folder / "cache"
+
+
+def patches(cache, catalog, **overrides):
+    options = dict(patch=PATCH, batch_size=16, steps_per_epoch=5, manipulation_prob=0.5, seed=3)
+    options.update(overrides)
+    return TrainPatches(cache, catalog, **options)
+
+
+def test_batch_shapes_and_dtypes(cache, catalog):
+    inputs, targets = patches(cache, catalog, patch=48)[0]
+    assert set(inputs) == {"image", "manipulated"} and set(targets) == {"camera", "manipulation"}
+    assert inputs["image"].shape == (16, 48, 48, 3) and inputs["image"].dtype == np.float32
+    assert 0 <= inputs["image"].min() and inputs["image"].max() <= 255
+    assert inputs["manipulated"].shape == (16, 1) and inputs["manipulated"].dtype == np.float32
+    assert targets["camera"].shape == targets["manipulation"].shape == (16,)
+    assert targets["camera"].dtype == targets["manipulation"].dtype == np.int32
+    assert len(patches(cache, catalog)) == 5
+    with pytest.raises(IndexError):
+        patches(cache, catalog)[5]
+
+
+def test_cameras_are_balanced_not_photos(cache, catalog):
+    dataset = patches(cache, catalog, batch_size=100, manipulation_prob=0.0)
+    cameras = np.concatenate([dataset[i][1]["camera"] for i in range(4)])
+    counts = np.bincount(cameras, minlength=len(catalog))
+    present = [catalog.index(label) for label in ("Aster-A1", "Boreal-B7", "Corvid-C3", "Dune-D5")]
+    assert counts.sum() == counts[present].sum() == 400
+    assert all(70 <= counts[c] <= 130 for c in present), counts  # 100 expected each; Boreal has 3x the crops
+
+
+def test_manipulated_flag_follows_the_manipulation(cache, catalog):
+    for probability, check in ((0.0, lambda m: (m == 0).all()), (1.0, lambda m: (m > 0).all()),
+                               (0.5, lambda m: 0.3 < (m > 0).mean() < 0.7)):
+        inputs, targets = patches(cache, catalog, batch_size=64, manipulation_prob=probability)[1]
+        manipulation = targets["manipulation"]
+        assert check(manipulation), (probability, manipulation)
+        assert np.array_equal(inputs["manipulated"][:, 0], (manipulation > 0).astype(np.float32))
+    assert set(np.unique(manipulation)) <= set(range(len(MANIPULATIONS) + 1))
+
+
+def test_rot90_only_for_cameras_that_allow_it(cache, catalog):
+    rotated = {label: 0 for label in catalog.labels}
+    dataset = patches(cache, catalog, batch_size=64)
+    for i in range(len(dataset)):
+        inputs, targets = dataset[i]
+        for image, camera in zip(inputs["image"], targets["camera"]):
+            across_rows = np.abs(image - image[:1]).max()      # 0 unless the patch was turned a quarter
+            across_columns = np.abs(image - image[:, :1]).max()
+            if across_rows:
+                # JPEG's chroma rounding alternates by column, so a turned patch is only nearly column-constant
+                assert across_columns < across_rows
+            rotated[catalog.labels[camera]] += bool(across_rows)
+    assert rotated["Boreal-B7"] == rotated["Dune-D5"] == 0
+    assert rotated["Aster-A1"] > 0 and rotated["Corvid-C3"] > 0
+
+
+def test_deterministic_per_seed_epoch_and_batch(cache, catalog):
+    first, second = patches(cache, catalog), patches(cache, catalog)
+    later = first[3]
+    first[1]
+    assert all(np.array_equal(a, b) for a, b in zip(_flat(later), _flat(second[3])))
+    assert all(np.array_equal(a, b) for a, b in zip(_flat(first[3]), _flat(pickle.loads(pickle.dumps(first))[3])))
+    assert not np.array_equal(first[3][0]["image"], first[2][0]["image"])
+    first.on_epoch_end()
+    assert not np.array_equal(first[3][0]["image"], later[0]["image"])
+    assert not np.array_equal(patches(cache, catalog, seed=4)[3][0]["image"], later[0]["image"])
+
+
+def _flat(batch):
+    inputs, targets = batch
+    return [inputs["image"], inputs["manipulated"], targets["camera"], targets["manipulation"]]
+
+
+def test_cache_too_small_or_for_another_catalog(cache, catalog):
+    with pytest.raises(CamidError, match="too small"):
+        patches(cache, catalog, patch=PATCH + 2)
+    other = type(catalog)("other", catalog.cameras[::-1])
+    with pytest.raises(CamidError, match="re-run camid prepare"):
+        patches(cache, other)
+
+
+def test_eval_set_holds_every_crop_unaltered_and_manipulated(cache, catalog):
+    evaluation = eval_patches(cache, catalog=catalog)
+    assert isinstance(evaluation, EvalSet) and len(evaluation) == 3 * 9
+    assert evaluation.images.shape == (27, PATCH, PATCH, 3) and evaluation.images.dtype == np.uint8
+    assert list(evaluation.manipulation) == list(range(9)) * 3
+    assert list(evaluation.image_id) == [i for i in range(3) for _ in range(9)]
+    assert list(evaluation.labels) == [0] * 9 + [2] * 18
+    assert np.array_equal(evaluation.manipulated, evaluation.manipulation > 0)
+    assert evaluation.camera_labels == tuple(catalog.labels) and evaluation.path[9] == evaluation.path[17]
+    index = read_index(cache, "val")
+    crop = np.load(shard_path(cache, "val", index["shard"][1]))[index["row"][1]]
+    assert np.array_equal(evaluation.images[9], crop[32:96, 32:96])
+    for m, name in enumerate(MANIPULATIONS, start=1):
+        assert np.array_equal(evaluation.images[9 + m], apply(crop, name, PATCH))
+    assert eval_patches(cache, split="train", patch=32).images.shape == (12 * 9, 32, 32, 3)
