@@ -15,7 +15,9 @@ A flip mirrors the layout (and the lens and demosaicing asymmetries) into someth
 Rotation comes before the manipulation, as the photo's orientation came before the test set's processing.
 
 Batches are deterministic per (seed, epoch, batch index), so they do not depend on Keras' worker count,
-threads or processes, nor on the order batches are requested in.
+threads or processes, nor on the order batches are requested in. `epoch` counts Keras' `on_epoch_end` calls;
+`fit` makes one when it starts, so Keras epoch e draws stream e + 1. To resume at `initial_epoch=E` with the
+stream an uninterrupted run would have drawn, set `dataset.epoch = E` before calling `fit`.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ class TrainPatches(keras.utils.PyDataset):
         return self.steps_per_epoch
 
     def on_epoch_end(self) -> None:
-        # Keras stops its enqueuer before calling this, and hands the dataset to workers again afterwards.
+        # Keras stops its enqueuer before this call and sends the dataset to its workers again after it, so
+        # every worker sees the new epoch. (on_epoch_begin would race: the enqueuer starts before it runs.)
         self.epoch += 1
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
@@ -155,8 +158,11 @@ def eval_patches(cache_dir, split: str = "val", patch: int | None = None, catalo
     views = len(names)
     images = np.empty((len(index) * views, patch, patch, 3), dtype=np.uint8)
 
+    location = index[["shard", "row"]].to_numpy()
+
     def fill(i: int) -> None:
-        crop = shards[index["shard"].iat[i]][index["row"].iat[i]]
+        shard, row = location[i]
+        crop = shards[shard][row]
         for m, name in enumerate(names):
             images[i * views + m] = apply(crop, name, patch)
 

@@ -67,7 +67,7 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
     ensemble = Ensemble.load(bundle)
     with tracking.run("evaluate", tags={"stage": "evaluate", "data_version": tracking.data_version(cache)}):
         metrics, table = score(ensemble, cache, settings)
-        mlflow.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,
+        tracking.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,
                            "balance": metrics["balance"]})
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_metrics({f"camera_{k}": v for k, v in metrics["per_camera"].items()})

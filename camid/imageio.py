@@ -40,7 +40,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+        # Pillow's own guard (Image.MAX_IMAGE_PIXELS) can fire in Image.open, before the size check above.
+        raise ImageError(f"image too large, over the limit of Pillow's decompression bomb guard ({exc}); "
+                         "send a crop instead") from None
     except UnidentifiedImageError:
         raise ImageError("not a decodable image (expected JPEG, PNG or TIFF bytes)") from None
     except (OSError, ValueError, SyntaxError) as exc:

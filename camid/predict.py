@@ -80,8 +80,12 @@ def grid_patches(pixels: np.ndarray, patch: int, count: int) -> np.ndarray:
 
 
 def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: int = 1, tta: bool = True,
-                  blend_method: str = "mean_square", balance: str = "none", batch_files: int = 64) -> pd.DataFrame:
+                  blend_method: str = "mean_square", balance: str = "none", batch_patches: int = 64) -> pd.DataFrame:
+    """Score files in chunks of about `batch_patches` patches (x 8 views: memory grows with patch size squared)."""
+    if patches_per_image < 1:
+        raise CamidError(f"--patches must be at least 1, got {patches_per_image}")
     rows, failures = [], []
+    batch_files = max(1, batch_patches // patches_per_image)
     for start in tqdm(range(0, len(files), batch_files), desc="predict", unit="batch"):
         chunk = files[start:start + batch_files]
         stacks, flags, names = [], [], []

@@ -165,7 +165,8 @@ def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catal
     workers = max(1, workers or os.cpu_count() or 1)
     meta = {"patch": patch, "crop": crop, "labels": catalog.labels, "catalog": catalog.name, "seed": seed,
             "crops_per_image": crops_per_image, "shard_size": shard_size, "splits": {}, "skipped": []}
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    # spawn, not fork: forking a process that has started TensorFlow's threads (a notebook, a test run) can hang
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         with atomic_dir(out) as tmp:
             for split, table in tables.items():

@@ -467,36 +467,40 @@ def _bad_plan(catalog: Catalog, params: SynthParams) -> dict[str, dict[int, str]
 
 
 def _spoil(kind: str, good: bytes, pixels: np.ndarray, device: Device, when: datetime, rng: np.random.Generator,
-           earlier_good: list[bytes]) -> tuple[bytes, str]:
-    """Make a bad file of `kind` from a photo; returns its bytes and the manifest reason."""
+           earlier_good: list[tuple[bytes, str]]) -> tuple[bytes, str, str]:
+    """Make a bad file of `kind` from a photo; returns its bytes, the manifest reason and the device serial
+    its EXIF names (a duplicate's is the original's)."""
     pipe, camera = device.pipeline, device.camera
     h, w = pixels.shape[:2]
     tables = firmware_tables(pipe)
     if kind == "duplicate" and earlier_good:
-        return earlier_good[int(rng.integers(len(earlier_good)))], "duplicate"
+        original, serial = earlier_good[int(rng.integers(len(earlier_good)))]
+        return original, "duplicate", serial
     if kind == "duplicate":
         kind = "stripped"  # no earlier original of this camera to copy
     if kind == "edited":
         editor = str(rng.choice(EDITORS))
         curved = np.clip(255 * (pixels / 255.0) ** rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
         exif = exif_bytes(camera.make, device.model, editor, when, device.serial, h, w)
-        return encode_jpeg(curved, exif, quality=int(rng.integers(95, 99)), subsampling="4:4:4"), f"edited: {editor}"
-    if kind == "recompressed":
+        data, reason = encode_jpeg(curved, exif, quality=int(rng.integers(95, 99)), subsampling="4:4:4"), f"edited: {editor}"
+    elif kind == "recompressed":
         quality = int(rng.integers(75, 86))
         exif = exif_bytes(camera.make, device.model, pipe.firmware.format(model=device.model), when, device.serial, h, w)
-        return encode_jpeg(pixels, exif, quality=quality), f"recompressed: quality {quality}"
-    if kind == "resized":
+        data, reason = encode_jpeg(pixels, exif, quality=quality), f"recompressed: quality {quality}"
+    elif kind == "resized":
         scale = rng.uniform(0.5, 0.9)
         size = (max(8, round(w * scale)), max(8, round(h * scale)))
         small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
         exif = exif_bytes(camera.make, device.model, pipe.firmware.format(model=device.model), when, device.serial, h, w)
-        return encode_jpeg(small, exif, qtables=tables, subsampling=pipe.subsampling), f"resized: {h}x{w} -> {size[1]}x{size[0]}"
-    if kind == "stripped":
-        return encode_jpeg(pixels, None, qtables=tables, subsampling=pipe.subsampling), "stripped: no EXIF"
-    if kind == "truncated":
+        data, reason = encode_jpeg(small, exif, qtables=tables, subsampling=pipe.subsampling), f"resized: {h}x{w} -> {size[1]}x{size[0]}"
+    elif kind == "stripped":
+        data, reason = encode_jpeg(pixels, None, qtables=tables, subsampling=pipe.subsampling), "stripped: no EXIF"
+    elif kind == "truncated":
         keep = int(len(good) * rng.uniform(0.4, 0.9))
-        return good[:keep], f"truncated: {keep} of {len(good)} bytes"
-    raise ValueError(f"unknown bad kind {kind!r}")
+        data, reason = good[:keep], f"truncated: {keep} of {len(good)} bytes"
+    else:
+        raise ValueError(f"unknown bad kind {kind!r}")
+    return data, reason, device.serial
 
 
 def _shoot(device: Device, slot: int, seed: int, prnu: np.ndarray, portrait: bool):
@@ -536,7 +540,7 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
             # The sensor is the largest native size; smaller sizes are crops of it, sharing its PRNU.
             sensor = (max(h for h, _ in camera.sizes), max(w for _, w in camera.sizes))
             folder = tmp / "train" / camera.label
-            earlier_good: list[bytes] = []
+            earlier_good: list[tuple[bytes, str]] = []
             per_device = params.images_per_device
             bar = tqdm(total=DEVICES_PER_MODEL * per_device, desc=camera.label, unit="img", disable=not progress)
             for device in devices_of(camera, pipe, params.seed):
@@ -547,13 +551,15 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
                     portrait = camera.rot90 and (i + device.index) % 2 == 1
                     pixels, good, when, rng = _shoot(device, slot, params.seed, prnu, portrait)
                     kind = plan[camera.label].get(slot)
-                    data, reason = (good, "") if kind is None else _spoil(kind, good, pixels, device, when, rng, earlier_good)
-                    if not reason:
-                        earlier_good.append(good)
+                    if kind is None:
+                        data, reason, serial = good, "", device.serial
+                        earlier_good.append((good, serial))
+                    else:
+                        data, reason, serial = _spoil(kind, good, pixels, device, when, rng, earlier_good)
                     name = f"{camera.label}_{slot + 1:04d}.jpg"
                     fileio.write_bytes(folder / name, data)
                     rows.append({"file": f"train/{camera.label}/{name}", "label": camera.label,
-                                 "device": device.serial, "bad": reason})
+                                 "device": serial, "bad": reason})
                     bar.update()
             bar.close()
         manifest = pd.DataFrame(rows, columns=["file", "label", "device", "bad"])

@@ -72,3 +72,21 @@ def log_figure(fig, artifact_file: str, local_path: str | os.PathLike | None = N
     if mlflow.active_run() is not None:
         mlflow.log_figure(fig, artifact_file)
     plt.close(fig)
+
+
+def log_params(params: dict) -> None:
+    """Log params to the active run. Under `mlflow run`, the entry point's own parameters are already logged
+    (an unset one as ''); MLflow forbids changing a logged value, so a resolved value that differs is logged
+    beside it as `<key>_resolved`."""
+    import mlflow
+
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {}
+    for key, value in params.items():
+        if key not in logged:
+            fresh[key] = value
+        elif logged[key] != str(value):
+            fresh[f"{key}_resolved"] = value
+    if fresh:
+        mlflow.log_params(fresh)

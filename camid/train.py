@@ -77,8 +77,34 @@ def make_callbacks(evalset, train: TrainParams, work: Path, best_so_far: float |
                                         initial_value_threshold=best_so_far),
         keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
         # Survives an interruption: a re-run with the same settings resumes from the last finished epoch.
-        keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=False),
+        # double_checkpoint: a kill while the backup is being written falls back to the one before it.
+        keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=False, double_checkpoint=True),
     ]
+
+
+def backed_up_epochs(work: Path) -> int:
+    """Epochs finished and backed up by BackupAndRestore in `work` (0: nothing to resume from)."""
+    meta = work / "backup" / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def continue_run(run_id_file: Path, done: pd.DataFrame) -> None:
+    """Make the active MLflow run whole after a resume: the epochs trained before the interruption are logged
+    again from history.csv, and the interrupted run (left RUNNING by a kill) is marked KILLED."""
+    import mlflow
+
+    for row in done.to_dict("records"):
+        epoch = int(row.pop("epoch"))
+        mlflow.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
+    interrupted = run_id_file.read_text().strip() if run_id_file.is_file() else ""
+    if interrupted and interrupted != mlflow.active_run().info.run_id:
+        mlflow.set_tag("resumed_from", interrupted)
+        client = mlflow.MlflowClient()
+        if client.get_run(interrupted).info.status == "RUNNING":
+            client.set_terminated(interrupted, "KILLED")
 
 
 def run_key(arch: str, train: TrainParams, meta: dict) -> str:
@@ -109,25 +135,39 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     # Work in progress lives under .camid/checkpoints, keyed by every setting, so an interrupted run resumes
     # only with the same settings; `out` appears whole, and only once training has finished.
     work = Path(os.environ.get("CAMID_CHECKPOINTS", ".camid/checkpoints")) / f"{arch}-{run_key(arch, train, meta)}"
-    resuming = (work / "backup").is_dir() and (work / "history.csv").is_file()
-    if not resuming:
+    finished = backed_up_epochs(work) if (work / "history.csv").is_file() else 0
+    if not finished:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    best_so_far = float(pd.read_csv(work / "history.csv")[MONITOR].max()) if resuming else None
-    if resuming:
-        log.info("resuming %s from %s (best %s so far %.4f)", arch, work, MONITOR, best_so_far)
+    done, best_so_far = None, None
+    if finished:
+        # CSVLogger writes an epoch's row before BackupAndRestore backs it up: a row past the backup is an epoch
+        # that will run again, so it goes.
+        done = pd.read_csv(work / "history.csv")
+        done = done[done["epoch"] < finished]
+        with atomic_path(work / "history.csv") as tmp:
+            done.to_csv(tmp, index=False)
+        best_so_far = float(done[MONITOR].max())
+        log.info("resuming %s after epoch %d from %s (best %s so far %.4f)", arch, finished, work, MONITOR,
+                 best_so_far)
 
     data = TrainPatches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
                         steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
                         seed=train.seed)
+    data.epoch = finished  # draw the same patches an uninterrupted run would have drawn from here on
     evalset = eval_patches(cache, split="val", patch=train.patch)
     strategy = configure_devices()
 
     tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache), **(extra_tags or {})}
     with tracking.run(run_name=f"train-{arch}", tags=tags) as active:
-        mlflow.log_params({"arch": arch, **{k: v for k, v in dataclasses.asdict(train).items() if k != "archs"},
-                           "cache_patch": meta["patch"], "num_classes": len(labels),
-                           "train_crops": meta.get("counts", {}).get("train"), "val_images": len(np.unique(evalset.image_id))})
+        # The settings in use, named by their params.yaml keys: `mlflow run` has already logged its entry point's
+        # parameters under the bare names, unset ones as '', and MLflow refuses to change a logged value.
+        settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
+        tracking.log_params({"arch": arch, **settings, "cache_patch": meta["patch"], "num_classes": len(labels),
+                           "train_crops": meta["splits"]["train"]["crops"], "val_images": len(np.unique(evalset.image_id))})
+        if finished:
+            continue_run(work / "mlflow_run_id", done)
+        (work / "mlflow_run_id").write_text(active.info.run_id)
         with strategy.scope():
             model = create_model(arch, num_classes=len(labels), patch=train.patch, weights=train.weights,
                                  dense=train.dense, dropout=train.dropout)

@@ -85,6 +85,12 @@ def make_tuner(algorithm: str, hypermodel, directory: Path, project: str, max_tr
                     mlflow.log_metric(f"best_{MONITOR}", max(scores))
                 return histories
 
+        def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
+            # keras-tuner imports tensorboard for every trial on TensorFlow, TensorBoard callback or not, and
+            # TensorFlow no longer installs it; camid's trials log to MLflow.
+            if any(type(callback).__name__ == "TensorBoard" for callback in callbacks):
+                super()._configure_tensorboard_dir(callbacks, trial, execution)
+
     objective = kt.Objective(MONITOR, direction="max")
     common = dict(objective=objective, directory=str(directory), project_name=project, overwrite=True, seed=seed)
     if algorithm == "hyperband":
@@ -105,10 +111,14 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
     tuner = make_tuner(settings.algorithm, hypermodel, directory, f"{arch}-{settings.algorithm}",
                        settings.max_trials, settings.epochs, base.seed)
     with tracking.run(f"tune-{arch}", tags={"stage": "tune", "arch": arch, "data_version": tracking.data_version(cache)}):
-        mlflow.log_params({"arch": arch, "algorithm": settings.algorithm, "max_trials": settings.max_trials,
-                           "epochs": settings.epochs, "steps_per_epoch": base.steps_per_epoch})
+        # params.yaml keys, as train logs them: `mlflow run` has already logged the bare names ('' when unset).
+        tracking.log_params({"arch": arch, **{f"tune.{k}": v for k, v in dataclasses.asdict(settings).items()},
+                           "train.steps_per_epoch": base.steps_per_epoch, "train.batch_size": base.batch_size})
         tuner.search(epochs=settings.epochs)
-        best_trial = tuner.oracle.get_best_trials(1)[0]
+        scored = [t for t in tuner.oracle.get_best_trials(1) if t.score is not None]
+        if not scored:
+            raise CamidError(f"none of the {len(tuner.oracle.trials)} trials finished: see the errors above")
+        best_trial = scored[0]
         best = best_trial.hyperparameters.values
         mlflow.log_params({f"best_{k}": v for k, v in best.items()})
         mlflow.log_metric(f"best_{MONITOR}", float(best_trial.score))

@@ -24,9 +24,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import yaml
 from PIL import Image
+
+from camid.acquire.flickr import search_queries
 
 API_PATH = "/services/rest/"
 REAL_IMAGE_HOST = "https://live.staticflickr.com"
@@ -252,8 +256,6 @@ class FakeFlickr:
 
 def camera_photos(camera, n: int, *, first_id: int = 1000, **overrides) -> list[FakePhoto]:
     """`n` native-size photos of a catalog camera, found by its search text and its tag, with a matching model."""
-    from camid.acquire.flickr import search_queries
-
     text, tag = (q for query in search_queries(camera) for q in query.values())
     height, width = camera.sizes[0]
     model = next((m for m in camera.models if not any(ch in m for ch in "*?[")), camera.models[0])
@@ -262,14 +264,9 @@ def camera_photos(camera, n: int, *, first_id: int = 1000, **overrides) -> list[
     return [FakePhoto(id=str(first_id + i), title=f"{camera.label} #{i}", **fields) for i in range(n)]
 
 
-def write_params(path, *, flickr: dict | None = None, **acquire) -> "Path":
+def write_params(path, *, flickr: dict | None = None, **acquire) -> Path:
     """A copy of the project's params.yaml for a test: the virtual catalog, and fast, impatient Flickr settings."""
-    from pathlib import Path
-
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
-    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["catalog"]["active"] = "virtual"
     raw["acquire"].update(acquire)
     raw["acquire"]["flickr"].update({"requests_per_second": 1000.0, "timeout_s": 5, "retries": 3, "backoff_s": 0.01,

@@ -129,6 +129,15 @@ def test_check_exif_rejects_before_download_and_remembers(tmp_path, params, cam)
                         hidden.id: ("skipped_exif", "EXIF hidden")}
 
 
+def test_exif_rejection_for_one_camera_does_not_hide_the_photo_from_another(tmp_path, params):
+    a1, a1s = params.catalog.get("Aster-A1"), params.catalog.get("Aster-A1s")
+    photo = camera_photos(a1s, 1, text=search_queries(a1)[0]["text"])[0]  # an A1s photo that says "Aster A1"
+    with FakeFlickr([photo], api_key=KEY) as fake:
+        tallies = run_crawl(fake, params, tmp_path / "out", [a1, a1s], check_exif=True)
+    assert (tallies[a1.label].skipped_exif, tallies[a1s.label].downloaded) == (1, 1)
+    assert files(tmp_path / "out") == {a1s.label: {f"{photo.id}.jpg"}}
+
+
 def test_file_not_matching_o_dims_is_not_kept(tmp_path, params, cam):
     liar = camera_photos(cam, 1, file_dims=(64, 64))[0]
     with FakeFlickr([liar], api_key=KEY) as fake:

@@ -80,7 +80,7 @@ RESIZES = {"resize0.5": (0.5, 128, 64), "resize0.8": (0.8, 80, 64), "resize1.5":
 
 @pytest.mark.parametrize("name", RESIZES)
 def test_resize_matches_an_independent_bicubic_exactly(name):
-    scale, source, side = RESIZES[name]
+    _, source, side = RESIZES[name]
     crop = photo_like(2 * PATCH + 10, seed=1)
     expected = centre(bicubic_fixed_point(centre(crop, source), side), PATCH)
     assert np.array_equal(apply(crop, name, PATCH), expected)
@@ -92,7 +92,7 @@ def test_resize_matches_a_float_bicubic_within_one_level_on_rare_ties(name):
     # so a sum that is exactly n + 0.5 in floats (common when upscaling by 2) can round the other way. That
     # moves a pixel by one level, on a tiny share of pixels. (At the image border, where the truncated kernel's
     # gain exceeds 1, a first-pass tie can even reach 2 levels; the central patch keeps clear of that here.)
-    scale, source, side = RESIZES[name]
+    _, source, side = RESIZES[name]
     crop = photo_like(2 * PATCH + 10, seed=2)
     expected = centre(bicubic_float(centre(crop, source), side), PATCH).astype(int)
     diff = np.abs(apply(crop, name, PATCH).astype(int) - expected)

@@ -440,9 +440,9 @@ def crawl(out: str | os.PathLike, catalog: Catalog, params: FlickrParams, *, cam
     Stops with FlickrError on an API error or an API call that keeps failing; a photo whose download keeps
     failing is counted in `failed` and tried again by the next run.
     """
+    chosen = [catalog.get(resolve_label(name, catalog)) for name in cameras] if cameras else list(catalog.cameras)
     api_key = api_key or api_key_from_env()
     out = Path(out)
-    chosen = [catalog.get(resolve_label(name, catalog)) for name in cameras] if cameras else list(catalog.cameras)
     out.mkdir(parents=True, exist_ok=True)
     client = FlickrClient(api_key, params)
     state = _Crawl(out, client, params)
@@ -468,11 +468,11 @@ def format_summary(tallies: dict[str, CameraTally]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("site", choices=["flickr"], help="the photo site to crawl")
-    parser.add_argument("--out", type=Path, required=True, help="folder to fill (train/<label>/*.jpg + manifest.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to fill (train/<label>/*.jpg + manifest.jsonl)")
     parser.add_argument("--cameras", nargs="+", metavar="LABEL", help="catalog labels to crawl (default: all)")
-    parser.add_argument("--max-per-camera", type=int, help="photos to download per camera (default: params)")
-    parser.add_argument("--api-url", help="Flickr REST endpoint (default: params acquire.flickr.api_url)")
-    parser.add_argument("--image-host", help="serve originals from this scheme://host instead of url_o's host")
+    parser.add_argument("--max-per-camera", type=int, metavar="N", help="photos to download per camera (default: params)")
+    parser.add_argument("--api-url", metavar="URL", help="Flickr REST endpoint (default: params acquire.flickr.api_url)")
+    parser.add_argument("--image-host", metavar="URL", help="serve originals from this scheme://host instead of url_o's host")
 
 
 def run(args: argparse.Namespace) -> int:

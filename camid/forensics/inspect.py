@@ -15,7 +15,6 @@ import io
 import json
 import multiprocessing
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -231,6 +230,5 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(" ".join(name.ljust(width) for name, width in _TABLE), "path")
     for record in inspect_paths(files, params.editors, params.max_pixels, workers=args.workers, hashes=args.hashes):
-        print(json.dumps(record) if args.json else _table_row(record), flush=False)
-    sys.stdout.flush()
+        print(json.dumps(record) if args.json else _table_row(record))
     return 0

@@ -77,7 +77,9 @@ class HighPassResiduals(keras.layers.Layer):
 
     The kernels are constants, not weights: the front end stays a fixed high-pass filter, so the network
     can't learn to look at scene content. Truncating at `truncate` (in input units) clips strong edges, whose
-    residuals would otherwise swamp the faint camera traces.
+    residuals would otherwise swamp the faint camera traces; the result is then divided by `truncate`, so it
+    spans [-1, 1] whatever the input scale (tiny activations would leave BatchNormalization's moving variance
+    far from the batch variance for thousands of steps, and inference would disagree with training).
     """
 
     def __init__(self, truncate: float | None = None, **kwargs):
@@ -89,7 +91,7 @@ class HighPassResiduals(keras.layers.Layer):
         kernel = np.repeat(srm_kernels()[:, :, None, :], channels, axis=2)  # (5, 5, C, 3): depthwise multiplier 3
         residuals = ops.depthwise_conv(images, ops.convert_to_tensor(kernel, dtype=images.dtype), padding="same")
         if self.truncate is not None:
-            residuals = ops.clip(residuals, -self.truncate, self.truncate)
+            residuals = ops.clip(residuals, -self.truncate, self.truncate) / self.truncate
         return residuals
 
     def compute_output_shape(self, input_shape):

@@ -93,7 +93,7 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("vgg16", _application(_apps.VGG16), "caffe", 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
              "VGG-16; 14.7M parameters", "vgg16"),
     Backbone("smallcnn", SmallCNN, "raw", SMALLCNN_MIN_SIZE, None,
-             "fixed SRM noise residuals + 7 conv/BN/ReLU layers, no early downsampling; 0.3M parameters; "
+             "fixed SRM noise residuals + 7 conv/BN/ReLU layers, no early downsampling; 0.15M parameters; "
              "learns camera traces from 64-px patches on a CPU"),
 ]}
 

@@ -1,0 +1,132 @@
+"""A tiny trained camid model, built once per test session from camid's own stage functions (no CLI, no DVC).
+
+    from tests.helpers_model import tiny_model, registered_model  # noqa: F401  (pytest fixtures)
+
+`tiny_model` is a trained smallcnn (one short epoch on a few virtual-zoo photos) gathered into an ensemble
+bundle, with its held-out photos; `registered_model` adds the registered MLflow pyfunc (model `camid`,
+alias `champion`) in a tracking store of its own. The benches build theirs with `build_tiny_model` too.
+Everything lives in one temporary folder; the process's working directory and environment are restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME, ALIAS = "camid", "champion"
+
+
+@dataclass
+class TinyModel:
+    root: Path
+    bundle: Path                 # ensemble bundle (ensemble.json + members/)
+    labels: list[str]
+    patch: int
+    val: pd.DataFrame            # held-out full photos: path, label
+    tracking_uri: str            # sqlite store under root
+    members: list[Path] = field(default_factory=list)  # train-stage folders (model.keras, run.json)
+    weighted_accuracy: float = 0.0
+    model_uri: str | None = None  # models:/camid/<version> once registered
+    local_uri: str | None = None  # the same pyfunc copied to a folder (loads without a tracking store)
+
+    def env(self) -> dict:
+        """Environment for subprocesses (camid predict, mlflow models serve) that use this model's store."""
+        return {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "CAMID_PARAMS": str(ROOT / "params.yaml")}
+
+
+@contextlib.contextmanager
+def inside(root: Path, **env: str):
+    """Run with `root` as working directory (MLflow's ./mlruns, .camid/checkpoints land there) and `env` set."""
+    old_cwd, old_env = Path.cwd(), {k: os.environ.get(k) for k in env}
+    os.chdir(root)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[str, ...] = ("smallcnn",),
+                     images_per_device: int = 3, crops_per_image: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
+                     batch_size: int = 8, register: bool = True) -> TinyModel:
+    """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register."""
+    from camid.config import load_params
+    from camid.inference.ensemble import Ensemble
+    from camid.prepare import prepare
+    from camid.split import split, stratified_split, list_labelled
+    from camid.synth import synthesize
+    from camid.train import train
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    params = load_params(ROOT / "params.yaml")
+    catalog, labels = params.catalog, params.catalog.labels
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    with inside(root, MLFLOW_TRACKING_URI=tracking_uri, CAMID_CHECKPOINTS=str(root / "checkpoints"),
+                MLFLOW_EXPERIMENT_NAME="camid-tests"):
+        synth = dataclasses.replace(params.synth, images_per_device=images_per_device, bad_fraction=0.0)
+        synthesize(root / "raw", catalog, synth, progress=False)
+        photos = root / "raw" / "train"
+        split(photos, root / "split", labels, params.split.val_fraction, params.split.seed)
+        prepare(root / "split", root / "cache", catalog, patch=params.train.patch, crops_per_image=crops_per_image,
+                shard_size=params.prepare.shard_size, seed=params.prepare.seed, workers=1)
+        members, scores = [], []
+        for arch in archs:
+            for seed in seeds:
+                settings = dataclasses.replace(params.train, archs=(arch,), epochs=epochs, seed=seed,
+                                               steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+                out = root / "models" / f"{arch}-{seed}"
+                scores.append(train(arch, root / "cache", out, settings, labels, catalog)["weighted_accuracy"])
+                members.append(out)
+        bundle = Ensemble.write_bundle(members, root / "bundle")
+        _, val = stratified_split(list_labelled(photos, labels), params.split.val_fraction, params.split.seed)
+        model = TinyModel(root=root, bundle=bundle, labels=labels, patch=params.train.patch, val=val,
+                          tracking_uri=tracking_uri, members=members, weighted_accuracy=float(sum(scores) / len(scores)))
+        if register:
+            register_tiny_model(model)
+    return model
+
+
+def register_tiny_model(model: TinyModel) -> TinyModel:
+    """Log + register the bundle as the camid pyfunc (the register stage's own function) and copy it locally."""
+    import mlflow
+
+    from camid.register import register
+
+    with inside(model.root, MLFLOW_TRACKING_URI=model.tracking_uri, MLFLOW_EXPERIMENT_NAME="camid-tests"):
+        record = register(model.bundle, {"weighted_accuracy": model.weighted_accuracy}, MODEL_NAME, ALIAS)
+        model.model_uri = record["model_uri"]
+        mlflow.set_tracking_uri(model.tracking_uri)
+        model.local_uri = mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri,
+                                                             dst_path=str(model.root / "pyfunc"))
+    return model
+
+
+# Pytest registers an imported fixture once per importing module, and a session fixture once per registration;
+# this cache makes every test module share one build.
+_SESSION: dict[str, TinyModel] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    if "model" not in _SESSION:
+        _SESSION["model"] = build_tiny_model(tmp_path_factory.mktemp("tiny-model"), register=False)
+    return _SESSION["model"]
+
+
+@pytest.fixture(scope="session")
+def registered_model(tiny_model) -> TinyModel:
+    if tiny_model.model_uri is None:
+        register_tiny_model(tiny_model)
+    return tiny_model

@@ -1,0 +1,196 @@
+"""The whole pipeline for real: `dvc repro` on a tiny virtual zoo, the registered model loaded and served by the
+real `mlflow models serve` process, and real HTTP requests to it, good and bad."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+TINY = {
+    ("synth", "images_per_device"): 4,
+    ("train", "epochs"): 2,
+    ("train", "steps_per_epoch"): 4,
+    ("train", "batch_size"): 8,
+    ("prepare", "crops_per_image"): 2,
+}
+
+
+def run(cmd, cwd, env, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project (code linked, params shrunk) after a real `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "MLproject", "conda.yaml", "pyproject.toml"):
+        shutil.copy2(ROOT / name, root / name)
+    shutil.copytree(ROOT / "camid", root / "camid", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for (section, key), value in TINY.items():
+        params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+           "PYTHONPATH": str(root), "CAMID_PARAMS": str(root / "params.yaml")}
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    run(["dvc", "config", "core.analytics", "false"], root, env)
+    run(["dvc", "repro"], root, env, timeout=900)
+    return root, env
+
+
+def test_repro_builds_everything_and_is_then_up_to_date(project):
+    root, env = project
+    assert (root / "dvc.lock").is_file()
+    status = run(["dvc", "status"], root, env).stdout
+    assert "up to date" in status.lower(), status
+    again = run(["dvc", "repro"], root, env).stdout
+    assert "didn't change" in again or "up to date" in again.lower(), again
+    assert "Running stage" not in again
+    record = json.loads((root / "registry/registered.json").read_text())
+    assert record["model_name"] == "camid" and record["champion_moved"]
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert 0 <= metrics["weighted_accuracy"] <= 1 and metrics["patches"] == 9 * metrics["images"]
+    filtered = json.loads((root / "metrics/filter.json").read_text())
+    assert filtered, "the filter stage wrote no summary"
+    assert (root / "plots/confusion.png").stat().st_size > 0
+
+
+def test_champion_loads_and_predicts(project):
+    root, env = project
+    code = (
+        "import mlflow, pandas as pd, json, sys\n"
+        "m = mlflow.pyfunc.load_model('models:/camid@champion')\n"
+        "img = open(sys.argv[1], 'rb').read()\n"
+        "out = m.predict(pd.DataFrame({'image': [img]}))\n"
+        "print(json.dumps(out.to_dict(orient='records')))\n"
+    )
+    sample = next((root / "data/filtered").rglob("*.jpg"))
+    out = json.loads(run([sys.executable, "-c", code, str(sample)], root, env).stdout.strip().splitlines()[-1])
+    labels = yaml.safe_load((root / "params.yaml").read_text())["catalog"]["virtual"]
+    names = [c["label"] for c in labels]
+    assert out[0]["camera"] in names
+    assert abs(sum(out[0][n] for n in names) - 1) < 1e-6
+
+
+def jpeg_b64(size=(128, 128), seed=0) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def png_b64(size) -> str:
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    root, env = project
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/camid@champion", "--env-manager", "local",
+                             "-p", str(port), "-h", "127.0.0.1"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {(root / 'serve.log').read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("mlflow models serve did not answer /ping in 180 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def invoke(url, payload):
+    return requests.post(f"{url}/invocations", json=payload, timeout=120)
+
+
+def test_serve_answers_split_and_records(server, project):
+    root, _ = project
+    real = base64.b64encode(next((root / "data/filtered").rglob("*.jpg")).read_bytes()).decode()
+    r = invoke(server, {"dataframe_split": {"columns": ["image", "manipulated"],
+                                            "data": [[real, False], [jpeg_b64(), True]]}})
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    assert len(rows) == 2 and rows[0]["manipulated"] is False and rows[1]["manipulated"] is True
+    assert not rows[0]["manipulated_estimated"]
+    r = invoke(server, {"dataframe_records": [{"image": real}], "params": {"tta": False, "blend": "geometric"}})
+    assert r.status_code == 200, r.text
+    row = r.json()["predictions"][0]
+    assert row["manipulated_estimated"] is True
+    probs = {k: v for k, v in row.items() if k not in ("camera", "manipulated", "manipulated_estimated")}
+    assert len(probs) == 10 and abs(sum(probs.values()) - 1) < 1e-6 and row["camera"] in probs
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (base64.b64encode(b"definitely not an image").decode(), "not a decodable image"),
+    (png_b64((1, 1)), "smaller than the model"),
+    (png_b64((20000, 20000)), "over the limit"),
+    (base64.b64encode(base64.b64decode(jpeg_b64())[:300]).decode(), "truncated"),
+])
+def test_serve_rejects_bad_rows_with_400_and_keeps_serving(server, bad, reason):
+    r = invoke(server, {"dataframe_records": [{"image": jpeg_b64()}, {"image": bad}]})
+    assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    assert "row 1" in message and reason in message and "row 0" not in message.split("Error:")[-1]
+    assert invoke(server, {"dataframe_records": [{"image": jpeg_b64()}]}).status_code == 200
+
+
+def test_serve_rejects_missing_column_and_bad_params(server):
+    r = invoke(server, {"dataframe_records": [{"picture": jpeg_b64()}]})
+    assert r.status_code == 400 and "image" in r.json()["message"]
+    r = invoke(server, {"dataframe_records": [{"image": jpeg_b64()}], "params": {"blend": "median"}})
+    assert r.status_code == 400 and "blend" in r.json()["message"]
+
+
+def test_mlflow_run_train_entry_point_makes_one_tracked_run(project):
+    root, env = project
+    before = set((root / "models/train").iterdir())
+    run(["mlflow", "run", ".", "-e", "train", "-P", "arch=smallcnn", "-P", "epochs=1", "-P", "steps_per_epoch=2",
+         "-P", "out=models/mlflow-run", "--env-manager", "local", "--experiment-name", "camid-mlproject"], root, env)
+    code = ("import mlflow\n"
+            "runs = mlflow.search_runs(experiment_names=['camid-mlproject'])\n"
+            "print(len(runs), runs.iloc[0]['status'], runs.iloc[0]['params.arch'], "
+            "'metrics.val_weighted_accuracy' in runs.columns, runs.iloc[0]['tags.git_commit'] != '')\n")
+    out = run([sys.executable, "-c", code], root, env).stdout.split()
+    assert out == ["1", "FINISHED", "smallcnn", "True", "True"], out
+    assert (root / "models/mlflow-run/model.keras").is_file()
+    assert set((root / "models/train").iterdir()) == before

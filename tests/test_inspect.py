@@ -1,0 +1,189 @@
+"""camid inspect: the record of every file, bad files included, and edit detection on real camera JPEGs."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camid.cli import main
+from camid.forensics.exif import clean_text, find_editor, xmp_agents
+from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_file, inspect_paths, iter_files
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_JPEGS = ROOT.parent / "shared" / "samples" / "real-jpeg"
+# Real camera JPEGs whose metadata names editing software (inspected by hand): EXIF Software / XMP for most;
+# three carry only Photoshop's IRB version-info block ("Adobe Photoshop") behind a firmware Software string.
+REAL_EDITED = {
+    "Canon EOS 7D.jpg": "Lightroom",
+    "Canon EOS D60.jpg": "Photoshop",
+    "Canon IXUS 400.jpg": "ACD Systems",
+    "FujiFilm FinePixS1Pro (3).jpg": "Photoshop",
+    "Nikon D5000.jpg": "Bridge",
+    "Olympus C3030Z.jpg": "CAMEDIA Master",
+    "Olympus C960.jpg": "CAMEDIA Master",
+    "Nikon E885.jpg": "Photoshop IRB",
+    "Nikon E950.jpg": "Photoshop IRB",
+    "Panasonic DMC-LC70 (Lumix).jpg": "Photoshop IRB",
+}
+
+
+def photo(seed: int, size=(64, 48)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    smooth = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    return Image.fromarray(np.clip(np.asarray(smooth) + rng.normal(0, 8, (size[1], size[0], 3)), 0, 255).astype(np.uint8))
+
+
+def exif_for(model="NEX-7", software="Ver.1.00", size=None, orientation=None) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "SONY", model
+    if software:
+        exif[0x0131] = software
+    if orientation:
+        exif[0x0112] = orientation
+    if size:
+        exif.get_ifd(0x8769).update({0xA002: size[0], 0xA003: size[1]})
+    exif.get_ifd(0x8769)[0x9003] = "2018:01:02 03:04:05"
+    return exif
+
+
+def jpeg_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """One file per case the inspection must survive, named by case."""
+    folder = tmp_path_factory.mktemp("inspect")
+    image = photo(1)
+    good = jpeg_bytes(image, quality=95, exif=exif_for("NEX-7\x00\x00  ", "Ver.1.00  ", (64, 48), 6))
+    sof = good.index(b"\xff\xc0")
+    bomb = bytearray(good)
+    bomb[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    app1 = b"Exif\x00\x00" + b"this is no TIFF header"
+    tiff = io.BytesIO()
+    image.save(tiff, "TIFF", exif=exif_for(software="Adobe Photoshop CC 2019 (Windows)"))
+    png16 = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 65535, (40, 50)).astype(np.uint16)).save(png16, "PNG")
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description xmp:CreatorTool="Adobe Photoshop '
+           b'Lightroom Classic 9.0"/></rdf:RDF></x:xmpmeta>')
+    cases = {
+        "good.jpg": good,
+        "zero.jpg": b"",
+        "truncated.jpg": good[:len(good) * 2 // 3],
+        "header_only.jpg": good[:sof + 4],
+        "text.jpg": b"these are not the pixels you are looking for\n" * 4,
+        "png_named.jpg": png.getvalue(),
+        "photo.tiff": tiff.getvalue(),
+        "deep.png": png16.getvalue(),
+        "cmyk.jpg": jpeg_bytes(image.convert("CMYK"), quality=93),
+        "bomb.jpg": bytes(bomb),
+        "bad_exif.jpg": good[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + good[2:],
+        "phone.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+        "xmp_edited.jpg": jpeg_bytes(image, quality=95, exif=exif_for(software=None), xmp=xmp),
+        "gray.jpg": jpeg_bytes(image.convert("L"), quality=75),
+    }
+    for name, data in cases.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in cases}
+
+
+@pytest.fixture(scope="module")
+def records(files, params) -> dict[str, dict]:
+    return {name: inspect_file(path, params.filter.editors, params.filter.max_pixels) for name, path in files.items()}
+
+
+def test_record_has_exactly_the_issue_keys(records):
+    assert all(tuple(r) == FIELDS for r in records.values())
+    assert set(FIELDS) == {"path", "format", "width", "height", "exif_width", "exif_height", "orientation", "make",
+                           "model", "software", "datetime", "quality", "subsampling", "edited", "edit_reason",
+                           "sha256", "phash", "error"}
+
+
+def test_good_jpeg(records, files):
+    r = records["good.jpg"]
+    assert r["error"] is None and r["format"] == "JPEG"
+    assert (r["width"], r["height"], r["exif_width"], r["exif_height"], r["orientation"]) == (64, 48, 64, 48, 6)
+    assert (r["make"], r["model"], r["software"]) == ("SONY", "NEX-7", "Ver.1.00")  # NULs and padding stripped
+    assert r["datetime"] == "2018:01:02 03:04:05"
+    assert (r["quality"], r["subsampling"], r["edited"], r["edit_reason"]) == (95, "4:2:0", False, None)
+    assert len(r["sha256"]) == 64 and len(r["phash"]) == 16
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("zero.jpg", "empty"), ("truncated.jpg", "truncated"), ("header_only.jpg", "truncated"),
+    ("text.jpg", "not_image"), ("phone.heic", "not_image"), ("bomb.jpg", "too_large"), ("bad_exif.jpg", "bad_exif"),
+])
+def test_bad_files_get_an_error_kind_not_a_crash(records, name, kind):
+    assert error_kind(records[name]["error"]) == kind and kind in ERROR_KINDS
+
+
+def test_truncated_jpeg_keeps_its_header_fields(records):
+    r = records["truncated.jpg"]
+    assert (r["width"], r["quality"], r["model"], r["phash"]) == (64, 95, "NEX-7", None)
+
+
+def test_other_formats(records):
+    assert records["png_named.jpg"]["format"] == "PNG" and records["png_named.jpg"]["error"] is None
+    assert records["png_named.jpg"]["quality"] is None
+    tiff = records["photo.tiff"]
+    assert (tiff["format"], tiff["model"], tiff["edited"], tiff["error"]) == ("TIFF", "NEX-7", True, None)
+    assert records["deep.png"]["error"] is None and records["deep.png"]["phash"]
+    cmyk = records["cmyk.jpg"]
+    assert (cmyk["quality"], cmyk["subsampling"], cmyk["error"]) == (93, "1x1,1x1,1x1,1x1", None)
+    assert (records["gray.jpg"]["quality"], records["gray.jpg"]["subsampling"]) == (75, "4:0:0")
+    assert records["bomb.jpg"]["width"] == 60000 and records["bomb.jpg"]["phash"] is None
+
+
+def test_xmp_creator_tool_is_an_edit(records):
+    assert records["xmp_edited.jpg"]["edited"]
+    assert "XMP xmp:CreatorTool" in records["xmp_edited.jpg"]["edit_reason"]
+
+
+def test_editor_matching():
+    assert clean_text(b"MAVICA\x003ghx7y") == "MAVICA" and clean_text("  \x00") is None
+    assert xmp_agents(b"<stEvt:softwareAgent>Adobe Bridge CS5</stEvt:softwareAgent>") == \
+        [("XMP stEvt:softwareAgent", "Adobe Bridge CS5")]
+    editors = ("Photoshop", "GIMP")
+    assert find_editor([("EXIF Software", "gimp 2.10")], editors) == "EXIF Software 'gimp 2.10' names editor 'GIMP'"
+    assert find_editor([("EXIF Software", "E995v1.6"), ("EXIF Software", None)], editors) is None
+
+
+def test_header_only_mode_skips_hashes(files):
+    r = inspect_file(files["good.jpg"], hashes=False)
+    assert (r["sha256"], r["phash"], r["quality"], r["model"]) == (None, None, 95, "NEX-7")
+
+
+def test_parallel_run_keeps_order(files, params):
+    paths = iter_files([files["good.jpg"].parent])
+    assert paths == sorted(paths) and len(paths) == len(files)
+    serial = list(inspect_paths(paths, params.filter.editors, workers=1))
+    assert list(inspect_paths(paths, params.filter.editors, workers=2)) == serial
+
+
+def test_cli_json_lines_and_table(files, capsys, monkeypatch):
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    assert main(["inspect", str(files["good.jpg"]), str(files["zero.jpg"]), "--json", "--workers", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["path"]).name for r in lines] == ["good.jpg", "zero.jpg"] and lines[0]["quality"] == 95
+    assert main(["inspect", str(files["good.jpg"]), "--workers", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["quality", "size"] and "NEX-7" in table[1]
+
+
+@pytest.mark.skipif(not REAL_JPEGS.is_dir(), reason=f"{REAL_JPEGS} (real camera JPEGs) is not present")
+def test_real_camera_jpegs_edited_exactly_when_an_editor_is_named(params):
+    records = list(inspect_paths(iter_files([REAL_JPEGS]), params.filter.editors))
+    assert len(records) == 82 and not [r for r in records if r["error"]]
+    edited = {Path(r["path"]).name: r["edit_reason"] for r in records if r["edited"]}
+    assert set(edited) == set(REAL_EDITED)
+    for name, source in REAL_EDITED.items():
+        expected = "Photoshop IRB version info" if source == "Photoshop IRB" else source
+        assert expected in edited[name], (name, edited[name])

@@ -1,0 +1,115 @@
+"""`camid predict`: real image files in folders -> a Kaggle submission and a probabilities table."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from camid.cli import main
+from camid.manipulations import apply
+from camid.patches import centre_crop
+from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
+
+CROP = 128  # the Kaggle test set's 512 crops, scaled to the tiny model's 64 px patch
+
+
+@pytest.fixture(scope="module")
+def test_set(tiny_model, tmp_path_factory):  # noqa: F811
+    """A Kaggle-style closed set: per camera one unaltered and one manipulated centre crop (TIFF), names hiding
+    the camera; returns the folder and the truth (file name -> camera)."""
+    folder = tmp_path_factory.mktemp("kaggle-test")
+    truth, seen = {}, set()
+    for i, (path, label) in enumerate(zip(tiny_model.val.path, tiny_model.val.label)):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        crop = centre_crop(pixels, CROP)
+        if label in seen:
+            name = f"img_{i:03d}_manip.tif"
+            crop = apply(crop, "gamma0.8", CROP)
+        else:
+            name = f"img_{i:03d}_unalt.tif"
+        seen.add(label)
+        Image.fromarray(crop).save(folder / name)
+        truth[name] = label
+    return folder, truth
+
+
+def predict(*args: str) -> int:
+    return main(["predict", *map(str, args)])
+
+
+def test_submission_and_probabilities(tiny_model, test_set, tmp_path):  # noqa: F811
+    folder, truth = test_set
+    out = tmp_path / "submission.csv"
+    assert predict(folder, "--model", tiny_model.bundle, "--out", out) == 0
+    submission = pd.read_csv(out)
+    assert list(submission.columns) == ["fname", "camera"]
+    assert sorted(submission.fname) == sorted(truth) and set(submission.camera) <= set(tiny_model.labels)
+    probs = pd.read_csv(tmp_path / "submission.probs.csv")
+    assert list(probs.fname) == list(submission.fname) and list(probs.camera) == list(submission.camera)
+    assert np.allclose(probs[tiny_model.labels].sum(axis=1), 1)
+    assert list(probs.manipulated) == [name.endswith("_manip.tif") for name in probs.fname]
+    assert not probs.manipulated_estimated.any()
+
+
+def test_balance_gives_equal_counts_per_camera_in_each_group(tiny_model, test_set, tmp_path):  # noqa: F811
+    folder, _ = test_set
+    out = tmp_path / "balanced.csv"
+    assert predict(folder, "--model", tiny_model.bundle, "--balance", "--out", out) == 0
+    table = pd.read_csv(tmp_path / "balanced.probs.csv")
+    for group in (False, True):
+        counts = table.camera[table.manipulated == group].value_counts()
+        assert len(counts) == len(tiny_model.labels) and set(counts) == {1}, counts
+
+
+def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):  # noqa: F811
+    photos = list(tiny_model.val.path[:3])
+    out = tmp_path / "full.csv"
+    assert predict(*photos, "--model", tiny_model.bundle, "--full-image", "--patches", "9", "--no-tta",
+                   "--out", out) == 0
+    table = pd.read_csv(tmp_path / "full.probs.csv")
+    assert list(table.path) == photos and table.manipulated_estimated.all()
+    assert np.allclose(table[tiny_model.labels].sum(axis=1), 1)
+    one = tmp_path / "one.csv"
+    assert predict(*photos, "--model", tiny_model.bundle, "--no-tta", "--out", one) == 0
+    assert not np.allclose(pd.read_csv(tmp_path / "one.probs.csv")[tiny_model.labels], table[tiny_model.labels])
+
+
+def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, caplog):  # noqa: F811
+    folder, truth = test_set
+    good = sorted(folder.iterdir())[:3]
+    broken, tiny = tmp_path / "broken.jpg", tmp_path / "tiny.png"
+    broken.write_bytes(b"this is not a JPEG")
+    Image.new("RGB", (1, 1)).save(tiny)
+    out = tmp_path / "partial.csv"
+    with caplog.at_level(logging.WARNING):
+        assert predict(*good, broken, tiny, "--model", tiny_model.bundle, "--out", out) == 0
+    assert list(pd.read_csv(out).fname) == [p.name for p in good]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("broken.jpg" in w and "not a decodable image" in w for w in warnings), warnings
+    assert any("tiny.png" in w and "smaller than the model's patch" in w for w in warnings), warnings
+
+
+def test_registered_model_uri_gives_the_same_predictions(registered_model, test_set, tmp_path,  # noqa: F811
+                                                         monkeypatch):
+    folder, _ = test_set
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_model.tracking_uri)
+    assert predict(folder, "--model", "models:/camid@champion", "--out", tmp_path / "a.csv") == 0
+    assert predict(folder, "--model", registered_model.bundle, "--out", tmp_path / "b.csv") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_unknown_model_uri_is_a_clear_error(registered_model, test_set, tmp_path, monkeypatch, capsys):  # noqa: F811
+    folder, _ = test_set
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_model.tracking_uri)
+    assert predict(folder, "--model", "models:/no-such-model@champion", "--out", tmp_path / "x.csv") == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_no_images_is_a_clear_error(tiny_model, tmp_path, capsys):  # noqa: F811
+    assert predict(tmp_path, "--model", tiny_model.bundle, "--out", tmp_path / "x.csv") == 2
+    assert "no images" in capsys.readouterr().err

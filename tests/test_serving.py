@@ -1,0 +1,154 @@
+"""The served model in-process: `predict_frame` (what the pyfunc runs) and the logged pyfunc, no HTTP server."""
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from camid.serving import predict_frame
+from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
+
+STATUS = ["camera", "manipulated", "manipulated_estimated"]
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny_model):  # noqa: F811
+    from camid.inference.ensemble import Ensemble
+
+    return Ensemble.load(tiny_model.bundle)
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_model):  # noqa: F811
+    """The held-out photos' bytes, one per camera twice over (the split keeps 2 of 6 per camera)."""
+    return [open(path, "rb").read() for path in tiny_model.val.path], list(tiny_model.val.label)
+
+
+def solid_png(width: int, height: int) -> bytes:
+    """A black 1-bit PNG of any size, compressed row by row: 20000x20000 costs 50 MB of zeros and 60 kB on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + -(-width // 8))  # filter byte 0, then 8 pixels a byte
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def jpeg(size=(96, 96), seed=0) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_predict_frame_scores_image_bytes(ensemble, photos):
+    images, _ = photos
+    out = predict_frame(ensemble, pd.DataFrame({"image": images[:3]}))
+    assert list(out.columns) == STATUS + ensemble.labels and len(out) == 3
+    assert set(out.camera) <= set(ensemble.labels)
+    assert np.allclose(out[ensemble.labels].sum(axis=1), 1)
+    assert list(out.camera) == [ensemble.labels[i] for i in out[ensemble.labels].to_numpy().argmax(1)]
+
+
+def test_tta_on_and_off_give_the_same_shape(ensemble, photos):
+    images, _ = photos
+    frame = pd.DataFrame({"image": images[:4], "manipulated": [False, True, False, True]})
+    with_tta = predict_frame(ensemble, frame, {"tta": True})
+    without = predict_frame(ensemble, frame, {"tta": False})
+    assert with_tta.shape == without.shape and list(with_tta.columns) == list(without.columns)
+    assert not np.allclose(with_tta[ensemble.labels], without[ensemble.labels])  # eight views, not one
+
+
+def test_optimal_balance_gives_equal_counts_on_a_closed_set(ensemble, photos):
+    images, labels = photos
+    # One photo per camera unaltered, the other manipulated: each group is a closed set of one per camera.
+    seen, flags = set(), []
+    for label in labels:
+        flags.append(label in seen)
+        seen.add(label)
+    frame = pd.DataFrame({"image": images, "manipulated": flags})
+    raw = predict_frame(ensemble, frame)
+    balanced = predict_frame(ensemble, frame, {"balance": "optimal"})
+    for group in (False, True):
+        counts = balanced.camera[balanced.manipulated == group].value_counts()
+        assert len(counts) == len(ensemble.labels) and set(counts) == {1}, counts
+    assert np.allclose(raw[ensemble.labels], balanced[ensemble.labels])  # balancing relabels, never rescores
+
+
+def test_missing_manipulated_column_is_estimated_and_returned(ensemble, photos):
+    images, _ = photos
+    out = predict_frame(ensemble, pd.DataFrame({"image": images[:3]}))
+    assert out.manipulated_estimated.tolist() == [True] * 3 and out.manipulated.dtype == bool
+    given = predict_frame(ensemble, pd.DataFrame({"image": images[:3], "manipulated": [True, None, False]}))
+    assert given.manipulated_estimated.tolist() == [False, True, False]
+    assert given.manipulated[0] and not given.manipulated[2]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (b"definitely not an image", "not a decodable image"),
+    (solid_png(1, 1), "smaller than the model"),
+    (solid_png(20000, 20000), "over the limit"),
+    (jpeg()[:300], "truncated"),
+    (None, "no image given"),
+    ("not base64 at all!", "not valid base64"),
+    (b"", "empty image"),
+])
+def test_bad_rows_are_named_with_their_reason(ensemble, bad, reason):
+    with pytest.raises(MlflowException) as caught:
+        predict_frame(ensemble, pd.DataFrame({"image": [jpeg(), bad, jpeg(seed=1)]}))
+    message = caught.value.message
+    assert "row 1" in message and reason in message, message
+    assert "row 0" not in message and "row 2" not in message, message
+
+
+def test_every_bad_row_is_reported_at_once(ensemble):
+    with pytest.raises(MlflowException) as caught:
+        predict_frame(ensemble, pd.DataFrame({"image": [b"junk", jpeg(), None],
+                                              "manipulated": [False, True, None]}))
+    assert "row 0: not a decodable image" in caught.value.message and "row 2: no image given" in caught.value.message
+
+
+@pytest.mark.parametrize("params, word", [
+    ({"blend": "median"}, "blend"),
+    ({"balance": "hungarian"}, "balance"),
+    ({"tta": "maybe"}, "tta"),
+    ({"temperature": 2}, "unknown param"),
+])
+def test_bad_params_say_which_and_what_is_allowed(ensemble, params, word):
+    with pytest.raises(MlflowException) as caught:
+        predict_frame(ensemble, pd.DataFrame({"image": [jpeg()]}), params)
+    assert word in caught.value.message
+
+
+def test_bad_manipulated_value_names_the_row(ensemble):
+    with pytest.raises(MlflowException, match=r"row 1: manipulated is 'yes'"):
+        predict_frame(ensemble, pd.DataFrame({"image": [jpeg(), jpeg()], "manipulated": [True, "yes"]}))
+
+
+def test_missing_image_column_says_what_to_send(ensemble):
+    with pytest.raises(MlflowException, match="no 'image' column"):
+        predict_frame(ensemble, pd.DataFrame({"picture": [jpeg()]}))
+
+
+def test_logged_pyfunc_takes_raw_bytes_and_base64_alike(registered_model, photos):  # noqa: F811
+    """Through MLflow's schema enforcement: `image` is declared a string so base64 errors can name the row;
+    Python callers still pass raw bytes, JSON clients base64 (with or without MIME line breaks)."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(registered_model.local_uri)
+    images, _ = photos
+    as_bytes = model.predict(pd.DataFrame({"image": images[:2], "manipulated": [False, None]}))
+    as_text = model.predict(pd.DataFrame({"image": [base64.b64encode(images[0]).decode(),
+                                                    base64.encodebytes(images[1]).decode()],
+                                          "manipulated": [False, None]}))
+    pd.testing.assert_frame_equal(as_bytes, as_text)
+    with pytest.raises(MlflowException, match=r"row 1: not valid base64"):
+        model.predict(pd.DataFrame({"image": [images[0], "%%%"]}))
