@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
@@ -15,8 +16,13 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e .
 	touch $(STAMP)
+
+# The test extra adds pytest and pyspark (for the spark_udf test); `make run` does not need them.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -31,13 +37,13 @@ run: install
 	source $(BIN)/activate && dvc repro
 	@source $(BIN)/activate && camid register --summary
 
-test: install imagemagick
+test: $(TEST_STAMP) imagemagick
 	source $(BIN)/activate && python -m pytest
 
-test-slow: install imagemagick
+test-slow: $(TEST_STAMP) imagemagick
 	source $(BIN)/activate && python -m pytest -m slow
 
-bench: install imagemagick
+bench: $(TEST_STAMP) imagemagick
 	source $(BIN)/activate && for b in bench/*.py; do python $$b; done
 
 clean:

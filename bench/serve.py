@@ -229,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
           f"tta on, {os.cpu_count()} CPU cores, loopback")
     print(f"{'model':<28}{'req/s':>8}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for label, r in results.items():
+        note = f"  {r['error_kinds']}" if r["errors"] else ""
+        if r["done"] + r["errors"] < args.requests:
+            note += f"  (stopped after {r['done'] + r['errors']} by --time-limit)"
         print(f"{label:<28}{r['rps']:>8.2f}{r['rps'] * args.batch:>8.1f}{r['p50'] * 1000:>9.0f}"
-              f"{r['p99'] * 1000:>9.0f}{r['errors']:>8}" + (f"  {r['error_kinds']}" if r["errors"] else "")
-              + (f"  (stopped at {r['done']} by --time-limit)" if r["done"] < args.requests and not r["errors"] else ""))
+              f"{r['p99'] * 1000:>9.0f}{r['errors']:>8}{note}")
     print(f"invalid base64 in row 1 -> {bad_request}")
     print(f"\nin-process, {'+'.join(ensemble.names)} x 8 views, {len(patches)} patches of {ensemble.patch} px:")
     print(f"  batched (Ensemble.predict, one forward pass)  {compare['batched']:8.2f} s")

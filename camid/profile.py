@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 
 from ruamel.yaml import YAML
 
@@ -53,10 +54,11 @@ def apply_profile(name: str, path: str = PARAMS_FILE) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="profile name under `profiles:` in params.yaml (e.g. kaggle)")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file to rewrite")
+    parser.add_argument("--params", default=None, help="params file to rewrite (default $CAMID_PARAMS or params.yaml)")
 
 
 def run(args: argparse.Namespace) -> int:
-    for key, (old, new) in apply_profile(args.name, args.params).items():
+    path = args.params or os.environ.get("CAMID_PARAMS", PARAMS_FILE)
+    for key, (old, new) in apply_profile(args.name, path).items():
         print(f"{key}: {old} -> {new}")
     return 0

@@ -118,7 +118,7 @@ def resolve_params(params: dict | None) -> dict:
 
 
 def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-    """The whole served prediction, callable without MLflow (batch prediction uses it too)."""
+    """The whole served prediction, callable without MLflow."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     if "image" not in frame.columns:

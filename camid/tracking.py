@@ -12,6 +12,8 @@ import yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "camid"
+# What the user (or `mlflow run`) chose, read before MLflow's own set_experiment writes these variables.
+_CHOSEN_EXPERIMENT_ID = os.environ.get("MLFLOW_EXPERIMENT_ID")
 
 
 def tracking_uri() -> str:
@@ -52,7 +54,7 @@ def run(run_name: str, tags: dict | None = None, nested: bool = False) -> Iterat
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID") and not nested:
+    if not os.environ.get("MLFLOW_RUN_ID") and not _CHOSEN_EXPERIMENT_ID and not nested:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
     with mlflow.start_run(run_name=run_name, nested=nested) as active:
         mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})

@@ -160,8 +160,8 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
 
     tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache), **(extra_tags or {})}
     with tracking.run(run_name=f"train-{arch}", tags=tags) as active:
-        # The settings in use, named by their params.yaml keys: `mlflow run` has already logged its entry point's
-        # parameters under the bare names, unset ones as '', and MLflow refuses to change a logged value.
+        # The settings in use under their params.yaml keys (as `dvc params diff` names them), apart from the
+        # bare names `mlflow run` logs for its entry point's parameters ('' when unset).
         settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
         tracking.log_params({"arch": arch, **settings, "cache_patch": meta["patch"], "num_classes": len(labels),
                            "train_crops": meta["splits"]["train"]["crops"], "val_images": len(np.unique(evalset.image_id))})

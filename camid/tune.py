@@ -44,6 +44,9 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
     class CamidHyperModel(kt.HyperModel):
         def build(self, hp):
             patch = hp.Choice("patch", sizes)
+            # Used by fit, declared here: the oracle learns the search space from build, so a value declared only
+            # in fit would be missing from the first trial's values and fixed at its default in that trial.
+            hp.Float("manipulation_prob", 0.2, 0.8, step=0.1)
             model = create_model(arch, num_classes=len(labels), patch=patch, weights=base.weights,
                                  dense=(hp.Choice("dense", [64, 128, 256, 512]),),
                                  dropout=(hp.Float("dropout", 0.0, 0.5, step=0.1),))
@@ -55,7 +58,7 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
             patch = hp.get("patch")
             data = TrainPatches(cache, catalog, patch=patch, batch_size=base.batch_size,
                                 steps_per_epoch=base.steps_per_epoch,
-                                manipulation_prob=hp.Float("manipulation_prob", 0.2, 0.8, step=0.1), seed=base.seed)
+                                manipulation_prob=hp.get("manipulation_prob"), seed=base.seed)
             evalset = eval_patches(cache, split="val", patch=patch)
             callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
@@ -110,8 +113,10 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
     hypermodel = make_hypermodel(arch, cache, base, catalog, catalog.labels)
     tuner = make_tuner(settings.algorithm, hypermodel, directory, f"{arch}-{settings.algorithm}",
                        settings.max_trials, settings.epochs, base.seed)
-    with tracking.run(f"tune-{arch}", tags={"stage": "tune", "arch": arch, "data_version": tracking.data_version(cache)}):
-        # params.yaml keys, as train logs them: `mlflow run` has already logged the bare names ('' when unset).
+    # tuner_id tells the processes of a distributed search apart: "chief" (the oracle), or a worker's id.
+    tags = {"stage": "tune", "arch": arch, "data_version": tracking.data_version(cache), "tuner_id": tuner.tuner_id}
+    with tracking.run(f"tune-{arch}", tags=tags):
+        # params.yaml keys, as train logs them, apart from the bare names `mlflow run` logs ('' when unset).
         tracking.log_params({"arch": arch, **{f"tune.{k}": v for k, v in dataclasses.asdict(settings).items()},
                            "train.steps_per_epoch": base.steps_per_epoch, "train.batch_size": base.batch_size})
         tuner.search(epochs=settings.epochs)
@@ -154,10 +159,12 @@ def run(args: argparse.Namespace) -> int:
                                                    ("epochs", args.epochs)) if v is not None})
     base = params.train if args.steps_per_epoch is None else dataclasses.replace(params.train,
                                                                                  steps_per_epoch=args.steps_per_epoch)
-    result = tune(args.arch, args.cache, settings, base, params.catalog, args.out or Path("tuning/best_params.yaml"))
+    out = args.out or Path("tuning/best_params.yaml")
+    # keras-tuner's trials go beside the best values, under <arch>-<algorithm>.
+    result = tune(args.arch, args.cache, settings, base, params.catalog, out, directory=out.parent)
     if args.apply:
         from camid.profile import set_params
 
-        set_params({f"train.{k}": v for k, v in result["train"].items()})
-        print("params.yaml train block updated; `dvc repro` retrains with the tuned values")
+        set_params({f"train.{k}": v for k, v in result["train"].items()}, params.path)  # $CAMID_PARAMS if set
+        print(f"{params.path} train block updated; `dvc repro` retrains with the tuned values")
     return 0

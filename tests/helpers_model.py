@@ -64,7 +64,7 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
     from camid.config import load_params
     from camid.inference.ensemble import Ensemble
     from camid.prepare import prepare
-    from camid.split import split, stratified_split, list_labelled
+    from camid.split import list_labelled, split, stratified_split
     from camid.synth import synthesize
     from camid.train import train
 
@@ -92,7 +92,8 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
         bundle = Ensemble.write_bundle(members, root / "bundle")
         _, val = stratified_split(list_labelled(photos, labels), params.split.val_fraction, params.split.seed)
         model = TinyModel(root=root, bundle=bundle, labels=labels, patch=params.train.patch, val=val,
-                          tracking_uri=tracking_uri, members=members, weighted_accuracy=float(sum(scores) / len(scores)))
+                          tracking_uri=tracking_uri, members=members,
+                          weighted_accuracy=float(sum(scores) / len(scores)))
         if register:
             register_tiny_model(model)
     return model

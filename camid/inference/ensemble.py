@@ -83,17 +83,45 @@ class Ensemble:
 
     # -- inference -----------------------------------------------------------------------------------------
     def _forward(self, model, views: np.ndarray, flags: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        out = model.predict({"image": views.astype("float32"), "manipulated": flags.reshape(-1, 1).astype("float32")},
-                            batch_size=batch_size, verbose=0)
-        return np.asarray(out["camera"], dtype=np.float64), np.asarray(out["manipulation"], dtype=np.float64)
+        """Both heads' outputs for uint8 views, `batch_size` at a time (converted to float32 per batch only)."""
+        camera, manipulation = [], []
+        for start in range(0, len(views), batch_size):
+            out = model.predict_on_batch({"image": views[start:start + batch_size].astype("float32"),
+                                          "manipulated": flags[start:start + batch_size].reshape(-1, 1).astype("float32")})
+            camera.append(np.asarray(out["camera"], dtype=np.float64))
+            manipulation.append(np.asarray(out["manipulation"], dtype=np.float64))
+        return np.concatenate(camera), np.concatenate(manipulation)
+
+    def _score(self, patches: np.ndarray, flags: np.ndarray, unknown: np.ndarray, tta: bool, batch_size: int):
+        """(models x views, N, C) camera probabilities, (N, 9) manipulation probabilities and the estimated flags."""
+        views = d4_views(patches, tta)
+        n_views = len(views) // len(patches)
+        camera, manip = [], []
+        for model in self.models:
+            cam, aux = self._forward(model, views, np.tile(flags, n_views), batch_size)
+            camera.append(fold_views(cam, n_views))
+            manip.append(fold_views(aux, n_views))
+        manipulation_probs = np.concatenate(manip).mean(axis=0)
+        # The auxiliary head does not see the flag, so one pass is enough to estimate it; only the rows it
+        # calls manipulated are scored again, with the flag set.
+        estimated = unknown & (manipulation_probs[:, 0] < 0.5)
+        if estimated.any():
+            rows = np.flatnonzero(estimated)
+            sub_views = d4_views(patches[rows], tta)
+            for m, model in enumerate(self.models):
+                cam, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
+                camera[m][:, rows] = fold_views(cam, n_views)
+        return np.concatenate(camera), manipulation_probs, flags | estimated
 
     def predict(self, patches: np.ndarray, manipulated: np.ndarray | None = None, *, tta: bool = True,
-                blend: str = "mean_square", balance: str = "none", batch_size: int = 64) -> Prediction:
+                blend: str = "mean_square", balance: str = "none", batch_size: int = 64,
+                chunk: int = 256) -> Prediction:
         """Score uint8 patches (N, P, P, 3).
 
         `manipulated` (N,) may hold True/False or None per row; missing flags are estimated from the auxiliary
-        head (P(no manipulation) < 0.5) and those rows are scored again with the estimated flag.
-        All views of the batch go through each model in one `predict` call.
+        head (P(no manipulation) < 0.5) and those rows are scored again with the estimated flag. Patches are
+        scored `chunk` at a time (all views of a chunk through each model in one pass), so memory stays bounded
+        however large the set; blending and balancing then see the whole set.
         """
         patches = np.asarray(patches)
         if patches.ndim != 4 or patches.shape[1:] != (self.patch, self.patch, 3):
@@ -104,24 +132,11 @@ class Ensemble:
         given = np.full(n, None, dtype=object) if manipulated is None else np.asarray(manipulated, dtype=object)
         unknown = np.array([g is None or (isinstance(g, float) and np.isnan(g)) for g in given], dtype=bool)
         flags = np.where(unknown, False, given).astype(bool)
-
-        views = d4_views(patches, tta)
-        n_views = len(views) // n
-        camera, manip = [], []
-        for model in self.models:
-            cam, aux = self._forward(model, views, np.tile(flags, n_views), batch_size)
-            camera.append(fold_views(cam, n_views))
-            manip.append(fold_views(aux, n_views))
-        manipulation_probs = np.concatenate(manip).mean(axis=0)
-        # The auxiliary head does not see the flag, so one pass is enough to estimate it.
-        estimated = unknown & (manipulation_probs[:, 0] < 0.5)
-        if estimated.any():
-            rows = np.flatnonzero(estimated)
-            sub_views = d4_views(patches[rows], tta)
-            for m, model in enumerate(self.models):
-                cam, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
-                camera[m][:, rows] = fold_views(cam, n_views)
-            flags = flags | estimated
-        probs = blend_probs(np.concatenate(camera), blend)
+        parts = [self._score(patches[i:i + chunk], flags[i:i + chunk], unknown[i:i + chunk], tta, batch_size)
+                 for i in range(0, n, chunk)]
+        camera = np.concatenate([p[0] for p in parts], axis=1)
+        manipulation_probs = np.concatenate([p[1] for p in parts])
+        flags = np.concatenate([p[2] for p in parts])
+        probs = blend_probs(camera, blend)
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, unknown, manipulation_probs)
