@@ -113,3 +113,26 @@ def test_unknown_model_uri_is_a_clear_error(registered_model, test_set, tmp_path
 def test_no_images_is_a_clear_error(tiny_model, tmp_path, capsys):  # noqa: F811
     assert predict(tmp_path, "--model", tiny_model.bundle, "--out", tmp_path / "x.csv") == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """`camid evaluate --folder`: a `<label>/<files>` tree scored unaltered and under every manipulation."""
+    folder = tmp_path / "labelled"
+    for path, label in zip(tiny_model.val.path, tiny_model.val.label):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / f"{label}-{len(list((folder / label).iterdir()))}.jpg").write_bytes(open(path, "rb").read())
+    for key, value in tiny_model.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tiny_model.root)
+    metrics_file, plots_file = tmp_path / "m.json", tmp_path / "p.csv"
+    code = main(["evaluate", "--folder", str(folder), "--model", str(tiny_model.bundle), "--no-tta",
+                 "--metrics", str(metrics_file), "--plots", str(plots_file), "--figure", str(tmp_path / "c.png")])
+    assert code == 0
+    import json
+
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["images"] == len(tiny_model.val) and metrics["patches"] == 9 * len(tiny_model.val)
+    assert 0 <= metrics["weighted_accuracy"] <= 1 and set(metrics["per_camera"]) == set(tiny_model.labels)
+    table = pd.read_csv(plots_file)
+    assert list(table.columns) == ["actual", "predicted"] and len(table) == metrics["patches"]
+    assert (tmp_path / "c.png").stat().st_size > 0
