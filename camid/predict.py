@@ -23,9 +23,9 @@ from camid.inference.blending import BLENDS, blend
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
 from camid.inference.balancing import balance_to_quota
 from camid.patches import centre_crop
+from camid.split import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 
 
 def load_ensemble(model: str) -> Ensemble:

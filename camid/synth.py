@@ -91,14 +91,16 @@ class Pipeline:
             raise ConfigError(f"synth pipeline wb {self.wb!r}: three gains (R, G, B)")
 
 
+# A1 / A1s: one sensor and ISP, two firmware releases (tone curve + JPEG tables), like Nikon D70 / D70s;
+# A1s is built from A1 so that they cannot drift apart in anything else.
+_ASTER_A1 = dict(cfa="RGGB", demosaic="edge_directed", blur=0.5, prnu=0.010, read_noise=0.0025, shot_noise=5e-4,
+                 wb=(2.0, 1.0, 1.6), sharpen_amount=0.7, sharpen_radius=1.0, subsampling="4:2:0",
+                 gamma=2.2, contrast=0.0, jpeg_quality=95, jpeg_tweak=0, firmware="A1 Firmware 1.0.3")
+
 DEFAULT_PIPELINES: dict[str, dict] = {
-    # A1 / A1s: one sensor and ISP, two firmware releases (tone curve + JPEG tables), like Nikon D70 / D70s.
-    "Aster-A1": dict(cfa="RGGB", demosaic="edge_directed", blur=0.5, prnu=0.010, read_noise=0.0025, shot_noise=5e-4,
-                     wb=(2.0, 1.0, 1.6), sharpen_amount=0.7, sharpen_radius=1.0, subsampling="4:2:0",
-                     gamma=2.2, contrast=0.0, jpeg_quality=95, jpeg_tweak=0, firmware="A1 Firmware 1.0.3"),
-    "Aster-A1s": dict(cfa="RGGB", demosaic="edge_directed", blur=0.5, prnu=0.010, read_noise=0.0025, shot_noise=5e-4,
-                      wb=(2.0, 1.0, 1.6), sharpen_amount=0.7, sharpen_radius=1.0, subsampling="4:2:0",
-                      gamma=2.4, contrast=0.35, jpeg_quality=97, jpeg_tweak=11, firmware="A1s Firmware 2.1.0"),
+    "Aster-A1": _ASTER_A1,
+    "Aster-A1s": {**_ASTER_A1, "gamma": 2.4, "contrast": 0.35, "jpeg_quality": 97, "jpeg_tweak": 11,
+                  "firmware": "A1s Firmware 2.1.0"},
     "Boreal-B7": dict(cfa="BGGR", demosaic="bilinear", blur=0.4, prnu=0.015, read_noise=0.005, shot_noise=1.2e-3,
                       wb=(1.7, 1.0, 1.9), sharpen_amount=0.0, subsampling="4:2:0",
                       gamma=2.0, contrast=0.1, jpeg_quality=95, jpeg_tweak=0, firmware="B7 v4.2 build 0917"),
