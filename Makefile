@@ -13,7 +13,8 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install run test test-slow imagemagick bench clean
 
-$(STAMP): pyproject.toml requirements.lock
+# The C extension (camid/forensics/_dcscan.c) is compiled by this install: rebuild when it changes.
+$(STAMP): pyproject.toml requirements.lock camid/forensics/_dcscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e .
