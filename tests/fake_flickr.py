@@ -36,12 +36,16 @@ API_PATH = "/services/rest/"
 REAL_IMAGE_HOST = "https://live.staticflickr.com"
 
 
-def make_jpeg(height: int, width: int, *, make: str = "", model: str = "", seed: int = 0, quality: int = 95) -> bytes:
-    """A real camera-like JPEG: smooth random content, EXIF Make and Model."""
+def make_jpeg(height: int, width: int, *, make: str = "", model: str = "", seed: int = 0, quality: int = 95,
+              grain: float = 0.0) -> bytes:
+    """A real camera-like JPEG: smooth random content (plus `grain`, 0..1, of noise: bigger files), EXIF Make and
+    Model."""
     rng = random.Random(seed)
     small = Image.frombytes("RGB", (max(1, width // 16), max(1, height // 16)),
                             rng.randbytes(max(1, width // 16) * max(1, height // 16) * 3))
     image = small.resize((width, height), Image.Resampling.BICUBIC)
+    if grain:
+        image = Image.blend(image, Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3)), grain)
     exif = Image.Exif()
     if make:
         exif[0x010F] = make
@@ -68,6 +72,7 @@ class FakePhoto:
     original: bool = True          # False: the owner does not share the original (no url_o, no o_dims)
     exif_visible: bool = True      # False: getExif answers 'Permission denied'
     file_dims: tuple[int, int] | None = None  # (h, w) of the served file when it differs from what o_dims says
+    grain: float = 0.0             # noise in the served file (make_jpeg): makes it bigger
     secret: str = "a1b2c3d4e5"
     server: str = "65535"
     _jpeg: bytes | None = field(default=None, repr=False)
@@ -76,7 +81,7 @@ class FakePhoto:
     def jpeg(self) -> bytes:
         if self._jpeg is None:
             h, w = self.file_dims or (self.height, self.width)
-            self._jpeg = make_jpeg(h, w, make=self.make, model=self.model, seed=int(self.id))
+            self._jpeg = make_jpeg(h, w, make=self.make, model=self.model, seed=int(self.id), grain=self.grain)
         return self._jpeg
 
     @property
@@ -101,9 +106,10 @@ class FakePhoto:
 
 @dataclass
 class Fault:
-    kind: str
+    kind: str                      # "" (none), slow, 500, 429, 404, badjson, truncate, truncate_nolength, hold
     delay: float = 0.0
     retry_after: str | None = None
+    hold_after: int = 0            # hold: send this many bytes, set FakeFlickr.holding, wait for .release
 
 
 class FakeFlickr:
@@ -117,6 +123,8 @@ class FakeFlickr:
         self.chunk_delay = chunk_delay    # seconds between image chunks: makes downloads slow enough to kill
         self.faults: dict[str, deque[Fault]] = {"search": deque(), "exif": deque(), "image": deque()}
         self.log: list[tuple[str, dict]] = []   # (target, query) of every request, in order
+        self.holding = threading.Event()  # set while a "hold" fault keeps a download half-sent
+        self.release = threading.Event()  # set it to let a held download go on
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -135,6 +143,7 @@ class FakeFlickr:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -246,6 +255,9 @@ class FakeFlickr:
                 if kind.startswith("truncate"):
                     body = body[: len(body) // 2]
                 for start in range(0, len(body), fake.chunk_size):
+                    if kind == "hold" and start >= fault.hold_after and not fake.holding.is_set():
+                        fake.holding.set()
+                        fake.release.wait(timeout=60)
                     self.wfile.write(body[start: start + fake.chunk_size])
                     self.wfile.flush()
                     if content_type == "image/jpeg" and fake.chunk_delay:

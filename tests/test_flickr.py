@@ -308,20 +308,26 @@ def _partial_download(out: Path) -> bool:
 def test_kill_and_resume_gives_the_same_final_set(tmp_path, params):
     """SIGKILL the real command mid-download, run it again, and find exactly the set an unbroken run gives."""
     a, b = params.catalog.cameras[:2]
-    photos = {a.label: camera_photos(a, 3), b.label: camera_photos(b, 3, first_id=2000)}
+    # grainy photos, bigger than the crawler's 64 KB reads, so part of a held download reaches the disk
+    photos = {a.label: camera_photos(a, 3, grain=0.5), b.label: camera_photos(b, 3, first_id=2000, grain=0.5)}
+    assert min(len(p.jpeg) for ps in photos.values() for p in ps) > 100_000
     out = tmp_path / "out"
     env = {**os.environ, "FLICKR_API_KEY": KEY, "CAMID_PARAMS": str(params.path)}
-    with FakeFlickr([p for ps in photos.values() for p in ps], api_key=KEY, chunk_size=2048, chunk_delay=0.02) as fake:
+    with FakeFlickr([p for ps in photos.values() for p in ps], api_key=KEY, chunk_size=8192, chunk_delay=0.005) as fake:
+        fake.inject("image", "", times=2)                     # two photos download whole,
+        fake.inject("image", "hold", hold_after=80_000)       # the third stops after 80 KB until released
         command = [sys.executable, "-m", "camid", "crawl", "flickr", "--out", str(out), "--cameras", a.label, b.label,
                    "--api-url", fake.api_url, "--image-host", fake.image_host]
         crawler = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (_count_lines(out / MANIFEST) >= 2 and _partial_download(out)):
+        deadline = time.monotonic() + 60
+        while not (fake.holding.is_set() and _count_lines(out / MANIFEST) >= 2 and _partial_download(out)):
             assert crawler.poll() is None and time.monotonic() < deadline, "the crawler ended before it could be killed"
-            time.sleep(0.005)
+            time.sleep(0.01)
         crawler.send_signal(signal.SIGKILL)
         crawler.wait()
-        assert list(out.glob("train/*/.*.part")), "the kill should have left a partial download behind"
+        fake.release.set()
+        parts = list(out.glob("train/*/.*.part"))
+        assert parts and all(part.stat().st_size > 0 for part in parts), "the kill should leave a partial download"
 
         # a second kill at an arbitrary moment of the resumed run, then a run to the end
         crawler = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
