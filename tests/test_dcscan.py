@@ -13,6 +13,7 @@ from PIL import Image
 
 from camid.forensics import inspect as inspect_module
 from camid.forensics.inspect import DC_SCAN, inspect_file
+from tests.test_inspect import jpeg_bytes as encode
 from tests.test_jpeg_quality import imagemagick_convert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,6 @@ def texture(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     pixels[:, : width // 7] = 0  # a black band: saturated DC values
     pixels = np.clip(pixels, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels[..., 0] if bands == 1 else pixels, mode)
-
-
-def encode(image: Image.Image, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", **options)
-    return buffer.getvalue()
 
 
 def libjpeg_eighth(data: bytes) -> tuple[tuple[int, int], bytes]:

@@ -275,7 +275,7 @@ static int dc_scan(const uint8_t *data, size_t len, uint8_t **out, int *out_w, i
   size_t *seg_end = NULL;
   int q0[4] = {0, 0, 0, 0}, have_q[4] = {0, 0, 0, 0};
   component comps[4];
-  int nf = 0, width = 0, height = 0, restart = 0, adobe = 0, transform = -1, frame = 0, rc = 1;
+  int nf = 0, width = 0, height = 0, restart = 0, adobe = 0, transform = -1, frame = 0, rc = 1, sos_length = 0;
   size_t pos = 2;
 
   if (len < 4 || data[0] != 0xFF || data[1] != 0xD8) return 1;
@@ -339,6 +339,7 @@ static int dc_scan(const uint8_t *data, size_t len, uint8_t **out, int *out_w, i
         transform = seg[11];
       }
     } else if (marker == 0xDA) {
+      sos_length = length; /* checked above to lie within data */
       break;
     }
     pos += length;
@@ -346,7 +347,7 @@ static int dc_scan(const uint8_t *data, size_t len, uint8_t **out, int *out_w, i
 
   /* SOS: one scan holding every component (interleaved, or the only one of a grayscale frame) */
   {
-    int length = be16(data + pos), n = length - 2;
+    int length = sos_length, n = length - 2;
     const uint8_t *seg = data + pos + 2;
     const htable *dct[4], *act[4];
     int order[4], hb[4], vb[4], hmax = 1, vmax = 1, blocks = 0, ns, ow, oh, mcux, mcuy;
