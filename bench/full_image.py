@@ -1,12 +1,13 @@
 """How accuracy on held-out full photos grows with the number of patches scored per photo (`--full-image`).
 
 Each photo is scored the way `camid predict --full-image --patches K` scores it: K CFA-aligned patches on a
-grid over the photo (the centre one first), each through `Ensemble.predict`, blended into one distribution.
-By default a smallcnn is trained briefly on a small virtual zoo built in a temporary folder and scored on its
-held-out photos; `--bundle` scores a given ensemble instead, e.g. the one `dvc repro` leaves (read-only):
+grid over the photo (`camid.patches.grid_offsets`; 0 is auto), blended into one distribution, with the
+bundle's own TTA views; pixels only and with the JPEG-table evidence. By default a smallcnn is trained
+briefly on a small virtual zoo built in a temporary folder and scored on its test photos (devices it never
+saw); `--bundle` scores a given ensemble instead, e.g. the one `dvc repro` leaves (read-only):
 
-    python bench/full_image.py [--patches 1 4 9 16 25] [--tta]
-    python bench/full_image.py --bundle models/ensemble --photos data/split/val.csv
+    python bench/full_image.py [--patches 1 4 9 16 0] [--no-tta]
+    python bench/full_image.py --bundle models/ensemble --photos data/split/test.csv
 """
 from __future__ import annotations
 
@@ -48,11 +49,14 @@ def accuracy_by_patches(ensemble, photos: pd.DataFrame, counts: list[int], tta: 
     truth = dict(zip(map(str, files), photos.label))
     rows = []
     for count in counts:
-        start = time.perf_counter()
-        table = predict_files(ensemble, files, patches_per_image=count, tta=tta)
-        correct = table.camera.to_numpy() == table.path.map(truth).to_numpy()
-        rows.append({"patches": count, "photos": len(table), "accuracy": float(np.mean(correct)),
-                     "seconds": time.perf_counter() - start})
+        row = {"patches": "auto" if count == 0 else count}
+        for key, tables in (("pixels", False), ("tables", True)):
+            start = time.perf_counter()
+            table = predict_files(ensemble, files, patches_per_image=count, tta=tta, jpeg_tables=tables)
+            correct = table.camera.to_numpy() == table.path.map(truth).to_numpy()
+            row.update({key: float(np.mean(correct)), f"{key}_seconds": time.perf_counter() - start,
+                        "photos": len(table), "mean_patches": float(table.patches.mean())})
+        rows.append(row)
     return rows
 
 
@@ -60,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="an ensemble bundle to score (default: train one briefly)")
     parser.add_argument("--photos", type=Path, help="held-out photos: a split CSV (path,label) or <label>/<files>; "
-                                                    "default with --bundle: data/split/val.csv")
-    parser.add_argument("--patches", type=int, nargs="+", default=[1, 4, 9, 16, 25])
-    parser.add_argument("--tta", action="store_true", help="8 D4 views per patch (8x the time)")
-    parser.add_argument("--images-per-device", type=int, default=8, help="zoo size when training (2 devices/camera)")
+                                                    "default with --bundle: data/split/test.csv")
+    parser.add_argument("--patches", type=int, nargs="+", default=[1, 4, 9, 16, 0], help="0: auto")
+    parser.add_argument("--no-tta", dest="tta", action="store_false", help="identity view only")
+    parser.add_argument("--images-per-device", type=int, default=4, help="zoo size when training (4 devices/camera)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs when training")
     parser.add_argument("--steps-per-epoch", type=int, default=20, help="steps per epoch when training")
     args = parser.parse_args(argv)
@@ -73,23 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="camid-bench-full-") as tmp:
         if args.bundle:
             ensemble = Ensemble.load(args.bundle)
-            photos = held_out(args.photos or Path("data/split/val.csv"))
+            photos = held_out(args.photos or Path("data/split/test.csv"))
             source = f"bundle {args.bundle}"
         else:
             model = build_tiny_model(Path(tmp), images_per_device=args.images_per_device, crops_per_image=4,
                                      epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=16,
                                      register=False)
             ensemble = Ensemble.load(model.bundle)
-            photos = held_out(args.photos) if args.photos else model.val
+            photos = held_out(args.photos) if args.photos else model.test
             source = (f"smallcnn trained {args.epochs}x{args.steps_per_epoch} steps on "
-                      f"{2 * args.images_per_device} photos/camera")
+                      f"{4 * args.images_per_device} photos/camera (unevaluated: identity view, no JPEG tables)")
         rows = accuracy_by_patches(ensemble, photos, args.patches, args.tta)
 
     print(f"\nfull-photo accuracy vs patches per photo: {source}; {len(photos)} held-out photos, "
-          f"{photos.label.nunique()} cameras, patch {ensemble.patch} px, tta {'on' if args.tta else 'off'}")
-    print(f"{'patches':>8}{'accuracy':>10}{'seconds':>9}")
+          f"{photos.label.nunique()} cameras, patch {ensemble.patch} px, "
+          f"tta {'+'.join(map(str, ensemble.views)) if args.tta else 'off'}")
+    print(f"{'patches':>8}{'mean':>6}{'pixels only':>13}{'+ JPEG tables':>15}{'seconds':>9}")
     for row in rows:
-        print(f"{row['patches']:>8}{row['accuracy']:>10.3f}{row['seconds']:>9.1f}")
+        print(f"{row['patches']:>8}{row['mean_patches']:>6.1f}{row['pixels']:>13.3f}{row['tables']:>15.3f}"
+              f"{row['pixels_seconds']:>9.1f}")
     return 0
 
 

@@ -58,7 +58,8 @@ def build_cache(workdir: Path, photos: int) -> Path:
     split = workdir / f"split-{photos}"
     split.mkdir(parents=True, exist_ok=True)
     table.to_csv(split / "train.csv", index=False)
-    table.iloc[:0].to_csv(split / "val.csv", index=False)
+    for empty in ("val", "test"):
+        table.iloc[:0].to_csv(split / f"{empty}.csv", index=False)
     prepare(split, cache, CATALOG, patch=PATCH, crops_per_image=2, shard_size=16, seed=0,
             workers=min(2, os.cpu_count() or 1))
     return cache

@@ -148,7 +148,7 @@ def batched_vs_naive(ensemble, patches: np.ndarray, repeats: int = 3) -> dict:
     batched = []
     for _ in range(repeats):
         start = time.perf_counter()
-        pred = ensemble.predict(patches, flags, tta=True, blend="mean_square")
+        pred = ensemble.predict(patches, flags, views=range(8), blend="mean_square")
         batched.append(time.perf_counter() - start)
     start = time.perf_counter()
     naive = naive_predict(ensemble, patches, flags)
@@ -157,13 +157,15 @@ def batched_vs_naive(ensemble, patches: np.ndarray, repeats: int = 3) -> dict:
             "max_diff": float(np.abs(naive - pred.probs).max())}
 
 
-def photo_payload(paths: list[Path], batch: int) -> dict:
+def photo_payload(paths: list[Path], batch: int, patches: int) -> dict:
     rows = [[base64.b64encode(p.read_bytes()).decode(), i % 2 == 1] for i, p in enumerate(paths[:batch])]
-    return {"dataframe_split": {"columns": ["image", "manipulated"], "data": rows}}
+    return {"dataframe_split": {"columns": ["image", "manipulated"], "data": rows}, "params": {"patches": patches}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patches", type=int, default=1,
+                        help="the served `patches` param: 1 the centre patch, 0 auto (the whole photo tiled)")
     parser.add_argument("--model-uri", help="serve this model instead of building and registering tiny ones "
                                             "(MLFLOW_TRACKING_URI must point at its store)")
     parser.add_argument("--images", type=Path, help="folder of photos to send (default: the tiny zoo's held-out ones)")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_tiny_model(tmp / "zoo", seeds=(1, 2), register=False)
             targets, env = register_pair(model), model.env()
             bundle = str(model.root / "single")  # the single-member bundle register_pair wrote
-            photos = list_images([args.images]) if args.images else [Path(p) for p in model.val.path]
+            photos = list_images([args.images]) if args.images else [Path(p) for p in model.test.path]
         if photos is None:
             import dataclasses
 
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for server in servers.values():
                 server.wait()
-            payload = photo_payload(photos, args.batch)
+            payload = photo_payload(photos, args.batch, args.patches)
             for label, server in servers.items():
                 warm = requests.post(f"{server.url}/invocations", json=payload, timeout=300)
                 if warm.status_code != 200:
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         compare = batched_vs_naive(ensemble, patches)
 
     print(f"\ncamid serve bench: {args.clients} clients, {args.requests} requests of {args.batch} photos each, "
-          f"tta on, {os.cpu_count()} CPU cores, loopback")
+          f"tta on (the bundle's views), patches {args.patches or 'auto'}, {os.cpu_count()} CPU cores, loopback")
     print(f"{'model':<28}{'req/s':>8}{'img/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for label, r in results.items():
         note = f"  {r['error_kinds']}" if r["errors"] else ""

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crawl": ("camid.acquire.flickr", "crawl a photo site (flickr) for originals of the catalog's cameras"),
     "ingest": ("camid.acquire.ingest", "link a Kaggle-layout or <label>/<files> tree into the raw data layout"),
     "inspect": ("camid.forensics.inspect", "forensic header inspection: EXIF, ImageMagick-exact JPEG quality, edits, phash"),
+    "prnu": ("camid.forensics.prnu", "device-level identification: enrol a sensor's PRNU fingerprint, match photos by PCE"),
     "filter": ("camid.filter", "the filter stage: keep only untouched originals of catalog cameras"),
     "split": ("camid.split", "the split stage: stratified train/validation split of the filtered photos"),
     "prepare": ("camid.prepare", "the prepare stage: decode each photo once into a cache of CFA-aligned crops"),
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("camid.register", "bundle trained runs into the camid pyfunc model and register it in MLflow"),
     "predict": ("camid.predict", "batch prediction with a registered model: Kaggle submission CSV and probabilities"),
     "profile": ("camid.profile", "switch params.yaml to a named profile (e.g. kaggle)"),
+    "catalog": ("camid.catalog", "write a camera catalog into params.yaml from a folder of your own labelled photos"),
 }
 
 

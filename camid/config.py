@@ -90,7 +90,8 @@ class AcquireParams:
 @dataclass(frozen=True)
 class SynthParams:
     seed: int = 2018
-    images_per_device: int = 24
+    devices_per_model: int = 4
+    images_per_device: int = 16
     bad_fraction: float = 0.15
     pipelines: dict = field(default_factory=dict)
 
@@ -107,6 +108,7 @@ class FilterParams:
 class SplitParams:
     seed: int = 7
     val_fraction: float = 0.25
+    test_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class TrainParams:
     archs: tuple[str, ...] = ("smallcnn",)
     patch: int = 64
     weights: str = "none"
-    epochs: int = 8
+    epochs: int = 14
     steps_per_epoch: int = 60
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -130,7 +132,7 @@ class TrainParams:
     manipulation_prob: float = 0.5
     aux_weight: float = 0.2
     lr_factor: float = 0.5
-    lr_patience: int = 5
+    lr_patience: int = 3
     early_stopping_patience: int = 12
     seed: int = 1
 
@@ -145,6 +147,7 @@ class TuneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     tta: bool = True
+    jpeg_tables: bool = True
     blend: str = "mean_square"
     balance: str = "none"
 

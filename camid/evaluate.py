@@ -1,13 +1,23 @@
-"""The evaluate stage: bundle the trained backbones into an ensemble and score it on the held-out split.
+"""The evaluate stage: bundle the trained backbones into an ensemble, choose its test-time settings on the
+validation set, and score it once on the test set.
 
-Every held-out photo is scored unaltered and under each of the eight test-set manipulations, through the
-same `Ensemble.predict` the served model uses (test-time augmentation, blending, optional balancing).
-Outputs: the bundle (for the register stage), the metrics (DVC metrics, MLflow), the confusion matrix as a
+Validation and test hold devices of their own (camid.split), so the test figure is camera *model* accuracy on
+devices the network never saw. Validation makes every choice: here, which D4 views test-time augmentation
+averages (`camid.inference.tta.select_views`: only views that raise the validation score). The chosen views
+and the blend are written into the bundle, so the served model uses exactly what was scored. Test is only
+reported: with the chosen views, with the identity view alone (no TTA) and with all eight D4 views, plus
+every view on its own, side by side.
+
+Every held-out photo is scored unaltered and under each of the eight test-set manipulations, through the same
+`Ensemble.predict` the served model uses. The headline figure is the competition's weighted accuracy,
+0.7 x accuracy on unaltered images + 0.3 x accuracy on manipulated ones (camid.metrics).
+Outputs: the bundle (for the register stage), the metrics (DVC metrics, MLflow), the test confusion matrix as a
 DVC plot (CSV of actual/predicted pairs) and as an image logged to MLflow.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -18,41 +28,189 @@ from camid.cli import optional
 from camid.config import EvaluateParams, load_params
 from camid.errors import CamidError
 from camid.fileio import atomic_path, write_json
-from camid.inference.blending import BLENDS
+from camid.inference.blending import BLENDS, blend
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
+from camid.inference.tta import D4
 
 log = logging.getLogger(__name__)
+ALL_VIEWS = tuple(range(len(D4)))
 
 
-def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, batch_size: int = 64) -> tuple[dict, pd.DataFrame]:
-    """Weighted accuracy and friends of `ensemble` on the cached validation crops; also the per-patch table."""
-    from camid.dataset import eval_patches
+def _blended(member_views: np.ndarray, views, method: str) -> np.ndarray:
+    """Blend the (models, views, N, C) probabilities of `views` (indices into the views axis) into (N, C)."""
+    chosen = member_views[:, list(views)]
+    return blend(chosen.reshape(-1, *chosen.shape[2:]), method)
+
+
+def report(evalset, probs: np.ndarray, labels: list[str], balance: str = "none") -> tuple[dict, np.ndarray]:
+    """Weighted accuracy and its parts for (N, C) probabilities on an EvalSet; also the predicted labels."""
+    from camid.inference.balancing import balance_to_quota
     from camid.manipulations import MANIPULATIONS
-    from camid.metrics import per_camera_accuracy, weighted_accuracy
+    from camid.metrics import accuracy, per_camera_accuracy, weighted_accuracy
 
-    evalset = eval_patches(cache, split="val", patch=ensemble.patch)
     manipulated = evalset.manipulation > 0
-    balance = settings.balance
-    pred = ensemble.predict(evalset.images, manipulated, tta=settings.tta, blend=settings.blend, balance=balance,
-                            batch_size=batch_size)
-    y, p = evalset.labels, pred.labels
-    labels = ensemble.labels
+    y = evalset.labels
+    p = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=manipulated, method=balance)
     metrics = {
         "weighted_accuracy": weighted_accuracy(y, p, manipulated),
-        "accuracy_unaltered": float(np.mean(p[~manipulated] == y[~manipulated])),
-        "accuracy_manipulated": float(np.mean(p[manipulated] == y[manipulated])),
+        "accuracy_unaltered": accuracy(y[~manipulated], p[~manipulated]),
+        "accuracy_manipulated": accuracy(y[manipulated], p[manipulated]),
         "per_camera": dict(zip(labels, per_camera_accuracy(y, p, len(labels)))),
-        "per_manipulation": {name: float(np.mean(p[evalset.manipulation == i] == y[evalset.manipulation == i]))
+        "per_manipulation": {name: accuracy(y[evalset.manipulation == i], p[evalset.manipulation == i])
                              for i, name in enumerate(("none",) + tuple(MANIPULATIONS))},
-        "images": int(len(np.unique(evalset.image_id))),
-        "patches": int(len(y)),
-        "chance": 1 / len(labels),
-        "tta": bool(settings.tta), "blend": settings.blend, "balance": balance,
-        "members": ensemble.names,
     }
-    table = pd.DataFrame({"actual": np.asarray(labels)[y], "predicted": np.asarray(labels)[p],
+    return metrics, p
+
+
+def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: str = "test", batch_size: int = 64,
+          views=None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """Score `ensemble` on a cached split with its own settings (or `views`); every D4 view is scored once, so
+    the figures without TTA, with all eight views and per view come out of the same pass.
+    Returns the metrics, the per-patch table (actual, predicted, manipulation, image_id) and the
+    (models, 8, N, C) probabilities."""
+    from camid.dataset import eval_patches
+
+    evalset = eval_patches(cache, split=split, patch=ensemble.patch)
+    if not len(evalset):
+        raise CamidError(f"the cache at {cache} has no {split!r} photos to score: re-run the split and prepare stages")
+    pred = ensemble.predict(evalset.images, evalset.manipulation > 0, views=ALL_VIEWS, blend=settings.blend,
+                            batch_size=batch_size)
+    labels = ensemble.labels
+    views = ensemble.resolve_views(settings.tta, views)
+    signatures, unaltered = row_signatures(evalset), evalset.manipulation == 0
+
+    def probs(chosen, tables: bool) -> np.ndarray:
+        blended = _blended(pred.member_views, chosen, settings.blend)
+        return ensemble.apply_tables(blended, signatures, unaltered, force=True) if tables else blended
+
+    def weighted(chosen, tables: bool) -> float:
+        return report(evalset, probs(chosen, tables), labels, settings.balance)[0]["weighted_accuracy"]
+
+    tables = ensemble.use_tables
+    metrics, p = report(evalset, probs(views, tables), labels, settings.balance)
+    metrics.update(
+        split=split, test_data=test_fingerprint(cache, split, labels), images=int(len(np.unique(evalset.image_id))),
+        patches=int(len(evalset)), chance=1 / len(labels), tta=bool(len(views) > 1), views=[D4[v] for v in views],
+        blend=settings.blend, balance=settings.balance, members=ensemble.names, jpeg_tables=tables,
+        # the same model and settings, one thing changed at a time
+        weighted_accuracy_no_tta=weighted((0,), tables),
+        weighted_accuracy_all_d4=weighted(ALL_VIEWS, tables),
+        weighted_accuracy_pixels_only=weighted(views, False),
+        weighted_accuracy_pixels_only_no_tta=weighted((0,), False),
+        weighted_accuracy_with_jpeg_tables=weighted(views, True),
+        accuracy_unaltered_pixels_only=report(evalset, probs(views, False), labels,
+                                              settings.balance)[0]["accuracy_unaltered"],
+        weighted_accuracy_per_view={D4[v]: weighted((v,), False) for v in ALL_VIEWS},  # pixels only
+        comparison={name: {"pixels_only": weighted(chosen, False), "with_jpeg_tables": weighted(chosen, True)}
+                    for name, chosen in (("no_tta", (0,)), ("chosen_views", views), ("all_d4", ALL_VIEWS))},
+    )
+    table = pd.DataFrame({"actual": np.asarray(labels)[evalset.labels], "predicted": np.asarray(labels)[p],
                           "manipulation": evalset.manipulation, "image_id": evalset.image_id})
-    return metrics, table
+    return metrics, table, pred.member_views
+
+
+def row_signatures(evalset) -> list[str | None]:
+    """Each EvalSet row's JPEG table signature: its photo's for unaltered rows, None for manipulated ones
+    (a manipulated copy is re-encoded, or is no JPEG at all, as on the Kaggle test set)."""
+    from camid.inference.jpeg_tables import signature_of_file
+
+    known: dict[str, str | None] = {}
+    signatures = []
+    for path, manipulation in zip(evalset.path, evalset.manipulation):
+        if not manipulation and path not in known:
+            known[path] = signature_of_file(path)
+        signatures.append(None if manipulation else known[path])
+    return signatures
+
+
+def test_fingerprint(cache: Path, split: str, labels: list[str]) -> str:
+    """What a score was measured on, for comparing scores (the champion alias): the photos of the split (path,
+    size, label) and the catalog's labels, hashed."""
+    import hashlib
+
+    from camid.prepare import read_index
+
+    photos = read_index(cache, split).drop_duplicates("image")
+    digest = hashlib.sha256(json.dumps(labels).encode())
+    for path, label in sorted(zip(photos["path"], photos["label"])):
+        size = Path(path).stat().st_size if Path(path).exists() else -1
+        digest.update(f"{path}\0{size}\0{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def fit_tables(cache: Path, labels: list[str]):
+    """The JPEG-table evidence of the training photos (camid.inference.jpeg_tables)."""
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+    from camid.prepare import read_index
+
+    photos = read_index(cache, "train").drop_duplicates("image")
+    return TablePrior.fit([signature_of_file(p) for p in photos["path"]], photos["label_index"], labels)
+
+
+def choose_settings(ensemble: Ensemble, cache: Path, settings: EvaluateParams, tables) -> tuple[tuple[int, ...], bool, dict]:
+    """On the validation split: the TTA views (the identity alone when `settings.tta` is off), then whether
+    the JPEG-table evidence is kept (`settings.jpeg_tables`, and it does not lower the validation score)."""
+    from camid.dataset import eval_patches
+    from camid.inference.tta import select_views
+    from camid.metrics import weighted_accuracy
+
+    evalset = eval_patches(cache, split="val", patch=ensemble.patch)
+    if not len(evalset):
+        raise CamidError(f"the cache at {cache} has no validation photos to choose test-time views on")
+    manipulated = evalset.manipulation > 0
+    member_views = ensemble.predict(evalset.images, manipulated, views=ALL_VIEWS, blend=settings.blend).member_views
+
+    def rate(probs):
+        return weighted_accuracy(evalset.labels, probs.argmax(1), manipulated)
+
+    identity = rate(_blended(member_views, (0,), settings.blend))
+    views, best = select_views(member_views, rate, lambda p: blend(p, settings.blend)) if settings.tta else ((0,), identity)
+    with_tables = rate(tables.apply(_blended(member_views, views, settings.blend), row_signatures(evalset),
+                                    evalset.manipulation == 0))
+    use_tables = bool(settings.jpeg_tables and tables.counts and with_tables >= best)
+    return views, use_tables, {
+        "val_weighted_accuracy": with_tables if use_tables else best,
+        "val_weighted_accuracy_pixels_only": best, "val_weighted_accuracy_pixels_only_no_tta": identity,
+        "val_weighted_accuracy_with_jpeg_tables": with_tables,
+        "val_weighted_accuracy_per_view": {D4[v]: rate(_blended(member_views, (v,), settings.blend))
+                                           for v in ALL_VIEWS}}
+
+
+def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
+    """Accuracy on the split's whole photos, unaltered, as `camid predict --full-image` scores them: each photo
+    on `patches` grid patches (0: auto), blended into one answer, with the bundle's settings; also without TTA
+    and from the pixels alone (without the JPEG-table evidence)."""
+    from tqdm import tqdm
+
+    from camid.imageio import decode_image
+    from camid.metrics import accuracy, per_camera_accuracy
+    from camid.patches import grid_crops
+    from camid.prepare import read_index
+
+    from camid.inference.jpeg_tables import signature_of
+
+    photos = read_index(cache, split).drop_duplicates("image")
+    crops, signatures = [], []
+    for path in tqdm(photos["path"], desc=f"full photos ({split})", unit="photo", leave=False):
+        data = Path(path).read_bytes()
+        crops.append(grid_crops(decode_image(data), ensemble.patch, patches))
+        signatures.append(signature_of(data))
+    y = photos["label_index"].to_numpy()
+    result = {"photos": len(photos), "patches": "auto" if patches == 0 else patches,
+              "patches_per_photo_mean": float(np.mean([len(c) for c in crops]))}
+    for tta in (True, False):
+        if not tta and ensemble.views == (0,):
+            result["accuracy_no_tta"] = result["accuracy"]
+            result["accuracy_no_tta_pixels_only"] = result["accuracy_pixels_only"]
+            break
+        pred = ensemble.predict_photos(crops, [False] * len(crops), tta=tta)  # no signatures: pixels only
+        suffix = "" if tta else "_no_tta"
+        result[f"accuracy{suffix}_pixels_only"] = accuracy(y, pred.labels)
+        labels = ensemble.apply_tables(pred.probs, signatures, ~pred.manipulated).argmax(1)
+        result[f"accuracy{suffix}"] = accuracy(y, labels)
+        if tta:
+            result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(y, labels, len(ensemble.labels))))
+    return result
 
 
 def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: EvaluateParams, *,
@@ -62,27 +220,43 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
     from camid import tracking
     from camid.metrics import confusion_matrix
     from camid.plots import confusion_figure
+    from camid.prepare import read_meta
 
     Ensemble.write_bundle(model_dirs, bundle)
-    ensemble = Ensemble.load(bundle)
     with tracking.run("evaluate", tags={"stage": "evaluate", "data_version": tracking.data_version(cache)}):
-        metrics, table = score(ensemble, cache, settings)
+        first = Ensemble.load(bundle)
+        tables = fit_tables(cache, first.labels)
+        views, use_tables, selection = choose_settings(first, cache, settings, tables)
+        Ensemble.set_settings(bundle, views, settings.blend, selection, tables=tables, use_tables=use_tables)
+        ensemble = Ensemble.load(bundle)
+        metrics, table, _ = score(ensemble, cache, settings)
+        metrics.update(selection)
+        metrics["full_image"] = full_image_accuracy(ensemble, cache)
+        metrics["split_summary"] = read_meta(cache).get("split", {})
+        metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))
         tracking.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,
-                           "balance": metrics["balance"]})
+                             "balance": settings.balance, "views": ",".join(metrics["views"]),
+                             "jpeg_tables": use_tables})
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_metrics({f"camera_{k}": v for k, v in metrics["per_camera"].items()})
+        mlflow.log_metrics({f"view_{k}": v for k, v in metrics["weighted_accuracy_per_view"].items()})
+        mlflow.log_metrics({f"full_image_{k}": v for k, v in metrics["full_image"].items() if isinstance(v, float)})
         labels = ensemble.labels
         matrix = confusion_matrix(table.actual.map(labels.index).to_numpy(), table.predicted.map(labels.index).to_numpy(),
                                   len(labels))
-        tracking.log_figure(confusion_figure(matrix, labels, f"ensemble ({'+'.join(ensemble.names)}): validation"),
+        tracking.log_figure(confusion_figure(matrix, labels, f"ensemble ({'+'.join(ensemble.names)}): test devices"),
                             "confusion_matrix.png", figure_file)
         mlflow.log_dict(metrics, "evaluation.json")
     write_json(metrics_file, metrics)
     with atomic_path(plots_file) as tmp:
         table[["actual", "predicted"]].to_csv(tmp, index=False)
-    log.info("ensemble %s: weighted accuracy %.4f (unaltered %.4f, manipulated %.4f; chance %.3f)",
-             "+".join(ensemble.names), metrics["weighted_accuracy"], metrics["accuracy_unaltered"],
-             metrics["accuracy_manipulated"], metrics["chance"])
+    log.info("ensemble %s on the test devices: weighted accuracy %.4f with TTA views %s, %.4f without, %.4f with all "
+             "8 D4 views (unaltered %.4f, manipulated %.4f; chance %.3f)", "+".join(ensemble.names),
+             metrics["weighted_accuracy"], "+".join(metrics["views"]), metrics["weighted_accuracy_no_tta"],
+             metrics["weighted_accuracy_all_d4"], metrics["accuracy_unaltered"], metrics["accuracy_manipulated"],
+             metrics["chance"])
+    log.info("whole test photos (unaltered, %s patches each): accuracy %.4f", metrics["full_image"]["patches"],
+             metrics["full_image"]["accuracy"])
     return metrics
 
 
@@ -91,7 +265,9 @@ def evaluate_folder(folder: Path, model: str, settings: EvaluateParams, catalog,
     """Score a trained model (bundle folder or MLflow URI) on a labelled `<label>/<files>` folder.
 
     Each photo's centre crop goes through the same crop cache code and manipulations as the split's
-    validation photos, so the figures mean the same thing.
+    test photos, so the figures mean the same thing; the model's own TTA views are used (--no-tta: none).
+    Whether these photos' devices were seen in training is for the caller to know: name the folder's
+    relation to the training data when reporting the figure.
     """
     import tempfile
 
@@ -114,12 +290,15 @@ def evaluate_folder(folder: Path, model: str, settings: EvaluateParams, catalog,
     with tempfile.TemporaryDirectory(prefix="camid-evaluate-") as tmp:
         split_dir = Path(tmp) / "split"
         split_dir.mkdir()
-        files.iloc[:0].to_csv(split_dir / "train.csv", index=False)
-        files.to_csv(split_dir / "val.csv", index=False)
+        for name in ("train", "val"):
+            files.iloc[:0].to_csv(split_dir / f"{name}.csv", index=False)
+        files.to_csv(split_dir / "test.csv", index=False)
         prepare(split_dir, Path(tmp) / "cache", catalog, patch=ensemble.patch, crops_per_image=1, shard_size=256,
                 seed=0, workers=workers)
         with tracking.run("evaluate-folder", tags={"stage": "evaluate", "folder": str(folder), "model": model}):
-            metrics, table = score(ensemble, Path(tmp) / "cache", settings)
+            settings = EvaluateParams(**{**settings.__dict__, "blend": ensemble.blend})
+            metrics, table, _ = score(ensemble, Path(tmp) / "cache", settings)
+            metrics["split"] = f"folder {folder}"
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
             labels = ensemble.labels
             matrix = confusion_matrix(table.actual.map(labels.index).to_numpy(),

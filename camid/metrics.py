@@ -21,9 +21,13 @@ def accuracy(y_true, y_pred) -> float:
 
 
 def weighted_accuracy(y_true, y_pred, manipulated) -> float:
-    """0.7 * accuracy on unaltered images + 0.3 * accuracy on manipulated ones (the Kaggle metric).
+    """0.7 * accuracy on unaltered images + 0.3 * accuracy on manipulated ones: group-weighted.
 
-    If one group is empty the other's accuracy is returned (the weights renormalise); NaN if both are.
+    The leaderboard weighed rows (0.7 per unaltered row, 0.3 per manipulated row, then the weighted mean);
+    on its test set, with as many unaltered as manipulated images, that is this same number. camid weighs the
+    groups instead, so the figure does not depend on how many manipulated copies an evaluation makes (it
+    scores every photo under each of the 8 manipulations: 8 times as many manipulated rows). If one group is
+    empty the other's accuracy is returned (the weights renormalise); NaN if both are.
     """
     y_true, y_pred = _labels(y_true), _labels(y_pred)
     manipulated = np.asarray(manipulated, dtype=bool).reshape(-1)

@@ -9,6 +9,8 @@ come in both orientations (see camid.dataset).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from camid.errors import CamidError
@@ -49,3 +51,49 @@ def random_aligned_crop(img: np.ndarray, size: int, rng: np.random.Generator) ->
     _check_fits(img, size)
     top, left = aligned_offsets(img.shape, size, rng)
     return img[top:top + size, left:left + size]
+
+
+# Patches per photo when a caller asks for "auto" (0): the photo tiled without overlap, at most this many.
+AUTO_MAX_PATCHES = 64
+
+
+def auto_patch_count(shape: tuple[int, ...], size: int, limit: int = AUTO_MAX_PATCHES) -> int:
+    """How many patches "auto" scores: as many as tile the photo without overlap, between 1 and `limit`."""
+    height, width = shape[:2]
+    return max(1, min(limit, (height // size) * (width // size)))
+
+
+def grid_offsets(shape: tuple[int, ...], size: int, count: int) -> list[tuple[int, int]]:
+    """`count` distinct CFA-aligned (top, left) positions spread evenly over the photo, row by row.
+
+    One is the centre crop. More lie on an r x c grid that spans the photo from edge to edge, its shape
+    chosen to follow the photo's aspect (a 3x3 grid for 9 on a near-square photo, 2x4 for 8 on a wide one);
+    where no grid has exactly `count` cells, `count` of its cells are taken evenly through it. A photo with
+    room for fewer distinct even positions than `count` gets all of them.
+    """
+    height, width = _check_fits(np.empty((*shape[:2], 0)), size)
+    if count < 1:
+        raise CamidError(f"the number of patches must be at least 1, got {count}")
+    if count == 1:
+        return [centre_offsets(shape, size)]
+    max_rows, max_cols = (height - size) // 2 + 1, (width - size) // 2 + 1
+    count = min(count, max_rows * max_cols)
+    aspect = np.log((width - size + 1) / (height - size + 1))
+
+    def cost(rows: int) -> float:
+        cols = math.ceil(count / rows)
+        return abs(np.log(cols / rows) - aspect) + 2 * (rows * cols - count) / count
+
+    rows = min((r for r in range(1, max_rows + 1) if math.ceil(count / r) <= max_cols), key=cost)
+    cols = math.ceil(count / rows)
+    tops = np.linspace(0, height - size, rows).astype(int) // 2 * 2 if rows > 1 else [centre_offsets(shape, size)[0]]
+    lefts = np.linspace(0, width - size, cols).astype(int) // 2 * 2 if cols > 1 else [centre_offsets(shape, size)[1]]
+    cells = [(int(t), int(x)) for t in tops for x in lefts]
+    return [cells[i] for i in np.linspace(0, len(cells) - 1, count).round().astype(int)]
+
+
+def grid_crops(img: np.ndarray, size: int, count: int) -> np.ndarray:
+    """The (count', size, size, 3) crops at `grid_offsets` (count 0: `auto_patch_count`), copied out of `img`
+    so the photo itself can be freed."""
+    count = count or auto_patch_count(img.shape, size)
+    return np.stack([img[top:top + size, left:left + size] for top, left in grid_offsets(img.shape, size, count)])

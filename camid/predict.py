@@ -2,14 +2,14 @@
 
 The `manipulated` flag comes from `_manip` / `_unalt` in file names when present (the Kaggle test set's
 convention) and is estimated by the model otherwise. `--balance` balances the predictions of a closed set
-known to hold equally many photos per camera (in each of the unaltered/manipulated groups). With
-`--full-image`, several CFA-aligned patches spread over each photo are scored and blended.
+known to hold equally many photos per camera (in each of the unaltered/manipulated groups). Without
+`--full-image` a photo is scored on its centre patch, as the Kaggle test crops were cut; with it, on CFA-aligned
+patches on a grid over the whole photo (`--patches`, auto by default), blended into one answer per photo.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ from tqdm import tqdm
 from camid.errors import CamidError
 from camid.fileio import atomic_path
 from camid.imageio import ImageError, decode_image
-from camid.inference.blending import BLENDS, blend
+from camid.inference.blending import BLENDS
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
+from camid.inference.jpeg_tables import signature_of
 from camid.inference.balancing import balance_to_quota
-from camid.patches import centre_crop
+from camid.patches import AUTO_MAX_PATCHES, grid_crops
 from camid.split import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -65,52 +66,42 @@ def flag_from_name(path: Path) -> bool | None:
     return True if "_manip" in stem else False if "_unalt" in stem else None
 
 
-def grid_patches(pixels: np.ndarray, patch: int, count: int) -> np.ndarray:
-    """`count` patches on a regular grid over the photo, at even (CFA-aligned) offsets; the centre one first."""
-    height, width = pixels.shape[:2]
-    patches = [centre_crop(pixels, patch)]
-    side = math.ceil(math.sqrt(max(count - 1, 1)))
-    tops = np.linspace(0, height - patch, side).astype(int) // 2 * 2
-    lefts = np.linspace(0, width - patch, side).astype(int) // 2 * 2
-    for top in tops:
-        for left in lefts:
-            if len(patches) < count:
-                patches.append(pixels[top:top + patch, left:left + patch])
-    return np.stack(patches)
-
-
 def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: int = 1, tta: bool = True,
-                  blend_method: str = "mean_square", balance: str = "none", batch_patches: int = 64) -> pd.DataFrame:
-    """Score files in chunks of about `batch_patches` patches (x 8 views: memory grows with patch size squared)."""
-    if patches_per_image < 1:
-        raise CamidError(f"--patches must be at least 1, got {patches_per_image}")
+                  blend_method: str | None = None, jpeg_tables: bool = True, balance: str = "none",
+                  batch_patches: int = 256) -> pd.DataFrame:
+    """Score files, about `batch_patches` patches at a time; each photo on `patches_per_image` grid patches
+    (0: auto, `camid.patches.auto_patch_count`), with the bundle's TTA views, blend and JPEG-table evidence
+    unless told otherwise."""
+    if patches_per_image < 0:
+        raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
     rows, failures = [], []
-    batch_files = max(1, batch_patches // patches_per_image)
-    for start in tqdm(range(0, len(files), batch_files), desc="predict", unit="batch"):
-        chunk = files[start:start + batch_files]
-        stacks, flags, names = [], [], []
-        for path in chunk:
-            try:
-                pixels = decode_image(path.read_bytes())
-                if min(pixels.shape[:2]) < ensemble.patch:
-                    raise ImageError(f"{pixels.shape[1]}x{pixels.shape[0]} is smaller than the model's patch {ensemble.patch}")
-            except (ImageError, OSError) as exc:
-                failures.append((path, str(exc)))
-                continue
-            stacks.append(grid_patches(pixels, ensemble.patch, patches_per_image))
-            flags.append(flag_from_name(path))
-            names.append(path)
-        if not stacks:
+    pending: list[tuple[Path, np.ndarray, str | None]] = []
+
+    def flush() -> None:
+        pred = ensemble.predict_photos([c for _, c, _ in pending], [flag_from_name(p) for p, _, _ in pending],
+                                       signatures=[s for _, _, s in pending], tta=tta, blend=blend_method,
+                                       jpeg_tables=jpeg_tables)
+        for i, (path, crops, _) in enumerate(pending):
+            rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
+                         "manipulated": bool(pred.manipulated[i]),
+                         "manipulated_estimated": bool(pred.manipulated_estimated[i]),
+                         **dict(zip(ensemble.labels, pred.probs[i]))})
+        pending.clear()
+
+    for path in tqdm(files, desc="predict", unit="photo"):
+        try:
+            data = path.read_bytes()
+            pixels = decode_image(data)
+            if min(pixels.shape[:2]) < ensemble.patch:
+                raise ImageError(f"{pixels.shape[1]}x{pixels.shape[0]} is smaller than the model's patch {ensemble.patch}")
+        except (ImageError, OSError) as exc:
+            failures.append((path, str(exc)))
             continue
-        counts = [len(s) for s in stacks]
-        patch_flags = np.array([f for f, c in zip(flags, counts) for _ in range(c)], dtype=object)
-        pred = ensemble.predict(np.concatenate(stacks), patch_flags, tta=tta, blend=blend_method)
-        bounds = np.cumsum([0] + counts)
-        for i, path in enumerate(names):
-            part = slice(bounds[i], bounds[i + 1])
-            probs = blend(pred.probs[part][:, None, :], blend_method)[0] if counts[i] > 1 else pred.probs[part][0]
-            rows.append({"fname": path.name, "path": str(path), "manipulated": bool(pred.manipulated[part].mean() >= 0.5),
-                         "manipulated_estimated": flags[i] is None, **dict(zip(ensemble.labels, probs))})
+        pending.append((path, grid_crops(pixels, ensemble.patch, patches_per_image), signature_of(data)))
+        if sum(len(c) for _, c, _ in pending) >= batch_patches:
+            flush()
+    if pending:
+        flush()
     for path, reason in failures:
         log.warning("skipped %s: %s", path, reason)
     if not rows:
@@ -132,17 +123,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance", nargs="?", const="optimal", default="none", choices=BALANCE_CHOICES,
                         help="balance to equal counts per camera in each unaltered/manipulated group "
                              "(closed sets only; bare --balance means optimal)")
-    parser.add_argument("--full-image", action="store_true", help="score several patches across each photo")
-    parser.add_argument("--patches", type=int, default=9, help="patches per photo with --full-image")
-    parser.add_argument("--no-tta", dest="tta", action="store_false", help="score the identity view only")
-    parser.add_argument("--blend", choices=BLENDS, default="mean_square")
+    parser.add_argument("--full-image", action="store_true",
+                        help="score patches on a grid over each whole photo (default: the centre patch only)")
+    parser.add_argument("--patches", type=int, default=0,
+                        help=f"patches per photo with --full-image; 0 (default): auto, the photo tiled without "
+                             f"overlap, at most {AUTO_MAX_PATCHES}")
+    parser.add_argument("--no-tta", dest="tta", action="store_false", help="score the identity view only "
+                        "(default: the views the model's evaluation chose)")
+    parser.add_argument("--blend", choices=BLENDS, default=None, help="default: the model's own (from evaluation)")
+    parser.add_argument("--pixels-only", dest="jpeg_tables", action="store_false",
+                        help="ignore the JPEG quantization tables even where the model's evaluation kept them")
 
 
 def run(args: argparse.Namespace) -> int:
     ensemble = load_ensemble(args.model)
     files = list_images(args.paths)
     table = predict_files(ensemble, files, patches_per_image=args.patches if args.full_image else 1, tta=args.tta,
-                          blend_method=args.blend, balance=args.balance)
+                          blend_method=args.blend, jpeg_tables=args.jpeg_tables, balance=args.balance)
     with atomic_path(args.out) as tmp:
         table[["fname", "camera"]].to_csv(tmp, index=False)
     probs_file = args.probs or args.out.with_suffix(".probs.csv")

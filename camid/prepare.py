@@ -7,7 +7,7 @@ any manipulation needs (resize0.5 cuts 2P pixels), so training can cut and manip
     OUT/meta.json                  patch, crop, labels (catalog order), seed, counts, skipped photos
     OUT/train/crops-00000.npy      uint8 (n, C, C, 3), at most prepare.shard_size crops; np.load(mmap_mode="r")
     OUT/train/index.parquet        one row per crop: shard, row, image, label, label_index, path, top, left
-    OUT/val/...                    the same; one centre crop per photo, as the test set was made
+    OUT/val/..., OUT/test/...      the same; one centre crop per photo, as the Kaggle test set was made
 
 Training crops sit at random even offsets (`prepare.crops_per_image` per photo, positions seeded by
 `prepare.seed` and the photo's path, so the cache is the same whatever the worker count). Pixels are cached as
@@ -26,18 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from camid.config import Catalog, load_params
 from camid.errors import CamidError
 from camid.fileio import atomic_dir, write_json
+from camid.imageio import ImageError, decode_image
 from camid.manipulations import max_source_size
 from camid.patches import aligned_offsets, centre_offsets
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 META = "meta.json"
 INDEX = "index.parquet"
 
@@ -63,7 +63,7 @@ def read_index(cache_dir: str | os.PathLike, split: str) -> pd.DataFrame:
 def check_labels(meta: dict, catalog: Catalog, cache_dir) -> None:
     if list(meta["labels"]) != catalog.labels:
         raise CamidError(f"the cache at {cache_dir} was made for cameras {meta['labels']}, but the active catalog "
-                         f"{catalog.name!r} has {catalog.labels}: re-run camid prepare")
+                         f"{catalog.name!r} has {catalog.labels}: re-run the prepare stage (dvc repro prepare)")
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,10 @@ class _Job:
 def _cut(job: _Job) -> tuple[np.ndarray | None, list[tuple[int, int]], str | None]:
     """Decode one photo and cut its crops: (crops, offsets, None), or (None, [], why it was skipped)."""
     try:
-        with Image.open(job.path) as image:
-            if image.mode != "RGB":
-                return None, [], f"mode {image.mode} is not RGB"
-            pixels = np.asarray(image)
+        pixels = decode_image(Path(job.path).read_bytes())  # the decoder serving uses: any mode becomes RGB
     except FileNotFoundError:
         return None, [], "file not found"
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ImageError) as exc:
         return None, [], f"cannot decode: {exc}"
     height, width = pixels.shape[:2]
     if height < job.crop or width < job.crop:
@@ -143,7 +140,8 @@ class _ShardWriter:
 def _read_split_csv(split_dir: Path, split: str, catalog: Catalog) -> pd.DataFrame:
     path = split_dir / f"{split}.csv"
     if not path.is_file():
-        raise CamidError(f"{path} not found: SPLIT_DIR must hold train.csv and val.csv (columns path,label)")
+        raise CamidError(f"{path} not found: SPLIT_DIR must hold train.csv, val.csv and test.csv (columns path,label; "
+                         "the split stage writes them)")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -165,6 +163,11 @@ def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catal
     workers = max(1, workers or os.cpu_count() or 1)
     meta = {"patch": patch, "crop": crop, "labels": catalog.labels, "catalog": catalog.name, "seed": seed,
             "crops_per_image": crops_per_image, "shard_size": shard_size, "splits": {}, "skipped": []}
+    if (split_dir / "summary.json").is_file():  # how the split was made travels with the data it made
+        summary = json.loads((split_dir / "summary.json").read_text())
+        meta["split"] = {"device_disjoint": summary.get("device_disjoint", False),
+                         "fallback_cameras": summary.get("fallback_cameras", []),
+                         "modes": {label: c.get("mode") for label, c in summary.get("cameras", {}).items()}}
     # spawn, not fork: forking a process that has started TensorFlow's threads (a notebook, a test run) can hang
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
@@ -210,7 +213,7 @@ def _index_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("split_dir", type=Path, help="folder holding train.csv and val.csv (columns path,label)")
+    parser.add_argument("split_dir", type=Path, help="folder holding train.csv, val.csv and test.csv (columns path,label)")
     parser.add_argument("--out", type=Path, default=Path("data/cache"), help="cache folder (default: data/cache)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
 

@@ -19,6 +19,8 @@ from camid.fileio import atomic_path
 def _load(path):
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.width = 4096                             # keep long lines (one catalog entry per line) as they are
+    yaml.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
     with open(path) as f:
         return yaml, yaml.load(f)
 

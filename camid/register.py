@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from camid.fileio import write_json
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCORE_TAG = "weighted_accuracy"
+TEST_DATA_TAG = "test_data"   # fingerprint of the test photos and labels the score was measured on
+LABELS_TAG = "labels"
 # What the served model needs at run time (the rest of camid's dependencies are for training and data).
 SERVING_REQUIREMENTS = ("tensorflow", "keras", "mlflow", "pillow", "numpy", "pandas", "scipy", "uvicorn")
 
@@ -61,19 +64,66 @@ def bundle_from_runs(run_ids: list[str], out: Path) -> Path:
         return Ensemble.write_bundle(dirs, out)
 
 
-def champion_score(client, name: str, alias: str) -> tuple[str | None, float | None]:
+def champion(client, name: str, alias: str) -> dict | None:
+    """The version holding `alias`, with its score, test data and labels tags; None if nothing holds it yet.
+
+    Only "no such model" and "no such alias" mean no champion: any other tracking-store failure is an error,
+    so a flaky store can never make a worse model champion."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None, None
-    score = version.tags.get(SCORE_TAG)
-    return version.version, (float(score) if score is not None else None)
+        model = client.get_registered_model(name)
+        version = model.aliases.get(alias)
+        if version is None:
+            return None
+        holder = client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise CamidError(f"cannot read the {alias!r} alias of model {name!r} from the tracking store "
+                         f"{_store_uri()}: {exc}. Fix the store (or MLFLOW_TRACKING_URI) and register again") from None
+    return {"version": str(holder.version), "score": _float(holder.tags.get(SCORE_TAG)),
+            "test_data": holder.tags.get(TEST_DATA_TAG), "labels": holder.tags.get(LABELS_TAG)}
 
 
-def register(bundle: Path, evaluation: dict, model_name: str, alias: str) -> dict:
-    """Log + register the pyfunc; move `alias` if it scores at least as well as the current holder."""
+def _store_uri() -> str:
+    from camid.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def alias_decision(candidate: dict, holder: dict | None) -> tuple[bool, str]:
+    """Whether the alias moves to `candidate` (score, test_data, labels), and why, given its `holder`.
+
+    A score is compared only with one made on the same test data and the same camera labels; a NaN or missing
+    score never wins; a tie moves the alias (the newer model was scored as well on the same photos)."""
+    score = candidate["score"]
+    if score is None or math.isnan(score):
+        return False, "the candidate has no valid test score"
+    if holder is None:
+        return True, "no champion yet"
+    if holder["labels"] != candidate["labels"]:
+        return False, f"the champion (version {holder['version']}) was trained for other cameras"
+    if holder["test_data"] is None or holder["test_data"] != candidate["test_data"]:
+        return False, (f"the champion (version {holder['version']}) was scored on other test data, so the scores "
+                       "cannot be compared; pass --promote to move the alias anyway")
+    if holder["score"] is None or math.isnan(holder["score"]):
+        return True, f"the champion (version {holder['version']}) has no valid score"
+    if score >= holder["score"]:
+        return True, f"{score:.4f} >= {holder['score']:.4f} of version {holder['version']} on the same test data"
+    return False, f"{score:.4f} < {holder['score']:.4f} of version {holder['version']} on the same test data"
+
+
+def register(bundle: Path, evaluation: dict, model_name: str, alias: str, *, promote: bool = False) -> dict:
+    """Log + register the pyfunc; move `alias` if it scores at least as well as the current holder on the same
+    test data (`alias_decision`), or if `promote`."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -81,7 +131,10 @@ def register(bundle: Path, evaluation: dict, model_name: str, alias: str) -> dic
     from camid.serving import signature
 
     spec = json.loads((bundle / "ensemble.json").read_text())
-    score = float(evaluation["weighted_accuracy"])
+    candidate = {"score": _float(evaluation.get("weighted_accuracy")), "test_data": evaluation.get("test_data"),
+                 "labels": ",".join(spec["labels"])}
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    holder = champion(client, model_name, alias)  # read before anything is written: a store error stops here
     with tracking.run("register", tags={"stage": "register", "members": ",".join(m["arch"] for m in spec["members"])}) as active:
         mlflow.log_metrics({k: v for k, v in evaluation.items() if isinstance(v, float)})
         mlflow.log_dict(evaluation, "evaluation.json")
@@ -95,24 +148,28 @@ def register(bundle: Path, evaluation: dict, model_name: str, alias: str) -> dic
             registered_model_name=model_name,
         )
         run_id = active.info.run_id
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
     version = str(info.registered_model_version)
-    client.set_model_version_tag(model_name, version, SCORE_TAG, str(score))
-    client.set_model_version_tag(model_name, version, "members", ",".join(m["arch"] for m in spec["members"]))
-    previous, previous_score = champion_score(client, model_name, alias)
-    moved = previous is None or previous_score is None or score >= previous_score
+    tags = {SCORE_TAG: str(candidate["score"]), TEST_DATA_TAG: str(candidate["test_data"]),
+            LABELS_TAG: candidate["labels"], "members": ",".join(m["arch"] for m in spec["members"])}
+    for key, value in tags.items():
+        if value != "None":  # no test data fingerprint: nothing to compare with later
+            client.set_model_version_tag(model_name, version, key, value)
+    moved, why = alias_decision(candidate, holder)
+    if promote and not moved:
+        moved, why = True, f"--promote ({why})"
     if moved:
         client.set_registered_model_alias(model_name, alias, version)
+    score = candidate["score"]
     result = {
         "model_name": model_name, "version": version, "run_id": run_id, "model_uri": f"models:/{model_name}/{version}",
         "alias": alias, "alias_uri": f"models:/{model_name}@{alias}", "weighted_accuracy": score,
-        "champion_version": version if moved else previous, "champion_moved": moved,
-        "previous_champion": previous, "previous_champion_score": previous_score,
+        "test_data": candidate["test_data"], "champion_version": version if moved else holder["version"],
+        "champion_moved": moved, "alias_reason": why,
+        "previous_champion": holder and holder["version"], "previous_champion_score": holder and holder["score"],
         "tracking_uri": tracking.tracking_uri(),
     }
-    log.info("registered %s version %s (weighted accuracy %.4f); %s", model_name, version, score,
-             f"{alias} -> version {version}" if moved else
-             f"{alias} stays on version {previous} ({previous_score:.4f} > {score:.4f})")
+    log.info("registered %s version %s (test weighted accuracy %s); %s %s: %s", model_name, version, score, alias,
+             f"-> version {version}" if moved else f"stays on version {holder['version']}", why)
     return result
 
 
@@ -125,10 +182,10 @@ def summary_text(record_file: Path = Path("registry/registered.json"),
     lines = [
         "",
         f"camid: model {record['model_name']} version {record['version']} registered in {record['tracking_uri']}",
-        f"  weighted accuracy on the held-out split: {record['weighted_accuracy']:.4f}"
+        f"  weighted accuracy on the test devices (never seen in training): {record['weighted_accuracy']:.4f}"
         + (f" (unaltered {metrics['accuracy_unaltered']:.4f}, manipulated {metrics['accuracy_manipulated']:.4f}, "
            f"chance {metrics['chance']:.3f})" if metrics else ""),
-        f"  {record['alias_uri']} -> version {record['champion_version']}",
+        f"  {record['alias_uri']} -> version {record['champion_version']} ({record.get('alias_reason', '')})",
         f"  metrics: {metrics_file}, plots/confusion.png, models/train/*/training_curves.png; `dvc metrics show`",
         f"  serve:   mlflow models serve -m {record['alias_uri']} --env-manager local -p 5001",
         "",
@@ -146,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="crop cache to score on")
     parser.add_argument("--out", type=Path, default=Path("registry/registered.json"), help="record of what was registered")
     parser.add_argument("--summary", action="store_true", help="only print what is registered and where the metrics are")
+    parser.add_argument("--promote", action="store_true",
+                        help="move the alias to this version even if its score cannot be compared with the champion's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
         from camid.evaluate import score
         from camid.inference.ensemble import Ensemble
 
-        evaluation, _ = score(Ensemble.load(bundle), args.cache, params.evaluate)
-    record = register(bundle, evaluation, params.register.model_name, params.register.alias)
+        evaluation, _, _ = score(Ensemble.load(bundle), args.cache, params.evaluate)
+    record = register(bundle, evaluation, params.register.model_name, params.register.alias, promote=args.promote)
     write_json(args.out, record)
     print(summary_text(args.out))
     return 0

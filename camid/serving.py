@@ -1,10 +1,15 @@
 """The registered MLflow pyfunc model: image bytes in, camera out, through `Ensemble.predict`.
 
 Input: a DataFrame with an `image` column (JPEG, PNG or TIFF bytes; base64 in JSON requests) and an optional
-`manipulated` column (bool; missing or null -> estimated by the model). Params: `tta` (bool), `blend`
-(mean_square | arithmetic | geometric), `balance` (none | optimal | greedy: only for a request that is a
-closed set with equal class counts). Output: one row per input with `camera`, `manipulated`,
-`manipulated_estimated` and the probability of every camera (one column per camera label).
+`manipulated` column (bool; missing or null -> estimated by the model). Params: `tta` (bool: the D4 views the
+evaluation chose, stored in the bundle; false: the identity only), `blend` (`model`: the bundle's, or
+mean_square | arithmetic | geometric), `patches` (0, the default: auto, the photo tiled without overlap, at most
+64 patches on a grid; 1: the centre patch, as the Kaggle test crops were cut; N: N grid patches),
+`jpeg_tables` (true: use the JPEG-table evidence where the model's evaluation kept it, for rows not flagged
+manipulated; false: pixels only), `balance`
+(none | optimal | greedy: only for a request that is a closed set with equal class counts). Output: one row per
+input with `camera`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored) and the
+probability of every camera (one column per camera label).
 
 The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server
 decodes base64 before this code runs and answers a bad row with a generic 400 that names no row. A string
@@ -31,9 +36,12 @@ except ImportError:  # pragma: no cover - mlflow is a hard dependency; this keep
 
 from camid.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
-from camid.patches import centre_crop
+from camid.inference.blending import BLENDS
+from camid.inference.jpeg_tables import signature_of
+from camid.patches import grid_crops
 
-DEFAULT_PARAMS = {"tta": True, "blend": "mean_square", "balance": "none"}
+MODEL_BLEND = "model"  # the blend the bundle's evaluation scored
+DEFAULT_PARAMS = {"tta": True, "blend": MODEL_BLEND, "balance": "none", "patches": 0, "jpeg_tables": True}
 
 
 def signature(labels: list[str]):
@@ -42,10 +50,13 @@ def signature(labels: list[str]):
 
     inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "manipulated", required=False)])
     outputs = Schema([ColSpec("string", "camera"), ColSpec("boolean", "manipulated"),
-                      ColSpec("boolean", "manipulated_estimated")] + [ColSpec("double", label) for label in labels])
+                      ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches")]
+                     + [ColSpec("double", label) for label in labels])
     params = ParamSchema([ParamSpec("tta", "boolean", DEFAULT_PARAMS["tta"]),
                           ParamSpec("blend", "string", DEFAULT_PARAMS["blend"]),
-                          ParamSpec("balance", "string", DEFAULT_PARAMS["balance"])])
+                          ParamSpec("balance", "string", DEFAULT_PARAMS["balance"]),
+                          ParamSpec("patches", "long", DEFAULT_PARAMS["patches"]),
+                          ParamSpec("jpeg_tables", "boolean", DEFAULT_PARAMS["jpeg_tables"])])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -67,21 +78,25 @@ def image_bytes(value) -> bytes:
     raise ImageError(f"expected image bytes or a base64 string, got {type(value).__name__}")
 
 
-def row_patches(images, patch: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode each row's bytes and cut the centre patch (as the Kaggle test set was cut); collect every failure."""
-    patches, errors = [], []
+def row_patches(images, patch: int, count: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray], list[str | None]]:
+    """Decode each row's bytes and cut its `count` grid patches (`camid.patches.grid_crops`; 0: auto) at once,
+    so only the patches stay in memory; also each row's JPEG table signature. Collects every failure."""
+    patches, signatures, errors = [], [], []
     for row, value in enumerate(images):
         try:
-            pixels = decode_image(image_bytes(value), max_pixels)
+            data = image_bytes(value)
+            pixels = decode_image(data, max_pixels)
             if min(pixels.shape[:2]) < patch:
                 raise ImageError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's "
                                  f"{patch}x{patch} patch")
-            patches.append(centre_crop(pixels, patch))
+            patches.append(grid_crops(pixels, patch, count))
+            signatures.append(signature_of(data))
         except ImageError as exc:
             errors.append(f"row {row}: {exc}")
     if errors:
         raise bad_request("; ".join(errors))
-    return np.stack(patches) if patches else np.zeros((0, patch, patch, 3), np.uint8)
+    return patches, signatures
 
 
 def row_flags(values) -> np.ndarray:
@@ -104,16 +119,24 @@ def resolve_params(params: dict | None) -> dict:
     unknown = set(resolved) - set(DEFAULT_PARAMS)
     if unknown:
         raise bad_request(f"unknown param(s) {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
-    if resolved["blend"] not in ("mean_square", "arithmetic", "geometric"):
-        raise bad_request(f"param blend={resolved['blend']!r}; choose mean_square, arithmetic or geometric")
+    if resolved["blend"] not in (MODEL_BLEND, *BLENDS):
+        raise bad_request(f"param blend={resolved['blend']!r}; choose {MODEL_BLEND} (the model's own) or "
+                          f"{', '.join(BLENDS)}")
+    patches = resolved["patches"]
+    if isinstance(patches, str) and patches.strip().isdigit():
+        patches = int(patches)
+    if isinstance(patches, (bool, np.bool_)) or not isinstance(patches, (int, np.integer)) or not 0 <= patches <= 1024:
+        raise bad_request(f"param patches={resolved['patches']!r}; send 0 (auto), 1 (the centre patch) or up to 1024")
+    resolved["patches"] = int(patches)
     if resolved["balance"] not in BALANCE_CHOICES:
         raise bad_request(f"param balance={resolved['balance']!r}; choose one of {', '.join(BALANCE_CHOICES)}")
-    tta = resolved["tta"]
-    if isinstance(tta, str) and tta.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        tta = tta.strip().lower() in ("true", "1", "yes")
-    if not isinstance(tta, (bool, np.bool_)):
-        raise bad_request(f"param tta={resolved['tta']!r}; send true or false")
-    resolved["tta"] = bool(tta)
+    for name in ("tta", "jpeg_tables"):
+        value = resolved[name]
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.strip().lower() in ("true", "1", "yes")
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad_request(f"param {name}={resolved[name]!r}; send true or false")
+        resolved[name] = bool(value)
     return resolved
 
 
@@ -125,17 +148,19 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
         raise bad_request(f"the request has no 'image' column (columns: {list(frame.columns)}); send base64 image bytes "
                           "in a column named 'image'")
     settings = resolve_params(params)
-    patches = row_patches(frame["image"].tolist(), ensemble.patch)
+    patches, signatures = row_patches(frame["image"].tolist(), ensemble.patch, settings["patches"])
     flags = None if "manipulated" not in frame.columns else row_flags(frame["manipulated"].tolist())
-    columns = ["camera", "manipulated", "manipulated_estimated"] + list(ensemble.labels)
+    columns = ["camera", "manipulated", "manipulated_estimated", "patches"] + list(ensemble.labels)
     if len(patches) == 0:
         return pd.DataFrame(columns=columns)
-    pred = ensemble.predict(patches, flags, tta=bool(settings["tta"]), blend=settings["blend"],
-                            balance=settings["balance"])
+    pred = ensemble.predict_photos(patches, flags, signatures=signatures, tta=settings["tta"],
+                                   blend=None if settings["blend"] == MODEL_BLEND else settings["blend"],
+                                   jpeg_tables=settings["jpeg_tables"], balance=settings["balance"])
     out = pd.DataFrame(pred.probs, columns=ensemble.labels)
     out.insert(0, "camera", np.asarray(ensemble.labels)[pred.labels])
     out.insert(1, "manipulated", pred.manipulated.astype(bool))
     out.insert(2, "manipulated_estimated", pred.manipulated_estimated.astype(bool))
+    out.insert(3, "patches", np.array([len(p) for p in patches], dtype=np.int64))
     return out
 
 

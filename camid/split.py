@@ -1,7 +1,24 @@
-"""The split stage: a stratified, seeded train/validation split of the filtered photos.
+"""The split stage: train / validation / test sets that share no device.
 
-Input is the filter stage's output (`<filtered>/<label>/<files>`); output is `train.csv` and `val.csv`
-(columns `path,label`) plus a per-camera count summary. Every camera keeps at least one photo on each side.
+A camera model is identified on devices the network never saw, as on the Kaggle test set. Every device
+leaves its own sensor pattern (PRNU) in its photos, so a split that puts photos of one device on both sides
+measures device identification, not model identification. Here each camera's devices are dealt to the three
+sets, so no device appears in two of them:
+
+- validation drives every training decision (checkpoint, learning rate, early stopping, tuning, the choice of
+  test-time views and blend); test is scored once, by the evaluate stage, for the reported figures and the
+  champion alias;
+- a photo's device is the `<label>/<device>/<file>` folder it sits in, else its EXIF serial number
+  (BodySerialNumber, or DNG's CameraSerialNumber); photos of no known device go to training only, where
+  they cannot leak into a score;
+- a camera with three devices or more gets at least one in each set (`test_fraction` and `val_fraction` of
+  them, rounded, at least one each); with two, one device is the test set and validation is a photo split of
+  the other; with one (or none known), all three are photo splits. Those fallbacks are named per camera in
+  the summary and in `metrics/split.json`, since their test figure then measures device identification.
+
+Input is the filter stage's output (`<filtered>/<label>/...`, read recursively); output is `train.csv`,
+`val.csv`, `test.csv` (columns `path,label,device`) and `summary.json` (per camera: devices and photos per
+set, and the mode used).
 """
 from __future__ import annotations
 
@@ -18,58 +35,158 @@ from camid.fileio import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+SETS = ("train", "val", "test")
+# How each camera was split (summary "mode"): only "devices" gives a model-identification test figure.
+MODES = {
+    "devices": "train, val and test have devices of their own",
+    "val_photo_split": "two devices: test has its own; val and train are photos of the other",
+    "photo_split": "one device (or none known): photos of it in all three sets",
+}
 
 
 def list_labelled(root: Path, labels: list[str]) -> pd.DataFrame:
-    """Every image file under `root/<label>/`, in sorted order, for the catalog's labels."""
+    """Every image under `root/<label>/` (recursively, hidden names skipped, sorted), for the catalog's labels:
+    columns path, label and folder (the first subfolder below the label: a device folder, or "")."""
+    from camid.forensics.inspect import iter_files
+
     rows = []
     for label in labels:
         folder = root / label
         if not folder.is_dir():
             continue
-        rows += [(str(p), label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return pd.DataFrame(rows, columns=["path", "label"])
+        for path in iter_files([folder]):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                parts = path.relative_to(folder).parts
+                rows.append((str(path), label, parts[0] if len(parts) > 1 else ""))
+    return pd.DataFrame(rows, columns=["path", "label", "folder"])
 
 
-def stratified_split(files: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if not 0 < val_fraction < 1:
-        raise CamidError(f"split.val_fraction must be between 0 and 1, got {val_fraction}")
+def devices(files: pd.DataFrame) -> pd.Series:
+    """Each photo's device: its device folder, else its EXIF serial number, else "" (unknown)."""
+    from camid.forensics.inspect import inspect_file
+
+    def device(path: str, folder: str) -> str:
+        if folder:
+            return f"folder:{folder}"
+        serial = inspect_file(path, hashes=False)["serial"]
+        return f"serial:{serial}" if serial else ""
+
+    return pd.Series([device(p, f) for p, f in zip(files["path"], files["folder"])], index=files.index, dtype=str)
+
+
+def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) out of n >= 3 groups: the fractions rounded, at least one each, leaving train at least one."""
+    n_test = max(1, round(n * test_fraction))
+    n_val = max(1, round(n * val_fraction))
+    while n_val + n_test > n - 1:
+        if n_val >= n_test and n_val > 1:
+            n_val -= 1
+        elif n_test > 1:
+            n_test -= 1
+        else:
+            break
+    return n_val, n_test
+
+
+def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, held) with about `fraction` of the photos held, at least one each side when there are two."""
+    order = rng.permutation(len(photos))
+    n_held = min(len(photos) - 1, max(1, round(len(photos) * fraction)))
+    return photos.iloc[order[n_held:]], photos.iloc[order[:n_held]]
+
+
+def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float,
+                 rng: np.random.Generator) -> tuple[dict[str, pd.DataFrame], str]:
+    """One camera's photos (columns path, label, device) dealt to SETS; returns the sets and the mode."""
+    known = photos[photos["device"] != ""]
+    unknown = photos[photos["device"] == ""]
+    ids = np.array(sorted(known["device"].unique()))
+    if len(ids) >= 3:
+        order = rng.permutation(ids)
+        n_val, n_test = _counts(len(ids), val_fraction, test_fraction)
+        chosen = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+        sets = {name: known[known["device"].isin(group)] for name, group in chosen.items()}
+        sets["train"] = pd.concat([sets["train"], unknown])
+        return sets, "devices"
+    if len(photos) < 3:
+        raise CamidError(f"camera {photos['label'].iloc[0]!r} has {len(photos)} photo(s) after filtering; the split "
+                         "needs at least 3 (one each for train, val and test)")
+    if len(ids) == 2:
+        held_device = rng.permutation(ids)[0]
+        test = known[known["device"] == held_device]
+        rest = pd.concat([known[known["device"] != held_device], unknown])
+        train, val = _photo_split(rest, val_fraction / (1 - test_fraction), rng)
+        if len(train) and len(val):
+            return {"train": train, "val": val, "test": test}, "val_photo_split"
+    rest, test = _photo_split(photos, test_fraction, rng)
+    train, val = _photo_split(rest, val_fraction / (1 - test_fraction), rng)
+    return {"train": train, "val": val, "test": test}, "photo_split"
+
+
+def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float,
+                 seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Split `files` (path, label, device) per camera; returns {set: table} and {label: mode}."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
+                         "between 0 and 1, and leave some photos for training")
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label, group in files.groupby("label", sort=True):
-        if len(group) < 2:
-            raise CamidError(f"camera {label!r} has {len(group)} photo(s) after filtering; the split needs at least 2")
-        order = rng.permutation(len(group))
-        n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction)))
-        val.append(group.iloc[order[:n_val]])
-        train.append(group.iloc[order[n_val:]])
-    return (pd.concat(train).sort_values("path").reset_index(drop=True),
-            pd.concat(val).sort_values("path").reset_index(drop=True))
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SETS}
+    modes = {}
+    for label, photos in files.groupby("label", sort=True):
+        sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng)
+        for name in SETS:
+            parts[name].append(sets[name])
+    tables = {name: pd.concat(parts[name])[["path", "label", "device"]].sort_values("path").reset_index(drop=True)
+              for name in SETS}
+    return tables, modes
 
 
-def split(filtered: Path, out: Path, labels: list[str], val_fraction: float, seed: int) -> dict:
-    files = list_labelled(filtered, labels)
+def summarize(tables: dict[str, pd.DataFrame], modes: dict[str, str]) -> dict:
+    cameras = {}
+    for label, mode in modes.items():
+        rows = {name: table[table["label"] == label] for name, table in tables.items()}
+        cameras[label] = {"mode": mode,
+                          "photos": {name: len(rows[name]) for name in SETS},
+                          "devices": {name: int(rows[name].loc[rows[name]["device"] != "", "device"].nunique())
+                                      for name in SETS}}
+    fallback = sorted(label for label, mode in modes.items() if mode != "devices")
+    return {"device_disjoint": not fallback, "fallback_cameras": fallback,
+            "photos": {name: len(table) for name, table in tables.items()}, "cameras": cameras}
+
+
+def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, test_fraction: float, seed: int,
+          metrics_file: Path | None = None) -> dict:
+    files = list_labelled(Path(filtered), labels)
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
-    train, val = stratified_split(files, val_fraction, seed)
-    summary = {
-        "train": {k: int(v) for k, v in train.label.value_counts().sort_index().items()},
-        "val": {k: int(v) for k, v in val.label.value_counts().sort_index().items()},
-    }
+    files["device"] = devices(files)
+    tables, modes = device_split(files, val_fraction, test_fraction, seed)
+    summary = summarize(tables, modes)
     with atomic_dir(out) as tmp:
-        train.to_csv(tmp / "train.csv", index=False)
-        val.to_csv(tmp / "val.csv", index=False)
+        for name, table in tables.items():
+            table.to_csv(tmp / f"{name}.csv", index=False)
         write_json(tmp / "summary.json", summary)
-    log.info("split %d photos: %d train, %d validation", len(files), len(train), len(val))
+    if metrics_file:
+        write_json(metrics_file, summary)
+    for label in summary["fallback_cameras"]:
+        log.warning("%s: %s, so its test figure measures device identification, not model identification; add "
+                    "photos of more devices (a <label>/<device>/ folder each) for an honest figure",
+                    label, MODES[modes[label]])
+    log.info("split %d photos: %s", len(files), ", ".join(f"{n} {name}" for name, n in summary["photos"].items()))
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("filtered", type=Path, help="the filter stage's output folder (<label>/<files>)")
-    parser.add_argument("--out", type=Path, default=Path("data/split"), help="output folder (train.csv, val.csv)")
+    parser.add_argument("--out", type=Path, default=Path("data/split"), help="output folder (train/val/test.csv)")
+    parser.add_argument("--metrics", type=Path, help="also write the summary here (DVC metrics)")
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params()
-    split(args.filtered, args.out, params.catalog.labels, params.split.val_fraction, params.split.seed)
+    summary = split(args.filtered, args.out, params.catalog.labels, val_fraction=params.split.val_fraction,
+                    test_fraction=params.split.test_fraction, seed=params.split.seed, metrics_file=args.metrics)
+    print(f"split: {', '.join(f'{n} {name}' for name, n in summary['photos'].items())} photos; "
+          + ("no device in two sets" if summary["device_disjoint"] else
+             f"photo-split fallback for {', '.join(summary['fallback_cameras'])} (too few devices)"))
     return 0

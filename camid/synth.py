@@ -8,8 +8,9 @@ the camera; only the imaging pipeline differs, the way it does between real came
     -> unsharp mask -> orientation -> JPEG (firmware quantization tables, chroma subsampling) + EXIF
 
 Each camera model has a `Pipeline` (defaults in `DEFAULT_PIPELINES`, keyed by catalog label; any field can be
-overridden per label in params.yaml `synth.pipelines`). Each model has two devices with their own serial and
-fixed sensor pattern. `Aster-A1` and `Aster-A1s` differ only in firmware (tone curve and JPEG tables).
+overridden per label in params.yaml `synth.pipelines`). Each model has `synth.devices_per_model` devices
+(default 4: the split stage needs at least three, so that train, validation and test each get devices of their
+own), each with its own serial and fixed sensor pattern. `Aster-A1` and `Aster-A1s` differ only in firmware (tone curve and JPEG tables).
 
 A `bad_fraction` share of files is deliberately spoiled the ways crawled photos are (`BAD_KINDS`); the
 manifest records why, the file names don't.
@@ -39,7 +40,6 @@ from camid.config import Camera, Catalog, ConfigError, SynthParams
 log = logging.getLogger(__name__)
 
 MANIFEST = "synth_manifest.csv"
-DEVICES_PER_MODEL = 2
 CFA_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 DEMOSAIC_METHODS = ("bilinear", "edge_directed", "nearest", "smooth_hue")
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
@@ -438,9 +438,9 @@ class Device:
     pipeline: Pipeline
 
 
-def devices_of(camera: Camera, pipe: Pipeline, seed: int) -> list[Device]:
+def devices_of(camera: Camera, pipe: Pipeline, seed: int, count: int) -> list[Device]:
     devices = []
-    for d in range(DEVICES_PER_MODEL):
+    for d in range(count):
         rng = np.random.default_rng([seed, _stable_hash(camera.label), d, 1])
         prefix = re.sub(r"[^A-Z0-9]", "", camera.label.upper())[:4]
         serial = f"{prefix}{rng.integers(10 ** 7):07d}"
@@ -454,7 +454,7 @@ def devices_of(camera: Camera, pipe: Pipeline, seed: int) -> list[Device]:
 def _bad_plan(catalog: Catalog, params: SynthParams) -> dict[str, dict[int, str]]:
     """Which file slots of each camera are spoiled, and how: a `bad_fraction` share, spread over cameras,
     the kinds dealt round-robin so every kind appears."""
-    per_camera = DEVICES_PER_MODEL * params.images_per_device
+    per_camera = params.devices_per_model * params.images_per_device
     total_bad = int(round(params.bad_fraction * per_camera * len(catalog)))
     counts = [total_bad // len(catalog) + (i < total_bad % len(catalog)) for i in range(len(catalog))]
     plan, k = {}, 0
@@ -527,6 +527,8 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
     """Build the virtual camera zoo in `out` (replaced whole): `train/<label>/<label>_NNNN.jpg` and
     `synth_manifest.csv` (file, label, device, bad). Returns the manifest. Deterministic for a seed."""
     out = Path(out)
+    if params.devices_per_model < 1:
+        raise ConfigError(f"synth.devices_per_model must be >= 1, got {params.devices_per_model}")
     if params.images_per_device < 1:
         raise ConfigError(f"synth.images_per_device must be >= 1, got {params.images_per_device}")
     if not 0 <= params.bad_fraction < 1:
@@ -544,8 +546,9 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
             folder = tmp / "train" / camera.label
             earlier_good: list[tuple[bytes, str]] = []
             per_device = params.images_per_device
-            bar = tqdm(total=DEVICES_PER_MODEL * per_device, desc=camera.label, unit="img", disable=not progress)
-            for device in devices_of(camera, pipe, params.seed):
+            bar = tqdm(total=params.devices_per_model * per_device, desc=camera.label, unit="img",
+                       disable=not progress)
+            for device in devices_of(camera, pipe, params.seed, params.devices_per_model):
                 prnu = prnu_pattern(device.serial, *sensor, pipe.prnu)
                 for i in range(per_device):
                     slot = device.index * per_device + i

@@ -12,6 +12,7 @@ import yaml
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "camid"
+STAGE_RUNS = "CAMID_STAGE_RUNS"  # "nested": each stage its own child run of MLFLOW_RUN_ID (mlflow run -e main)
 # What the user (or `mlflow run`) chose, read before MLflow's own set_experiment writes these variables.
 _CHOSEN_EXPERIMENT_ID = os.environ.get("MLFLOW_EXPERIMENT_ID")
 
@@ -50,15 +51,27 @@ def data_version(path: str | os.PathLike, lock_file: str = "dvc.lock") -> str:
 
 @contextlib.contextmanager
 def run(run_name: str, tags: dict | None = None, nested: bool = False) -> Iterator["mlflow.ActiveRun"]:
-    """Start (or, under `mlflow run`, join) a tracked run in the camid experiment, tagged with the git commit."""
+    """Start a tracked run in the camid experiment, tagged with the git commit.
+
+    Under `mlflow run . -e <stage>` the stage joins the run MLflow made for it (MLFLOW_RUN_ID). Under
+    `mlflow run . -e main`, which runs `dvc repro` with CAMID_STAGE_RUNS=nested, every stage gets a run of its
+    own, a child of the main one, instead of all of them writing into one run."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    if not os.environ.get("MLFLOW_RUN_ID") and not _CHOSEN_EXPERIMENT_ID and not nested:
+    parent = os.environ.get("MLFLOW_RUN_ID") if os.environ.get(STAGE_RUNS) == "nested" else None
+    if parent:
+        tags = {**(tags or {}), "mlflow.parentRunId": parent}
+        os.environ.pop("MLFLOW_RUN_ID")  # otherwise start_run would resume the parent
+    elif not os.environ.get("MLFLOW_RUN_ID") and not _CHOSEN_EXPERIMENT_ID and not nested:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    with mlflow.start_run(run_name=run_name, nested=nested) as active:
-        mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
-        yield active
+    try:
+        with mlflow.start_run(run_name=run_name, nested=nested) as active:
+            mlflow.set_tags({"git_commit": git_commit(), **(tags or {})})
+            yield active
+    finally:
+        if parent:
+            os.environ["MLFLOW_RUN_ID"] = parent
 
 
 def log_figure(fig, artifact_file: str, local_path: str | os.PathLike | None = None) -> None:

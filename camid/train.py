@@ -28,13 +28,6 @@ log = logging.getLogger(__name__)
 MONITOR = "val_weighted_accuracy"
 
 
-def read_cache_meta(cache: Path) -> dict:
-    meta_file = Path(cache) / "meta.json"
-    if not meta_file.is_file():
-        raise CamidError(f"{meta_file} not found: run the prepare stage first (dvc repro prepare, or camid prepare)")
-    return json.loads(meta_file.read_text())
-
-
 def predict_cameras(model, images: np.ndarray, manipulated: np.ndarray, batch_size: int) -> np.ndarray:
     """Camera probabilities for uint8 patches (no TTA: the per-epoch check must be cheap)."""
     out = model.predict({"image": images.astype("float32"), "manipulated": manipulated.reshape(-1, 1).astype("float32")},
@@ -122,11 +115,10 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     from camid.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
     from camid.models import compile_model, configure_devices, create_model
     from camid.plots import confusion_figure, history_figure
+    from camid.prepare import check_labels, read_meta
 
-    meta = read_cache_meta(cache)
-    if meta["labels"] != labels:
-        raise CamidError(f"the crop cache {cache} was made for cameras {meta['labels']}, but the catalog now lists "
-                         f"{labels}: re-run the prepare stage")
+    meta = read_meta(cache)
+    check_labels(meta, catalog, cache)
     if train.patch > meta["patch"]:
         raise CamidError(f"train.patch={train.patch} but the cache {cache} holds crops for patch {meta['patch']}: "
                          "re-run the prepare stage with this patch size")
@@ -218,7 +210,9 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="backbone name from the registry (camid.models.list_backbones())")
     parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="the prepare stage's crop cache")
-    parser.add_argument("--out", type=optional(Path), help="output folder (default models/train/<arch>)")
+    parser.add_argument("--out", type=optional(Path),
+                        help="output folder (default models/runs/<arch>; the DVC stage passes models/train/<arch>, "
+                             "its own output, so an ad-hoc run never overwrites what DVC tracks)")
     parser.add_argument("--metrics", type=optional(Path), help="write the final validation metrics here (JSON)")
     parser.add_argument("--plots", type=optional(Path), help="write the per-epoch history here (CSV)")
     parser.add_argument("--params-file", type=optional(Path), help="a YAML file of train-key overrides (e.g. tune's best)")
@@ -256,7 +250,7 @@ def resolve_train_params(args: argparse.Namespace, base: TrainParams) -> TrainPa
 def run(args: argparse.Namespace) -> int:
     params = load_params()
     settings = resolve_train_params(args, params.train)
-    out = args.out or Path("models/train") / args.arch
+    out = args.out or Path("models/runs") / args.arch
     train(args.arch, args.cache, out, settings, params.catalog.labels, params.catalog,
           metrics_file=args.metrics, plots_file=args.plots)
     return 0

@@ -20,7 +20,7 @@ from camid.cli import optional
 from camid.config import TrainParams, TuneParams, load_params
 from camid.errors import CamidError
 from camid.fileio import write_text
-from camid.train import MONITOR, read_cache_meta, scoring_callbacks
+from camid.train import MONITOR, scoring_callbacks
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("hyperband", "bayesian", "random")
@@ -37,8 +37,9 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
 
     from camid.dataset import TrainPatches, eval_patches
     from camid.models import compile_model, create_model, get_backbone
+    from camid.prepare import read_meta
 
-    meta = read_cache_meta(cache)
+    meta = read_meta(cache)
     sizes = patch_choices(min(meta["patch"], base.patch), get_backbone(arch).min_size)
 
     class CamidHyperModel(kt.HyperModel):

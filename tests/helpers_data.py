@@ -1,6 +1,6 @@
 """A tiny virtual-zoo crop cache shared by the training and tuning tests, built once per test session.
 
-synth (2 photos per device, none spoiled) -> split -> prepare at CACHE_PATCH. CACHE_PATCH covers the largest
+synth (3 devices per camera, 2 photos each, none spoiled) -> device-disjoint split -> prepare at CACHE_PATCH. CACHE_PATCH covers the largest
 minimum input size in the backbone registry (Inception's 75, rounded up to even), so every backbone can train
 on it; most tests train at PATCH.
 
@@ -28,7 +28,7 @@ TINY_TRAIN = {"patch": PATCH, "epochs": 1, "steps_per_epoch": 2, "batch_size": 4
 @dataclasses.dataclass(frozen=True)
 class Zoo:
     root: Path    # the session folder holding everything below
-    split: Path   # train.csv / val.csv
+    split: Path   # train.csv / val.csv / test.csv
     cache: Path   # the crop cache (patch CACHE_PATCH)
 
 
@@ -43,8 +43,9 @@ def build_zoo(root: Path, catalog) -> Zoo:
     from camid.split import split
     from camid.synth import synthesize
 
-    synthesize(root / "raw", catalog, SynthParams(images_per_device=2, bad_fraction=0.0), progress=False)
-    split(root / "raw" / "train", root / "split", catalog.labels, val_fraction=0.25, seed=7)
+    synthesize(root / "raw", catalog, SynthParams(devices_per_model=3, images_per_device=2, bad_fraction=0.0),
+               progress=False)
+    split(root / "raw" / "train", root / "split", catalog.labels, val_fraction=0.25, test_fraction=0.25, seed=7)
     prepare(root / "split", root / "cache", catalog, patch=CACHE_PATCH, crops_per_image=2, shard_size=64, seed=11,
             workers=1)
     return Zoo(root, root / "split", root / "cache")

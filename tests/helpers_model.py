@@ -28,7 +28,7 @@ class TinyModel:
     bundle: Path                 # ensemble bundle (ensemble.json + members/)
     labels: list[str]
     patch: int
-    val: pd.DataFrame            # held-out full photos: path, label
+    test: pd.DataFrame           # held-out full photos of devices training never saw: path, label, device
     tracking_uri: str            # sqlite store under root
     members: list[Path] = field(default_factory=list)  # train-stage folders (model.keras, run.json)
     weighted_accuracy: float = 0.0
@@ -58,13 +58,13 @@ def inside(root: Path, **env: str):
 
 
 def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[str, ...] = ("smallcnn",),
-                     images_per_device: int = 3, crops_per_image: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
+                     images_per_device: int = 2, crops_per_image: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
                      batch_size: int = 8, register: bool = True) -> TinyModel:
     """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register."""
     from camid.config import load_params
     from camid.inference.ensemble import Ensemble
     from camid.prepare import prepare
-    from camid.split import list_labelled, split, stratified_split
+    from camid.split import split
     from camid.synth import synthesize
     from camid.train import train
 
@@ -78,7 +78,8 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
         synth = dataclasses.replace(params.synth, images_per_device=images_per_device, bad_fraction=0.0)
         synthesize(root / "raw", catalog, synth, progress=False)
         photos = root / "raw" / "train"
-        split(photos, root / "split", labels, params.split.val_fraction, params.split.seed)
+        split(photos, root / "split", labels, val_fraction=params.split.val_fraction,
+              test_fraction=params.split.test_fraction, seed=params.split.seed)
         prepare(root / "split", root / "cache", catalog, patch=params.train.patch, crops_per_image=crops_per_image,
                 shard_size=params.prepare.shard_size, seed=params.prepare.seed, workers=1)
         members, scores = [], []
@@ -90,8 +91,8 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
                 scores.append(train(arch, root / "cache", out, settings, labels, catalog)["weighted_accuracy"])
                 members.append(out)
         bundle = Ensemble.write_bundle(members, root / "bundle")
-        _, val = stratified_split(list_labelled(photos, labels), params.split.val_fraction, params.split.seed)
-        model = TinyModel(root=root, bundle=bundle, labels=labels, patch=params.train.patch, val=val,
+        test = pd.read_csv(root / "split" / "test.csv", keep_default_na=False)
+        model = TinyModel(root=root, bundle=bundle, labels=labels, patch=params.train.patch, test=test,
                           tracking_uri=tracking_uri, members=members,
                           weighted_accuracy=float(sum(scores) / len(scores)))
         if register:

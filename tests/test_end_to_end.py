@@ -74,7 +74,12 @@ def test_repro_builds_everything_and_is_then_up_to_date(project):
     record = json.loads((root / "registry/registered.json").read_text())
     assert record["model_name"] == "camid" and record["champion_moved"]
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
-    assert 0 <= metrics["weighted_accuracy"] <= 1 and metrics["patches"] == 9 * metrics["images"]
+    assert metrics["patches"] == 9 * metrics["images"] and metrics["split"] == "test"
+    assert metrics["weighted_accuracy"] == pytest.approx(0.7 * metrics["accuracy_unaltered"]
+                                                         + 0.3 * metrics["accuracy_manipulated"])
+    split = json.loads((root / "metrics/split.json").read_text())
+    assert split["device_disjoint"] and metrics["device_disjoint"]
+    assert metrics["images"] == split["photos"]["test"] and metrics["full_image"]["photos"] == split["photos"]["test"]
     filtered = json.loads((root / "metrics/filter.json").read_text())
     assert filtered, "the filter stage wrote no summary"
     assert (root / "plots/confusion.png").stat().st_size > 0
@@ -156,8 +161,9 @@ def test_serve_answers_split_and_records(server, project):
     assert r.status_code == 200, r.text
     row = r.json()["predictions"][0]
     assert row["manipulated_estimated"] is True
-    probs = {k: v for k, v in row.items() if k not in ("camera", "manipulated", "manipulated_estimated")}
+    probs = {k: v for k, v in row.items() if k not in ("camera", "manipulated", "manipulated_estimated", "patches")}
     assert len(probs) == 10 and abs(sum(probs.values()) - 1) < 1e-6 and row["camera"] in probs
+    assert row["patches"] > 1  # the whole photo, tiled (the default `patches`: auto)
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -185,12 +191,13 @@ def test_mlflow_run_train_entry_point_makes_one_tracked_run(project):
     root, env = project
     before = set((root / "models/train").iterdir())
     run(["mlflow", "run", ".", "-e", "train", "-P", "arch=smallcnn", "-P", "epochs=1", "-P", "steps_per_epoch=2",
-         "-P", "out=models/mlflow-run", "--env-manager", "local", "--experiment-name", "camid-mlproject"], root, env)
+         "--env-manager", "local", "--experiment-name", "camid-mlproject"], root, env)
     code = ("import mlflow\n"
             "runs = mlflow.search_runs(experiment_names=['camid-mlproject'])\n"
             "print(len(runs), runs.iloc[0]['status'], runs.iloc[0]['params.arch'], "
             "'metrics.val_weighted_accuracy' in runs.columns, runs.iloc[0]['tags.git_commit'] != '')\n")
     out = run([sys.executable, "-c", code], root, env).stdout.split()
     assert out == ["1", "FINISHED", "smallcnn", "True", "True"], out
-    assert (root / "models/mlflow-run/model.keras").is_file()
+    assert (root / "models/runs/smallcnn/model.keras").is_file()  # not into DVC's output
     assert set((root / "models/train").iterdir()) == before
+    assert "up to date" in run(["dvc", "status"], root, env).stdout.lower()

@@ -58,22 +58,67 @@ def test_d4_is_closed_under_composition(images):
 
 
 def test_without_tta_the_batch_is_its_own_single_view(images):
-    np.testing.assert_array_equal(d4_views(images, tta=False), images)
+    np.testing.assert_array_equal(d4_views(images, (0,)), images)
     assert fold_views(np.ones((3, 10)), 1).shape == (1, 3, 10)
 
 
-def test_rotation_invariant_function_agrees_on_every_view():
-    # Model-free stand-in for a network: sorted pixel values per image and channel, then a fixed projection.
-    rng = np.random.default_rng(1)
-    images = rng.random((4, 8, 8, 3))
-    weights = rng.random((8 * 8 * 3, 10))
+def test_a_subset_of_views_is_stacked_in_the_order_given(images):
+    views = d4_views(images, (0, 6, 2))
+    assert views.shape == (9, 6, 6, 3)
+    for k, view in enumerate((0, 6, 2)):
+        np.testing.assert_array_equal(views[3 * k:3 * (k + 1)], d4_view(images, view))
+    # Half turns and mirrors keep a non-square patch's shape; quarter turns do not.
+    assert d4_views(np.zeros((2, 4, 6, 3)), (0, 2, 4, 6)).shape == (8, 4, 6, 3)
+    with pytest.raises(ValueError, match="square"):
+        d4_views(np.zeros((2, 4, 6, 3)), (0, 1))
+    with pytest.raises(ValueError, match="indices into D4"):
+        d4_views(images, (0, 8))
 
-    def predict(batch):
-        return np.sort(batch.reshape(len(batch), -1, 3), axis=1).reshape(len(batch), -1) @ weights
 
-    per_view = fold_views(predict(d4_views(images)), len(D4))
-    assert per_view.shape == (8, 4, 10)
-    np.testing.assert_allclose(per_view, np.broadcast_to(per_view[0], per_view.shape))
+def _views_from_accuracy(correct: np.ndarray, n_classes: int = 4, seed: int = 0) -> np.ndarray:
+    """(1, 8, N, C) probabilities whose view v puts 0.7 on the true class (0) where correct[v] says so,
+    else on a wrong class that differs per image, like a view the model never saw in training."""
+    rng = np.random.default_rng(seed)
+    views, n = correct.shape
+    probs = np.full((1, views, n, n_classes), 0.1)
+    wrong = rng.integers(1, n_classes, (views, n))
+    for v in range(views):
+        probs[0, v, np.arange(n), np.where(correct[v], 0, wrong[v])] = 0.7
+    return probs
+
+
+def test_select_views_keeps_the_views_that_raise_the_score_and_drops_the_rest():
+    from camid.inference.tta import select_views
+
+    n = 60
+    correct = np.zeros((8, n), bool)
+    correct[0, :40] = True                       # the identity: 40 of 60
+    correct[2, :20] = correct[2, 40:] = True     # rot180: right where the identity is wrong
+    correct[4, :30] = True                       # the mirror: always right where the identity is, nothing else
+    correct[[1, 3, 5, 6, 7]] = np.random.default_rng(1).random((5, n)) < 0.2  # views worse than chance here
+    probs = _views_from_accuracy(correct)
+
+    def score(p):
+        return float(np.mean(p.argmax(1) == 0))
+
+    views, best = select_views(probs, score, lambda p: blend(p, "arithmetic"))
+    assert views[0] == 0 and 2 in views and not {1, 3, 5, 6, 7} & set(views)
+    assert best > score(probs[0, 0]) and best == score(blend(probs[:, list(views)].reshape(-1, n, 4), "arithmetic"))
+
+
+def test_select_views_never_scores_below_the_identity_alone():
+    from camid.inference.tta import select_views
+
+    for seed in range(5):
+        probs = np.random.default_rng(seed).dirichlet(np.ones(5), size=(2, 8, 40))
+        labels = np.random.default_rng(seed + 100).integers(0, 5, 40)
+
+        def score(p):
+            return float(np.mean(p.argmax(1) == labels))
+
+        views, best = select_views(probs, score, lambda p: blend(p, "mean_square"))
+        assert best >= score(blend(probs[:, 0], "mean_square"))
+        assert views[0] == 0 and len(set(views)) == len(views)
 
 
 def test_tta_rejects_what_it_cannot_rotate():

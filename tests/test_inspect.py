@@ -103,8 +103,8 @@ def records(files, params) -> dict[str, dict]:
 def test_record_has_exactly_the_issue_keys(records):
     assert all(tuple(r) == FIELDS for r in records.values())
     assert set(FIELDS) == {"path", "format", "width", "height", "exif_width", "exif_height", "orientation", "make",
-                           "model", "software", "datetime", "quality", "subsampling", "edited", "edit_reason",
-                           "sha256", "phash", "error"}
+                           "model", "serial", "software", "datetime", "quality", "subsampling", "jpeg_tables",
+                           "edited", "edit_reason", "sha256", "phash", "error"}
 
 
 def test_good_jpeg(records, files):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from camid.cli import main
 from camid.manipulations import apply
-from camid.patches import centre_crop
+from camid.patches import auto_patch_count, centre_crop
 from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
 
 CROP = 128  # the Kaggle test set's 512 crops, scaled to the tiny model's 64 px patch
@@ -22,7 +22,7 @@ def test_set(tiny_model, tmp_path_factory):  # noqa: F811
     the camera; returns the folder and the truth (file name -> camera)."""
     folder = tmp_path_factory.mktemp("kaggle-test")
     truth, seen = {}, set()
-    for i, (path, label) in enumerate(zip(tiny_model.val.path, tiny_model.val.label)):
+    for i, (path, label) in enumerate(zip(tiny_model.test.path, tiny_model.test.label)):
         pixels = np.asarray(Image.open(path).convert("RGB"))
         crop = centre_crop(pixels, CROP)
         if label in seen:
@@ -65,13 +65,17 @@ def test_balance_gives_equal_counts_per_camera_in_each_group(tiny_model, test_se
 
 
 def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):  # noqa: F811
-    photos = list(tiny_model.val.path[:3])
+    photos = list(tiny_model.test.path[:3])
     out = tmp_path / "full.csv"
     assert predict(*photos, "--model", tiny_model.bundle, "--full-image", "--patches", "9", "--no-tta",
                    "--out", out) == 0
     table = pd.read_csv(tmp_path / "full.probs.csv")
-    assert list(table.path) == photos and table.manipulated_estimated.all()
+    assert list(table.path) == photos and table.manipulated_estimated.all() and list(table.patches) == [9] * 3
     assert np.allclose(table[tiny_model.labels].sum(axis=1), 1)
+    auto = tmp_path / "auto.csv"
+    assert predict(*photos, "--model", tiny_model.bundle, "--full-image", "--out", auto) == 0
+    expected = [auto_patch_count(Image.open(p).size[::-1], tiny_model.patch) for p in photos]
+    assert list(pd.read_csv(tmp_path / "auto.probs.csv").patches) == expected and min(expected) > 9
     one = tmp_path / "one.csv"
     assert predict(*photos, "--model", tiny_model.bundle, "--no-tta", "--out", one) == 0
     assert not np.allclose(pd.read_csv(tmp_path / "one.probs.csv")[tiny_model.labels], table[tiny_model.labels])
@@ -118,7 +122,7 @@ def test_no_images_is_a_clear_error(tiny_model, tmp_path, capsys):  # noqa: F811
 def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monkeypatch):  # noqa: F811
     """`camid evaluate --folder`: a `<label>/<files>` tree scored unaltered and under every manipulation."""
     folder = tmp_path / "labelled"
-    for path, label in zip(tiny_model.val.path, tiny_model.val.label):
+    for path, label in zip(tiny_model.test.path, tiny_model.test.label):
         (folder / label).mkdir(parents=True, exist_ok=True)
         (folder / label / f"{label}-{len(list((folder / label).iterdir()))}.jpg").write_bytes(open(path, "rb").read())
     for key, value in tiny_model.env().items():
@@ -131,7 +135,7 @@ def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monk
     import json
 
     metrics = json.loads(metrics_file.read_text())
-    assert metrics["images"] == len(tiny_model.val) and metrics["patches"] == 9 * len(tiny_model.val)
+    assert metrics["images"] == len(tiny_model.test) and metrics["patches"] == 9 * len(tiny_model.test)
     assert 0 <= metrics["weighted_accuracy"] <= 1 and set(metrics["per_camera"]) == set(tiny_model.labels)
     table = pd.read_csv(plots_file)
     assert list(table.columns) == ["actual", "predicted"] and len(table) == metrics["patches"]

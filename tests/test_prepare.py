@@ -11,7 +11,7 @@ from PIL import Image
 
 from camid import cli
 from camid.errors import CamidError
-from camid.prepare import prepare, read_index, read_meta, shard_path
+from camid.prepare import SPLITS, prepare, read_index, read_meta, shard_path
 
 PATCH = 64          # crops are 2 * PATCH = 128
 SIZE = (144, 176)   # even, as native sizes are
@@ -25,7 +25,8 @@ def textured(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def make_split(folder: Path, photos: dict[str, list[str]], *, pixels=textured, size=SIZE) -> Path:
-    """Write JPEGs and train.csv/val.csv; `photos` maps split -> labels, one photo per entry."""
+    """Write JPEGs and train/val/test.csv; `photos` maps split -> labels, one photo per entry (splits left out
+    are written empty)."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, labels in photos.items():
         rows = []
@@ -34,6 +35,8 @@ def make_split(folder: Path, photos: dict[str, list[str]], *, pixels=textured, s
             Image.fromarray(pixels(*size, seed=i if split == "train" else 100 + i)).save(path, quality=95)
             rows.append({"path": str(path), "label": label})
         pd.DataFrame(rows, columns=["path", "label"]).to_csv(folder / f"{split}.csv", index=False)
+    for split in set(SPLITS) - set(photos):
+        pd.DataFrame(columns=["path", "label"]).to_csv(folder / f"{split}.csv", index=False)
     return folder
 
 
@@ -129,3 +132,18 @@ def test_cli_builds_the_cache_from_params(split_dir, tmp_path, monkeypatch):
     assert cli.main(["prepare", str(split_dir), "--out", str(out), "--workers", "1"]) == 0
     meta = read_meta(out)
     assert meta["crop"] == 2 * meta["patch"] and (out / "train" / "index.parquet").is_file()
+
+
+def test_a_grayscale_photo_is_cached_as_rgb_as_serving_decodes_it(tmp_path, catalog):
+    """One decoder everywhere: a photo the served model accepts is not skipped by evaluation."""
+    labels = catalog.labels
+    split_dir = make_split(tmp_path / "split", {"train": [labels[0]], "test": [labels[0]]})
+    gray = tmp_path / "split" / "gray.jpg"
+    Image.fromarray(textured(*SIZE, seed=3)[..., 0]).save(gray, quality=95)
+    pd.DataFrame([{"path": str(gray), "label": labels[0]}]).to_csv(split_dir / "test.csv", index=False)
+    meta = run_prepare(split_dir, tmp_path / "cache", catalog)
+    assert meta["splits"]["test"] == {"photos": 1, "crops": 1, "skipped": 0, "shards": 1}
+    index, crops = load_all(tmp_path / "cache", "test")
+    top, left = index["top"][0], index["left"][0]
+    expected = np.asarray(Image.open(gray).convert("RGB"))[top:top + 128, left:left + 128]
+    np.testing.assert_array_equal(crops[0], expected)

@@ -15,20 +15,23 @@ from PIL import Image
 from camid.serving import predict_frame
 from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
 
-STATUS = ["camera", "manipulated", "manipulated_estimated"]
+STATUS = ["camera", "manipulated", "manipulated_estimated", "patches"]
 
 
 @pytest.fixture(scope="module")
 def ensemble(tiny_model):  # noqa: F811
+    """The tiny model as if its evaluation had kept all eight D4 views (an unevaluated bundle keeps the identity)."""
+    import dataclasses
+
     from camid.inference.ensemble import Ensemble
 
-    return Ensemble.load(tiny_model.bundle)
+    return dataclasses.replace(Ensemble.load(tiny_model.bundle), views=tuple(range(8)))
 
 
 @pytest.fixture(scope="module")
 def photos(tiny_model):  # noqa: F811
     """The held-out photos' bytes, one per camera twice over (the split keeps 2 of 6 per camera)."""
-    return [open(path, "rb").read() for path in tiny_model.val.path], list(tiny_model.val.label)
+    return [open(path, "rb").read() for path in tiny_model.test.path], list(tiny_model.test.label)
 
 
 def solid_png(width: int, height: int) -> bytes:
@@ -120,12 +123,61 @@ def test_every_bad_row_is_reported_at_once(ensemble):
     ({"blend": "median"}, "blend"),
     ({"balance": "hungarian"}, "balance"),
     ({"tta": "maybe"}, "tta"),
+    ({"patches": "many"}, "patches"),
+    ({"patches": -1}, "patches"),
+    ({"patches": True}, "patches"),
+    ({"jpeg_tables": "sometimes"}, "jpeg_tables"),
     ({"temperature": 2}, "unknown param"),
 ])
 def test_bad_params_say_which_and_what_is_allowed(ensemble, params, word):
     with pytest.raises(MlflowException) as caught:
         predict_frame(ensemble, pd.DataFrame({"image": [jpeg()]}), params)
     assert word in caught.value.message
+
+
+def test_patches_param_scores_a_full_photo_on_a_grid(ensemble, photos):
+    from camid.imageio import decode_image
+    from camid.patches import auto_patch_count, centre_crop
+
+    images, _ = photos
+    frame = pd.DataFrame({"image": images[:2], "manipulated": [False, False]})
+    auto = predict_frame(ensemble, frame, {"tta": False})
+    shape = decode_image(images[0]).shape
+    assert auto.patches[0] == auto_patch_count(shape, ensemble.patch) > 1
+    centre = predict_frame(ensemble, frame, {"tta": False, "patches": 1})
+    assert list(centre.patches) == [1, 1]
+    direct = ensemble.predict(np.stack([centre_crop(decode_image(b), ensemble.patch) for b in images[:2]]),
+                              np.array([False, False]), tta=False)
+    np.testing.assert_allclose(centre[ensemble.labels].to_numpy(), direct.probs, atol=1e-9)
+    assert not np.allclose(auto[ensemble.labels], centre[ensemble.labels])
+    assert list(predict_frame(ensemble, frame, {"tta": False, "patches": 4}).patches) == [4, 4]
+
+
+def test_jpeg_table_evidence_moves_only_unaltered_jpegs(ensemble, photos):
+    import dataclasses
+
+    from camid.inference.jpeg_tables import TablePrior, signature_of
+
+    images, _ = photos
+    target = len(ensemble.labels) - 1
+    # Training photos as if the firmware of the last camera alone wrote these photos' tables, 40 times over.
+    sigs = [signature_of(b) for b in images[:2]]
+    prior = TablePrior.fit(sigs * 40, [target] * 80, ensemble.labels)
+    informed = dataclasses.replace(ensemble, tables=prior, use_tables=True)
+    frame = pd.DataFrame({"image": images[:2], "manipulated": [False, True]})
+    plain = predict_frame(ensemble, frame, {"tta": False, "patches": 1})
+    moved = predict_frame(informed, frame, {"tta": False, "patches": 1})
+    assert moved.camera[0] == ensemble.labels[target]
+    assert moved[ensemble.labels].iloc[0, target] > plain[ensemble.labels].iloc[0, target]
+    np.testing.assert_allclose(moved[ensemble.labels].iloc[1], plain[ensemble.labels].iloc[1])  # manipulated row
+    off = predict_frame(informed, frame, {"tta": False, "patches": 1, "jpeg_tables": False})
+    np.testing.assert_allclose(off[ensemble.labels], plain[ensemble.labels])
+    # A PNG has no tables: nothing to add.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(images[0])).save(buf, "PNG")
+    png = pd.DataFrame({"image": [buf.getvalue()], "manipulated": [False]})
+    np.testing.assert_allclose(predict_frame(informed, png, {"tta": False})[ensemble.labels],
+                               predict_frame(ensemble, png, {"tta": False})[ensemble.labels])
 
 
 def test_bad_manipulated_value_names_the_row(ensemble):

@@ -49,7 +49,7 @@ def test_spark_udf_matches_the_pyfunc(spark, registered_model):  # noqa: F811
     from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, StructType
 
     model = registered_model
-    photos = model.val.head(4)
+    photos = model.test.head(4)
     flags = [True, None, False, None]  # None: the model estimates the flag
     rows = [(p.split("/")[-1], open(p, "rb").read(), flag) for p, flag in zip(photos.path, flags)]
     frame = spark.createDataFrame(rows, "fname string, image binary, manipulated boolean")

@@ -36,7 +36,7 @@ def imagemagick_quality(tables: dict) -> int:
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, catalog):
     out = tmp_path_factory.mktemp("zoo") / "zoo"
-    params = SynthParams(seed=5, images_per_device=2, bad_fraction=0.25, pipelines={})
+    params = SynthParams(seed=5, devices_per_model=2, images_per_device=2, bad_fraction=0.25, pipelines={})
     manifest = synth.synthesize(out, catalog, params, progress=False)
     return out, manifest
 
@@ -49,13 +49,13 @@ def _good(zoo):
 def test_layout_and_manifest(zoo, catalog):
     out, manifest = zoo
     assert list(manifest.columns) == ["file", "label", "device", "bad"]
-    assert len(manifest) == len(catalog) * synth.DEVICES_PER_MODEL * 2
+    assert len(manifest) == len(catalog) * 2 * 2  # devices x photos per device
     on_disk = sorted(str(p.relative_to(out)) for p in (out / "train").rglob("*.jpg"))
     assert on_disk == sorted(manifest["file"])
     for row in manifest.itertuples():
         assert row.file.startswith(f"train/{row.label}/")
     assert set(manifest["label"]) == set(catalog.labels)
-    assert (manifest.groupby("label")["device"].nunique() == synth.DEVICES_PER_MODEL).all()
+    assert (manifest.groupby("label")["device"].nunique() == 2).all()
     written = pd.read_csv(out / synth.MANIFEST, keep_default_na=False)
     pd.testing.assert_frame_equal(written, manifest)
 
@@ -169,7 +169,7 @@ def test_pipeline_overrides_from_params(tmp_path, catalog):
         synth.synthesize(tmp_path / "z", catalog, params, progress=False)
 
 
-def test_cli(tmp_path, monkeypatch):
+def test_cli(tmp_path, monkeypatch, params):
     from camid.cli import main
     from tests.conftest import ROOT
 
@@ -177,7 +177,7 @@ def test_cli(tmp_path, monkeypatch):
     out = tmp_path / "cli_zoo"
     assert main(["synth", "--out", str(out), "--images-per-device", "1", "--seed", "3", "--quiet"]) == 0
     manifest = pd.read_csv(out / synth.MANIFEST, keep_default_na=False)
-    assert (manifest.groupby("label").size() == synth.DEVICES_PER_MODEL).all()
+    assert (manifest.groupby("label").size() == params.synth.devices_per_model).all()
 
 
 def _patch_features(patch: np.ndarray) -> list[float]:

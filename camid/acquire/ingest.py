@@ -1,9 +1,11 @@
 """`camid ingest SRC --out DIR`: link an existing photo tree into the raw data layout, without copying.
 
-SRC is either the Kaggle layout (`train/<label>/*`, optionally `test/*`) or any `<label>/<files>` tree.
+SRC is either the Kaggle layout (`train/<label>/*`, optionally `test/*`) or any `<label>/<files>` tree; a
+subfolder of a label folder is one device of that camera (`<label>/<device>/<files>`) and is kept as such,
+so the split stage can keep each device's photos in one set.
 Folder names are mapped onto catalog labels: exact labels, or the same letters and digits in any case and
 punctuation (`htc-1-m7`, `HTC_1_M7`), or the camera's search name (`Nexus 5X`). OUT always gets the Kaggle
-layout, `OUT/train/<label>/<file>` and `OUT/test/<file>`, built beside OUT and swapped in whole.
+layout, `OUT/train/<label>/[<device>/]<file>` and `OUT/test/<file>`, built beside OUT and swapped in whole.
 
 Files are hard-linked; across filesystems, where a hard link cannot be made, they are symlinked, and copied
 only where neither works. A crawl's `manifest.jsonl` (photo attribution) is linked along with the photos.
@@ -86,13 +88,15 @@ def _plan(src: Path, catalog: Catalog) -> list[tuple[Path, Path]]:
         except CamidError as exc:
             raise CamidError(f"{folder}: folder {exc}") from None
         for item in _visible(folder):
-            if not item.is_file():
-                log.warning("ignoring %s: photos are expected directly inside %s", item, folder)
-                continue
-            rel = Path("train", label, item.name)
-            if rel in plan:
-                raise CamidError(f"{item} and {plan[rel]} would both become {rel}: rename one of them")
-            plan[rel] = item
+            # A subfolder of a label folder is one device of that camera (the split keeps devices apart).
+            photos = [(item, Path("train", label, item.name))] if item.is_file() else \
+                [(p, Path("train", label, item.name, p.name)) for p in _visible(item) if p.is_file()]
+            if item.is_dir() and any(p.is_dir() for p in _visible(item)):
+                log.warning("ignoring the folders inside %s: photos are expected in <label>/ or <label>/<device>/", item)
+            for photo, rel in photos:
+                if rel in plan:
+                    raise CamidError(f"{photo} and {plan[rel]} would both become {rel}: rename one of them")
+                plan[rel] = photo
     if kaggle and (src / "test").is_dir():
         for item in _visible(src / "test"):
             if item.is_file():

@@ -17,6 +17,8 @@ from PIL import Image
 # EXIF tags (IFD0 and the Exif sub-IFD)
 MAKE, MODEL, SOFTWARE, PROCESSING_SOFTWARE, DATETIME, ORIENTATION = 0x010F, 0x0110, 0x0131, 0x000B, 0x0132, 0x0112
 EXIF_IFD, DATETIME_ORIGINAL, PIXEL_X_DIMENSION, PIXEL_Y_DIMENSION = 0x8769, 0x9003, 0xA002, 0xA003
+# The device's serial number: EXIF 2.3 BodySerialNumber (Exif IFD), else DNG's CameraSerialNumber (IFD0)
+BODY_SERIAL_NUMBER, CAMERA_SERIAL_NUMBER = 0xA431, 0xC62F
 
 # Photoshop image resources
 IRB_IPTC, IRB_VERSION_INFO = 0x0404, 0x0421
@@ -59,6 +61,7 @@ def parse_exif(exif: Image.Exif) -> dict:
         "orientation": _int(exif.get(ORIENTATION)),
         "exif_width": _int(sub.get(PIXEL_X_DIMENSION)),
         "exif_height": _int(sub.get(PIXEL_Y_DIMENSION)),
+        "serial": clean_text(sub.get(BODY_SERIAL_NUMBER)) or clean_text(exif.get(CAMERA_SERIAL_NUMBER)),
     }
 
 

@@ -39,7 +39,8 @@ except ImportError:  # built without a C compiler (the extension is optional): P
 DC_SCAN = _dcscan is not None  # whether the fast 1/8-scale path is available
 
 FIELDS = ("path", "format", "width", "height", "exif_width", "exif_height", "orientation", "make", "model",
-          "software", "datetime", "quality", "subsampling", "edited", "edit_reason", "sha256", "phash", "error")
+          "serial", "software", "datetime", "quality", "subsampling", "jpeg_tables", "edited", "edit_reason",
+          "sha256", "phash", "error")
 
 # "<kind>: <detail>" in `error`; the filter stage uses the kind as its rejection reason.
 ERROR_KINDS = {
@@ -114,7 +115,7 @@ def _inspect(path: Path, record: dict, editors: tuple[str, ...], max_pixels: int
 
 def _metadata(record: dict, fields: dict | None, xmp, irb, editors) -> None:
     fields = fields or {}
-    for key in ("exif_width", "exif_height", "orientation", "make", "model", "software", "datetime"):
+    for key in ("exif_width", "exif_height", "orientation", "make", "model", "serial", "software", "datetime"):
         record[key] = fields.get(key)
     record["edit_reason"] = edit_reason(fields, xmp, irb, editors)
     record["edited"] = record["edit_reason"] is not None
@@ -133,7 +134,7 @@ def _inspect_jpeg(fp, record, editors, max_pixels, hashes, dc_scan) -> InspectEr
     except JpegFormatError as exc:
         raise InspectError("corrupt", str(exc)) from None
     record.update(format="JPEG", width=header.width, height=header.height, quality=header.quality,
-                  subsampling=header.subsampling)
+                  subsampling=header.subsampling, jpeg_tables=header.table_signature)
     metadata_error, fields = None, None
     if header.exif:
         try:

@@ -14,6 +14,7 @@ tables there too (checked against identify in tests/test_jpeg_quality.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Mapping, Sequence
 
@@ -138,6 +139,14 @@ class JpegHeader:
     @property
     def quality(self) -> int:
         return quality_from_tables(self.tables)
+
+    @property
+    def table_signature(self) -> str:
+        """The firmware's JPEG encoder settings in 16 hex digits: a hash of every quantization table (slot and
+        natural-order values) and the components' sampling factors. Two files share it when one encoder
+        configuration wrote both; a re-save by other software almost always changes it."""
+        blob = repr((sorted(self.tables.items()), self.components)).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
 def _read_dqt(payload: bytes, tables: dict[int, tuple[int, ...]]) -> None:

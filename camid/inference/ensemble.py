@@ -3,8 +3,11 @@
 Evaluation, batch prediction and the served MLflow model all call `Ensemble.predict`, so test-time
 augmentation, blending and balancing exist once. A bundle on disk is a folder:
 
-    ensemble.json            labels, patch, members (arch, file, run_id, weighted_accuracy)
+    ensemble.json            labels, patch, members (arch, file, run_id, weighted_accuracy), and the settings
+                             evaluation chose and scored: views (D4 indices for TTA) and blend
     members/<arch>.keras     self-contained Keras models (preprocessing inside)
+
+`tta=True` means the bundle's views, so the served model averages exactly the views that were evaluated.
 """
 from __future__ import annotations
 
@@ -18,10 +21,17 @@ import numpy as np
 from camid.errors import CamidError
 from camid.fileio import atomic_dir, write_json
 from camid.inference.balancing import BALANCERS, balance_to_quota
+from camid.inference.blending import BLENDS, UnknownMethodError
 from camid.inference.blending import blend as blend_probs
-from camid.inference.tta import d4_views, fold_views
+from camid.inference.jpeg_tables import TablePrior
+from camid.inference.tta import D4, d4_views, fold_views
 
 BALANCE_CHOICES = ("none",) + BALANCERS
+
+
+def _missing(flag) -> bool:
+    """A `manipulated` flag left for the model to estimate: None or NaN."""
+    return flag is None or (isinstance(flag, float) and np.isnan(flag))
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Prediction:
     manipulated: np.ndarray          # (N,) bool: given by the caller, or estimated
     manipulated_estimated: np.ndarray  # (N,) bool: True where the flag came from the auxiliary head
     manipulation_probs: np.ndarray   # (N, 9) none + the eight manipulations, averaged over members and views
+    member_views: np.ndarray | None  # (models, views, N, C) camera probabilities before blending
+    views: tuple[int, ...]           # the D4 views scored (indices into D4)
 
 
 @dataclass
@@ -40,6 +52,10 @@ class Ensemble:
     labels: list[str]
     patch: int
     members: list[dict] = field(default_factory=list)
+    views: tuple[int, ...] = (0,)    # the D4 views `tta=True` averages (chosen on validation by evaluate)
+    blend: str = "mean_square"       # how models, views and patches are combined
+    tables: TablePrior | None = None  # JPEG-table evidence (camid.inference.jpeg_tables), used if use_tables
+    use_tables: bool = False
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -64,8 +80,28 @@ class Ensemble:
                 shutil.copy2(model_file, tmp / "members" / f"{name}.keras")
                 members.append({"arch": name, "file": f"members/{name}.keras", "run_id": run.get("run_id"),
                                 "weighted_accuracy": run.get("weighted_accuracy")})
-            write_json(tmp / "ensemble.json", {"labels": labels, "patch": patch, "members": members})
+            write_json(tmp / "ensemble.json", {"labels": labels, "patch": patch, "members": members, "views": [0],
+                                               "blend": "mean_square"})
         return out
+
+    @staticmethod
+    def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict | None = None, *,
+                     tables: TablePrior | None = None, use_tables: bool = False) -> None:
+        """Record in a bundle the TTA views, blend and JPEG-table evidence that were chosen and scored (and,
+        optionally, the scores)."""
+        if blend not in BLENDS:
+            raise UnknownMethodError(f"unknown blend {blend!r}; valid blends: {', '.join(BLENDS)}")
+        if not views or views[0] != 0 or any(not 0 <= v < len(D4) for v in views):
+            raise CamidError(f"TTA views must start with the identity and index D4 (0..{len(D4) - 1}), got {views}")
+        spec_file = Path(bundle) / "ensemble.json"
+        spec = json.loads(spec_file.read_text())
+        spec.update(views=[int(v) for v in views], blend=blend, view_names=[D4[v] for v in views],
+                    jpeg_tables=bool(use_tables and tables is not None))
+        if scores is not None:
+            spec["selection"] = scores
+        if tables is not None:
+            tables.write(bundle)
+        write_json(spec_file, spec)
 
     @classmethod
     def load(cls, bundle: Path) -> "Ensemble":
@@ -79,7 +115,22 @@ class Ensemble:
             raise CamidError(f"{spec_file} not found: {bundle} is not an ensemble bundle (make one with camid evaluate)")
         spec = json.loads(spec_file.read_text())
         models = [keras.models.load_model(bundle / m["file"]) for m in spec["members"]]
-        return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"])
+        return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"],
+                   views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
+                   tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)))
+
+    def apply_tables(self, probs: np.ndarray, signatures, usable, force: bool = False) -> np.ndarray:
+        """The JPEG-table evidence multiplied into (N, C) probabilities where `usable` (see jpeg_tables), if the
+        bundle uses it (or `force`); unchanged otherwise."""
+        if self.tables is None or not (self.use_tables or force):
+            return probs
+        return self.tables.apply(probs, signatures, usable)
+
+    def resolve_views(self, tta: bool | None = True, views=None) -> tuple[int, ...]:
+        """Explicit `views` win; else the bundle's chosen views with tta, the identity alone without."""
+        if views is not None:
+            return tuple(int(v) for v in views)
+        return self.views if tta else (0,)
 
     # -- inference -----------------------------------------------------------------------------------------
     def _forward(self, model, views: np.ndarray, flags: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,13 +143,14 @@ class Ensemble:
             manipulation.append(np.asarray(out["manipulation"], dtype=np.float64))
         return np.concatenate(camera), np.concatenate(manipulation)
 
-    def _score(self, patches: np.ndarray, flags: np.ndarray, unknown: np.ndarray, tta: bool, batch_size: int):
-        """(models x views, N, C) camera probabilities, (N, 9) manipulation probabilities and the estimated flags."""
-        views = d4_views(patches, tta)
-        n_views = len(views) // len(patches)
+    def _score(self, patches: np.ndarray, flags: np.ndarray, unknown: np.ndarray, views: tuple[int, ...],
+               batch_size: int):
+        """(models, views, N, C) camera probabilities, (N, 9) manipulation probabilities and the estimated flags."""
+        n_views = len(views)
+        stacked = d4_views(patches, views)
         camera, manip = [], []
         for model in self.models:
-            cam, aux = self._forward(model, views, np.tile(flags, n_views), batch_size)
+            cam, aux = self._forward(model, stacked, np.tile(flags, n_views), batch_size)
             camera.append(fold_views(cam, n_views))
             manip.append(fold_views(aux, n_views))
         manipulation_probs = np.concatenate(manip).mean(axis=0)
@@ -107,16 +159,18 @@ class Ensemble:
         estimated = unknown & (manipulation_probs[:, 0] < 0.5)
         if estimated.any():
             rows = np.flatnonzero(estimated)
-            sub_views = d4_views(patches[rows], tta)
+            sub_views = d4_views(patches[rows], views)
             for m, model in enumerate(self.models):
                 cam, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
                 camera[m][:, rows] = fold_views(cam, n_views)
-        return np.concatenate(camera), manipulation_probs, flags | estimated
+        return np.stack(camera), manipulation_probs, flags | estimated
 
     def predict(self, patches: np.ndarray, manipulated: np.ndarray | None = None, *, tta: bool = True,
-                blend: str = "mean_square", balance: str = "none", batch_size: int = 64,
+                views=None, blend: str | None = None, balance: str = "none", batch_size: int = 64,
                 chunk: int = 256) -> Prediction:
         """Score uint8 patches (N, P, P, 3).
+
+        TTA views and blend default to the bundle's (`resolve_views`; `blend=None`).
 
         `manipulated` (N,) may hold True/False or None per row; missing flags are estimated from the auxiliary
         head (P(no manipulation) < 0.5) and those rows are scored again with the estimated flag. Patches are
@@ -130,13 +184,46 @@ class Ensemble:
             raise CamidError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_CHOICES)}")
         n = len(patches)
         given = np.full(n, None, dtype=object) if manipulated is None else np.asarray(manipulated, dtype=object)
-        unknown = np.array([g is None or (isinstance(g, float) and np.isnan(g)) for g in given], dtype=bool)
+        unknown = np.array([_missing(g) for g in given], dtype=bool)
         flags = np.where(unknown, False, given).astype(bool)
-        parts = [self._score(patches[i:i + chunk], flags[i:i + chunk], unknown[i:i + chunk], tta, batch_size)
+        views = self.resolve_views(tta, views)
+        blend = blend or self.blend
+        parts = [self._score(patches[i:i + chunk], flags[i:i + chunk], unknown[i:i + chunk], views, batch_size)
                  for i in range(0, n, chunk)]
-        camera = np.concatenate([p[0] for p in parts], axis=1)
+        member_views = np.concatenate([p[0] for p in parts], axis=2)
         manipulation_probs = np.concatenate([p[1] for p in parts])
         flags = np.concatenate([p[2] for p in parts])
-        probs = blend_probs(camera, blend)
+        probs = blend_probs(member_views.reshape(-1, n, member_views.shape[-1]), blend)
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
-        return Prediction(probs, labels, flags, unknown, manipulation_probs)
+        return Prediction(probs, labels, flags, unknown, manipulation_probs, member_views, views)
+
+    def predict_photos(self, crops: list[np.ndarray], manipulated=None, *, signatures=None, tta: bool = True,
+                       views=None, blend: str | None = None, jpeg_tables: bool = True, balance: str = "none",
+                       batch_size: int = 64) -> Prediction:
+        """Score photos given as their patches: `crops[i]` is (K_i, P, P, 3), e.g. `camid.patches.grid_crops`.
+
+        Every (model, view, patch) of a photo is blended into that photo's one distribution, its manipulated
+        flag is the majority of its patches' (given or estimated), and balancing, if asked, sees photos, not
+        patches. `signatures[i]` is photo i's JPEG table signature (`jpeg_tables.signature_of`; None: none):
+        where the bundle's evaluation kept the JPEG-table evidence (and `jpeg_tables`), it multiplies in for
+        photos not flagged manipulated. `member_views` of the result is None (the patches' own are not kept).
+        """
+        if not crops:
+            raise CamidError("no photos to score")
+        counts = [len(c) for c in crops]
+        given = [None] * len(crops) if manipulated is None else list(manipulated)
+        patch_flags = np.array([g for g, k in zip(given, counts) for _ in range(k)], dtype=object)
+        pred = self.predict(np.concatenate(crops), patch_flags, tta=tta, views=views, blend=blend,
+                            batch_size=batch_size)
+        blend = blend or self.blend
+        bounds = np.cumsum([0] + counts)
+        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        n_classes = pred.probs.shape[1]
+        probs = np.stack([blend_probs(pred.member_views[:, :, part].reshape(-1, 1, n_classes), blend)[0]
+                          for part in parts])
+        flags = np.array([pred.manipulated[part].mean() >= 0.5 for part in parts])
+        if jpeg_tables and signatures is not None:
+            probs = self.apply_tables(probs, signatures, ~flags)
+        labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
+        return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
+                          np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views)

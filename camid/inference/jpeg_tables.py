@@ -1,0 +1,103 @@
+"""Evidence from the JPEG encoder's settings: which cameras' firmware writes a photo's quantization tables.
+
+A camera's firmware compresses with its own quantization tables and chroma sampling (one fixed set, or a
+few it picks per scene); every device of a model runs the same firmware, so the tables carry over from the
+devices training saw to devices it did not, and they often tell apart two models that share a sensor and differ
+only in firmware (a Nikon D70 and D70s, the zoo's Aster-A1 and A1s), where pixels alone are weakest. A photo
+re-saved by other software carries that software's tables instead, so the evidence is used only for photos
+whose bytes are the camera's own: JPEG input that is not flagged (or estimated) as manipulated.
+
+`TablePrior` counts, per camera, the table signatures (`camid.forensics.jpeg_quality.JpegHeader.
+table_signature`) of the training photos and turns a query's signature into a likelihood per camera,
+P(signature | camera) with add-`alpha` smoothing over the signatures seen plus one for "any other". The
+pixel probabilities are multiplied by it and renormalised (naive Bayes: the two kinds of evidence are close to
+independent given the camera). A signature no training photo had says nothing: the probabilities are left as
+they are. The evaluate stage scores the test set with and without it and keeps it only if it does not lower the
+validation score; the bundle stores the counts (`jpeg_tables.json`).
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camid.fileio import write_json
+
+FILE = "jpeg_tables.json"
+
+
+def signature_of(data: bytes) -> str | None:
+    """The table signature of JPEG bytes; None for anything else (PNG, TIFF, a damaged header)."""
+    from camid.forensics.jpeg_quality import JpegFormatError, read_jpeg_header
+
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        return read_jpeg_header(io.BytesIO(data)).table_signature
+    except JpegFormatError:
+        return None
+
+
+def signature_of_file(path: str | Path) -> str | None:
+    from camid.forensics.jpeg_quality import JpegFormatError, read_jpeg_header
+
+    try:
+        with open(path, "rb") as fp:
+            if fp.read(2) != b"\xff\xd8":
+                return None
+            fp.seek(0)
+            return read_jpeg_header(fp).table_signature
+    except (OSError, JpegFormatError):
+        return None
+
+
+@dataclass
+class TablePrior:
+    counts: dict[str, list[int]]   # signature -> photos per camera (catalog order)
+    labels: list[str]
+    alpha: float = 0.5
+
+    @classmethod
+    def fit(cls, signatures, camera_index, labels: list[str], alpha: float = 0.5) -> "TablePrior":
+        """Count the training photos' signatures (None: not a JPEG, left out) per camera index."""
+        counts: dict[str, list[int]] = {}
+        for sig, cam in zip(signatures, camera_index):
+            if sig is not None:
+                counts.setdefault(sig, [0] * len(labels))[int(cam)] += 1
+        return cls(dict(sorted(counts.items())), list(labels), alpha)
+
+    def __post_init__(self):
+        table = np.array(list(self.counts.values()), dtype=np.float64).reshape(len(self.counts), len(self.labels))
+        outcomes = len(self.counts) + 1  # every seen signature, plus "some other one"
+        self._likelihood = (table + self.alpha) / (table.sum(axis=0) + self.alpha * outcomes)
+        self._row = {sig: k for k, sig in enumerate(self.counts)}
+
+    def likelihood(self, signature: str | None) -> np.ndarray | None:
+        """(C,) P(signature | camera), or None when the signature tells nothing (unseen, or no JPEG)."""
+        row = self._row.get(signature) if signature is not None else None
+        return None if row is None else self._likelihood[row]
+
+    def apply(self, probs: np.ndarray, signatures, usable) -> np.ndarray:
+        """(N, C) probabilities times each row's likelihood, renormalised, where `usable` and the signature is
+        known; other rows unchanged."""
+        probs = np.array(probs, dtype=np.float64)
+        for row, (sig, ok) in enumerate(zip(signatures, usable)):
+            like = self.likelihood(sig) if ok else None
+            if like is not None:
+                posterior = probs[row] * like
+                probs[row] = posterior / posterior.sum()
+        return probs
+
+    def write(self, bundle: Path) -> None:
+        write_json(Path(bundle) / FILE, {"labels": self.labels, "alpha": self.alpha, "counts": self.counts})
+
+    @classmethod
+    def read(cls, bundle: Path) -> "TablePrior | None":
+        path = Path(bundle) / FILE
+        if not path.is_file():
+            return None
+        spec = json.loads(path.read_text())
+        return cls(spec["counts"], spec["labels"], spec["alpha"])

@@ -1,0 +1,74 @@
+"""The evaluate stage's roles: validation chooses the test-time settings, test is only scored and reported."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers_model import inside, tiny_model  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model, tmp_path_factory):  # noqa: F811
+    from camid.config import load_params
+    from camid.evaluate import evaluate
+    from tests.helpers_model import ROOT
+
+    out = tmp_path_factory.mktemp("evaluated")
+    settings = load_params(ROOT / "params.yaml").evaluate
+    with inside(tiny_model.root, MLFLOW_TRACKING_URI=tiny_model.tracking_uri, MLFLOW_EXPERIMENT_NAME="camid-tests"):
+        metrics = evaluate(tiny_model.members, tiny_model.root / "cache", out / "bundle", settings,
+                           metrics_file=out / "metrics.json", plots_file=out / "plots.csv",
+                           figure_file=out / "confusion.png")
+    return metrics, out, settings
+
+
+def test_figures_are_on_the_test_devices_only(tiny_model, evaluated):  # noqa: F811
+    metrics, out, _ = evaluated
+    split_dir = tiny_model.root / "split"
+    sets = {name: pd.read_csv(split_dir / f"{name}.csv", keep_default_na=False) for name in ("train", "val", "test")}
+    assert metrics["split"] == "test" and metrics["images"] == len(sets["test"]) == len(tiny_model.test)
+    assert metrics["device_disjoint"] and metrics["full_image"]["photos"] == len(sets["test"])
+    assert not set(sets["test"].device) & set(sets["train"].device) | set(sets["val"].device) & set(sets["test"].device)
+    assert json.loads((out / "metrics.json").read_text())["weighted_accuracy"] == metrics["weighted_accuracy"]
+    assert len(pd.read_csv(out / "plots.csv")) == 9 * len(sets["test"])
+
+
+def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bundle(tiny_model, evaluated):  # noqa: F811
+    """Scoring every candidate on val again gives back the stored choice and its score; on test the model's
+    own setting is what the headline figure reports."""
+    from camid.evaluate import ALL_VIEWS, score
+    from camid.inference.ensemble import Ensemble
+    from camid.inference.tta import D4
+
+    metrics, out, settings = evaluated
+    spec = json.loads((out / "bundle" / "ensemble.json").read_text())
+    assert spec["views"][0] == 0 and [D4[v] for v in spec["views"]] == metrics["views"]
+    assert spec["selection"]["val_weighted_accuracy_pixels_only"] >= spec["selection"][
+        "val_weighted_accuracy_pixels_only_no_tta"]
+    ensemble = Ensemble.load(out / "bundle")
+    assert ensemble.views == tuple(spec["views"]) and ensemble.use_tables == metrics["jpeg_tables"]
+    cache = tiny_model.root / "cache"
+    on_val, _, _ = score(ensemble, cache, settings, split="val")
+    assert on_val["weighted_accuracy"] == pytest.approx(spec["selection"]["val_weighted_accuracy"])
+    for view in ALL_VIEWS[1:]:
+        if view not in spec["views"]:  # a view left out would not have raised the validation score
+            extended, _, _ = score(ensemble, cache, settings, split="val",
+                                   views=tuple(spec["views"]) + (view,))
+            assert extended["weighted_accuracy_pixels_only"] <= on_val["weighted_accuracy_pixels_only"] + 1e-12
+    assert metrics["weighted_accuracy"] == pytest.approx(
+        metrics["comparison"]["chosen_views"]["with_jpeg_tables" if metrics["jpeg_tables"] else "pixels_only"])
+
+
+def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluated):  # noqa: F811
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+
+    _, out, _ = evaluated
+    prior = TablePrior.read(out / "bundle")
+    train = pd.read_csv(tiny_model.root / "split" / "train.csv", keep_default_na=False)
+    assert sum(map(sum, prior.counts.values())) == len(train)
+    per_camera = np.array(list(prior.counts.values())).sum(axis=0)
+    assert per_camera.tolist() == [int((train.label == label).sum()) for label in tiny_model.labels]
+    assert all(signature_of_file(p) in prior.counts for p in train.path)

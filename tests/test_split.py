@@ -1,0 +1,106 @@
+"""The split stage: train / val / test share no device; too few devices fall back to a photo split, named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from camid.cli import main
+from camid.errors import CamidError
+from camid.split import device_split, split
+
+LABELS = ["Cam-A", "Cam-B", "Cam-C"]
+
+
+def photo(path: Path, serial: str | None = None, seed: int = 0) -> Path:
+    """A real JPEG, with the EXIF BodySerialNumber a camera writes when `serial` is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    if serial:
+        exif.get_ifd(0x8769)[0xA431] = serial
+    pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def read_sets(out: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(out / f"{name}.csv", keep_default_na=False) for name in ("train", "val", "test")}
+
+
+def test_no_device_has_photos_in_two_sets(tmp_path):
+    """Devices from EXIF serials (Cam-A, Cam-B) and from <label>/<device>/ folders (Cam-C)."""
+    root = tmp_path / "filtered"
+    for label, devices in (("Cam-A", 5), ("Cam-B", 3)):
+        for d in range(devices):
+            for i in range(4):
+                photo(root / label / f"{label}-{d}-{i}.jpg", serial=f"{label}-SN{d}", seed=d * 10 + i)
+    for d in range(4):
+        for i in range(3):
+            photo(root / "Cam-C" / f"dev{d}" / f"{i}.jpg", seed=100 + d * 10 + i)
+    summary = split(root, tmp_path / "split", LABELS, val_fraction=0.25, test_fraction=0.25, seed=7,
+                    metrics_file=tmp_path / "split.json")
+    sets = read_sets(tmp_path / "split")
+    for label in LABELS:
+        owners = {}
+        for name, table in sets.items():
+            for device in table.loc[table.label == label, "device"]:
+                assert owners.setdefault(device, name) == name, f"{device} is in {owners[device]} and {name}"
+        assert set(owners.values()) == {"train", "val", "test"}  # every set has a device of every camera
+    assert sets["train"].device.str.startswith("serial:").sum() > 0
+    assert set(sets["test"].loc[sets["test"].label == "Cam-C", "device"]) <= {f"folder:dev{d}" for d in range(4)}
+    assert summary["device_disjoint"] and summary["fallback_cameras"] == []
+    assert summary["cameras"]["Cam-A"]["devices"] == {"train": 3, "val": 1, "test": 1}
+    assert json.loads((tmp_path / "split.json").read_text()) == summary
+    all_paths = pd.concat(sets.values()).path
+    assert all_paths.is_unique and len(all_paths) == 5 * 4 + 3 * 4 + 4 * 3
+
+
+def test_few_devices_fall_back_to_a_photo_split_and_say_so(tmp_path, caplog):
+    root = tmp_path / "filtered"
+    for i in range(6):
+        photo(root / "Cam-A" / f"a{i}.jpg", serial=f"SN{i % 2}", seed=i)      # two devices
+        photo(root / "Cam-B" / f"b{i}.jpg", serial="ONLY", seed=10 + i)       # one device
+        photo(root / "Cam-C" / f"c{i}.jpg", seed=20 + i)                      # no device known
+    summary = split(root, tmp_path / "split", LABELS, val_fraction=0.25, test_fraction=0.25, seed=1)
+    sets = read_sets(tmp_path / "split")
+    modes = {label: summary["cameras"][label]["mode"] for label in LABELS}
+    assert modes == {"Cam-A": "val_photo_split", "Cam-B": "photo_split", "Cam-C": "photo_split"}
+    assert not summary["device_disjoint"] and summary["fallback_cameras"] == LABELS
+    # With two devices, test still has a device of its own.
+    test_a = set(sets["test"].loc[sets["test"].label == "Cam-A", "device"])
+    rest_a = set(pd.concat([sets["train"], sets["val"]]).query("label == 'Cam-A'").device)
+    assert len(test_a) == 1 and not test_a & rest_a
+    assert "device identification" in caplog.text and "Cam-B" in caplog.text
+
+
+def test_photos_of_unknown_devices_only_ever_train():
+    files = pd.DataFrame({"path": [f"p{i}" for i in range(12)], "label": "Cam-A",
+                          "device": ["d0", "d1", "d2", "d3"] * 2 + [""] * 4})
+    sets, modes = device_split(files, 0.25, 0.25, seed=3)
+    assert modes == {"Cam-A": "devices"}
+    assert (sets["val"].device != "").all() and (sets["test"].device != "").all()
+    assert (sets["train"].device == "").sum() == 4
+
+
+def test_the_split_is_deterministic_for_a_seed_and_changes_with_it():
+    files = pd.DataFrame({"path": [f"p{i}" for i in range(40)], "label": "Cam-A",
+                          "device": [f"d{i % 8}" for i in range(40)]})
+    first = device_split(files, 0.25, 0.25, seed=5)[0]
+    again = device_split(files, 0.25, 0.25, seed=5)[0]
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], again[name])
+    assert any(not set(first["test"].device) == set(device_split(files, 0.25, 0.25, seed=s)[0]["test"].device)
+               for s in range(6, 12))
+
+
+def test_bad_settings_and_too_few_photos_are_clear_errors(tmp_path):
+    files = pd.DataFrame({"path": ["a", "b"], "label": "Cam-A", "device": ["", ""]})
+    with pytest.raises(CamidError, match="at least 3"):
+        device_split(files, 0.25, 0.25, seed=0)
+    with pytest.raises(CamidError, match="leave some photos for training"):
+        device_split(files, 0.5, 0.5, seed=0)
+    assert main(["split", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
