@@ -21,17 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tiny-model builder is shared with the tests
-
-from tests.helpers_model import build_tiny_model  # noqa: E402
+from camid.tiny import build_tiny_model
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def held_out(photos: Path) -> pd.DataFrame:
     """path,label rows from a split CSV (paths relative to the working directory) or a <label>/<files> folder."""
-    from camid.predict import list_images
+    from camid.imageio import list_images
 
     if photos.suffix == ".csv":
         table = pd.read_csv(photos)

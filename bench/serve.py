@@ -29,9 +29,8 @@ import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the tiny-model builder is shared with the tests
 
-from tests.helpers_model import build_tiny_model, inside  # noqa: E402
+from camid.tiny import build_tiny_model, inside
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -178,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from camid.imageio import decode_image
     from camid.patches import centre_crop
-    from camid.predict import list_images, load_ensemble
+    from camid.imageio import list_images
+    from camid.predict import load_ensemble
 
     with tempfile.TemporaryDirectory(prefix="camid-bench-serve-") as tmp:
         tmp = Path(tmp)

@@ -62,12 +62,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"camid {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-def optional(kind=str):
-    """An argparse type where an empty string means "not given" (MLproject passes '' for unset parameters)."""
-
-    def convert(text: str):
-        return None if text.strip() == "" else kind(text)
-
-    convert.__name__ = getattr(kind, "__name__", "value")
-    return convert

@@ -174,8 +174,37 @@ class Params:
     path: Path
 
 
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _coerce(where: str, kind: str, value):
+    """`value` as the field type `kind` (an annotation string), or a ConfigError that names the key.
+
+    A float may be written like `1e-4`, which YAML reads as a string (it wants `1.0e-4`): that is accepted.
+    Nothing else is converted: a wrong type is an error, not a guess."""
+    if kind.startswith("tuple["):
+        item = kind[len("tuple["):].split(",")[0].strip()
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(f"{where}[{i}]", item, v) for i, v in enumerate(value))
+    expected = _SCALARS.get(kind)
+    if expected is None:
+        return value
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"params {where} is {value!r} ({type(value).__name__}); it must be {kind}")
+
+
 def _build(cls, section: str, raw: Any):
-    """Instantiate a section dataclass, turning lists into tuples and rejecting unknown keys."""
+    """Instantiate a section dataclass: values checked against the field types, lists made tuples, unknown keys
+    rejected."""
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params section {section!r} must be a mapping, got {type(raw).__name__}")
@@ -187,8 +216,8 @@ def _build(cls, section: str, raw: Any):
     for key, value in raw.items():
         if key == "flickr":
             value = _build(FlickrParams, f"{section}.flickr", value)
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _coerce(f"{section}.{key}", str(known[key].type), value)
         values[key] = value
     return cls(**values)
 
@@ -243,3 +272,14 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
         profiles=raw.get("profiles") or {},
         path=Path(path or os.environ.get("CAMID_PARAMS", PARAMS_FILE)),
     )
+
+
+def optional(kind=str):
+    """An argparse type where an empty string means "not given, keep params.yaml's value" (MLproject passes ''
+    for an entry-point parameter left unset), so params.yaml stays the one place every default is defined."""
+
+    def convert(text: str):
+        return None if text.strip() == "" else kind(text)
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    return convert

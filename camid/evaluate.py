@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camid.cli import optional
-from camid.config import EvaluateParams, load_params
+from camid.config import EvaluateParams, load_params, optional
 from camid.errors import CamidError
 from camid.fileio import atomic_path, write_json
 from camid.inference.blending import BLENDS, blend
@@ -187,14 +186,14 @@ def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", pa
     from camid.patches import grid_crops
     from camid.prepare import read_index
 
-    from camid.inference.jpeg_tables import signature_of
+    from camid.forensics.inspect import header_facts
 
     photos = read_index(cache, split).drop_duplicates("image")
     crops, signatures = [], []
     for path in tqdm(photos["path"], desc=f"full photos ({split})", unit="photo", leave=False):
         data = Path(path).read_bytes()
         crops.append(grid_crops(decode_image(data), ensemble.patch, patches))
-        signatures.append(signature_of(data))
+        signatures.append(header_facts(data)["jpeg_tables"])
     y = photos["label_index"].to_numpy()
     result = {"photos": len(photos), "patches": "auto" if patches == 0 else patches,
               "patches_per_photo_mean": float(np.mean([len(c) for c in crops]))}
@@ -214,7 +213,7 @@ def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", pa
 
 
 def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: EvaluateParams, *,
-             metrics_file: Path, plots_file: Path, figure_file: Path | None = None) -> dict:
+             metrics_file: Path, plots_file: Path, figure_file: Path | None = None, catalog=None) -> dict:
     import mlflow
 
     from camid import tracking
@@ -227,7 +226,8 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         first = Ensemble.load(bundle)
         tables = fit_tables(cache, first.labels)
         views, use_tables, selection = choose_settings(first, cache, settings, tables)
-        Ensemble.set_settings(bundle, views, settings.blend, selection, tables=tables, use_tables=use_tables)
+        Ensemble.set_settings(bundle, views, settings.blend, selection, tables=tables, use_tables=use_tables,
+                              catalog=catalog)
         ensemble = Ensemble.load(bundle)
         metrics, table, _ = score(ensemble, cache, settings)
         metrics.update(selection)
@@ -350,5 +350,5 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise CamidError(f"no trained model in {', '.join(missing)}: train first (dvc repro, or camid train --arch NAME)")
     evaluate(models, args.cache, args.bundle, settings, metrics_file=args.metrics, plots_file=args.plots,
-             figure_file=args.figure)
+             figure_file=args.figure, catalog=params.catalog)
     return 0

@@ -7,7 +7,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+
+from camid.errors import CamidError
+from typing import Iterable, Iterator
 
 
 def _current_umask() -> int:
@@ -67,3 +69,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def iter_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named, and files under the directories named (sorted; hidden names skipped)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CamidError(f"{path} does not exist")
+    return files

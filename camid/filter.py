@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from camid.config import Camera, Catalog, FilterParams, load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, write_json
-from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_paths, iter_files
+from camid.fileio import atomic_dir, iter_files, write_json
+from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_paths
 
 REASONS = {
     "kept": "kept",

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from camid.errors import CamidError
+from camid.fileio import iter_files
 
 DEFAULT_MAX_PIXELS = 100_000_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 
 
 class ImageError(CamidError):
@@ -47,3 +50,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageError("not a decodable image (expected JPEG, PNG or TIFF bytes)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def list_images(paths) -> list[Path]:
+    """Files named, and the image files under the folders named (recursively, sorted, hidden names skipped: the
+    one walker, `camid.fileio.iter_files`); CamidError if a path is missing or nothing is found."""
+    named = {Path(p) for p in paths if Path(p).is_file()}
+    files = [p for p in iter_files(paths) if p in named or p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise CamidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, paths))}")
+    return files

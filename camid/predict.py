@@ -18,13 +18,12 @@ from tqdm import tqdm
 
 from camid.errors import CamidError
 from camid.fileio import atomic_path
-from camid.imageio import ImageError, decode_image
+from camid.imageio import ImageError, decode_image, list_images
 from camid.inference.blending import BLENDS
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
-from camid.inference.jpeg_tables import signature_of
+from camid.forensics.inspect import header_facts
 from camid.inference.balancing import balance_to_quota
 from camid.patches import AUTO_MAX_PATCHES, grid_crops
-from camid.split import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +46,6 @@ def load_ensemble(model: str) -> Ensemble:
     return loaded.unwrap_python_model().ensemble
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    files = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CamidError(f"{path} not found: give image files or folders of them")
-    if not files:
-        raise CamidError(f"no images (jpg, png, tif) under {', '.join(map(str, paths))}")
-    return files
-
-
 def flag_from_name(path: Path) -> bool | None:
     stem = path.stem.lower()
     return True if "_manip" in stem else False if "_unalt" in stem else None
@@ -75,16 +60,17 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     if patches_per_image < 0:
         raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
     rows, failures = [], []
-    pending: list[tuple[Path, np.ndarray, str | None]] = []
+    pending: list[tuple[Path, np.ndarray, dict]] = []
 
     def flush() -> None:
         pred = ensemble.predict_photos([c for _, c, _ in pending], [flag_from_name(p) for p, _, _ in pending],
-                                       signatures=[s for _, _, s in pending], tta=tta, blend=blend_method,
-                                       jpeg_tables=jpeg_tables)
-        for i, (path, crops, _) in enumerate(pending):
+                                       signatures=[f["jpeg_tables"] for _, _, f in pending], tta=tta,
+                                       blend=blend_method, jpeg_tables=jpeg_tables)
+        for i, (path, crops, facts) in enumerate(pending):
             rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
                          "manipulated": bool(pred.manipulated[i]),
                          "manipulated_estimated": bool(pred.manipulated_estimated[i]),
+                         "exif_model": facts["model"] or "",
                          **dict(zip(ensemble.labels, pred.probs[i]))})
         pending.clear()
 
@@ -97,7 +83,7 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
         except (ImageError, OSError) as exc:
             failures.append((path, str(exc)))
             continue
-        pending.append((path, grid_crops(pixels, ensemble.patch, patches_per_image), signature_of(data)))
+        pending.append((path, grid_crops(pixels, ensemble.patch, patches_per_image), header_facts(data)))
         if sum(len(c) for _, c, _ in pending) >= batch_patches:
             flush()
     if pending:
@@ -111,6 +97,10 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     labels = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=table.manipulated.to_numpy(),
                                                                          method=balance)
     table.insert(1, "camera", np.asarray(ensemble.labels)[labels])
+    named, consistent = ensemble.metadata_check([m or None for m in table.exif_model], table.camera)
+    at = table.columns.get_loc("exif_model") + 1
+    table.insert(at, "exif_camera", named)
+    table.insert(at + 1, "consistent", pd.array(consistent, dtype="boolean"))
     return table
 
 

@@ -14,8 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from camid.cli import optional
-from camid.config import load_params
+from camid.config import load_params, optional
 from camid.errors import CamidError
 from camid.fileio import write_json
 

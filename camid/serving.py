@@ -6,10 +6,12 @@ evaluation chose, stored in the bundle; false: the identity only), `blend` (`mod
 mean_square | arithmetic | geometric), `patches` (0, the default: auto, the photo tiled without overlap, at most
 64 patches on a grid; 1: the centre patch, as the Kaggle test crops were cut; N: N grid patches),
 `jpeg_tables` (true: use the JPEG-table evidence where the model's evaluation kept it, for rows not flagged
-manipulated; false: pixels only), `balance`
+`manipulated: true`; false: pixels only), `balance`
 (none | optimal | greedy: only for a request that is a closed set with equal class counts). Output: one row per
-input with `camera`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored) and the
-probability of every camera (one column per camera label).
+input with `camera`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored), what the
+metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
+`consistent`, whether that is the camera the pixels point to, null without an EXIF Model) and the probability
+of every camera (one column per camera label).
 
 The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server
 decodes base64 before this code runs and answers a bad row with a generic 400 that names no row. A string
@@ -37,10 +39,12 @@ except ImportError:  # pragma: no cover - mlflow is a hard dependency; this keep
 from camid.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
 from camid.inference.blending import BLENDS
-from camid.inference.jpeg_tables import signature_of
+from camid.forensics.inspect import header_facts
 from camid.patches import grid_crops
 
 MODEL_BLEND = "model"  # the blend the bundle's evaluation scored
+STATUS_COLUMNS = ["camera", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera",
+                  "consistent"]
 DEFAULT_PARAMS = {"tta": True, "blend": MODEL_BLEND, "balance": "none", "patches": 0, "jpeg_tables": True}
 
 
@@ -50,7 +54,9 @@ def signature(labels: list[str]):
 
     inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "manipulated", required=False)])
     outputs = Schema([ColSpec("string", "camera"), ColSpec("boolean", "manipulated"),
-                      ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches")]
+                      ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
+                      ColSpec("string", "exif_model"), ColSpec("string", "exif_camera"),
+                      ColSpec("boolean", "consistent", required=False)]
                      + [ColSpec("double", label) for label in labels])
     params = ParamSchema([ParamSpec("tta", "boolean", DEFAULT_PARAMS["tta"]),
                           ParamSpec("blend", "string", DEFAULT_PARAMS["blend"]),
@@ -79,10 +85,11 @@ def image_bytes(value) -> bytes:
 
 
 def row_patches(images, patch: int, count: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray], list[str | None]]:
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray], list[dict]]:
     """Decode each row's bytes and cut its `count` grid patches (`camid.patches.grid_crops`; 0: auto) at once,
-    so only the patches stay in memory; also each row's JPEG table signature. Collects every failure."""
-    patches, signatures, errors = [], [], []
+    so only the patches stay in memory; also what each row's header says (`header_facts`). Collects every
+    failure."""
+    patches, facts, errors = [], [], []
     for row, value in enumerate(images):
         try:
             data = image_bytes(value)
@@ -91,12 +98,12 @@ def row_patches(images, patch: int, count: int = 0,
                 raise ImageError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's "
                                  f"{patch}x{patch} patch")
             patches.append(grid_crops(pixels, patch, count))
-            signatures.append(signature_of(data))
+            facts.append(header_facts(data))
         except ImageError as exc:
             errors.append(f"row {row}: {exc}")
     if errors:
         raise bad_request("; ".join(errors))
-    return patches, signatures
+    return patches, facts
 
 
 def row_flags(values) -> np.ndarray:
@@ -148,12 +155,12 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
         raise bad_request(f"the request has no 'image' column (columns: {list(frame.columns)}); send base64 image bytes "
                           "in a column named 'image'")
     settings = resolve_params(params)
-    patches, signatures = row_patches(frame["image"].tolist(), ensemble.patch, settings["patches"])
+    patches, facts = row_patches(frame["image"].tolist(), ensemble.patch, settings["patches"])
     flags = None if "manipulated" not in frame.columns else row_flags(frame["manipulated"].tolist())
-    columns = ["camera", "manipulated", "manipulated_estimated", "patches"] + list(ensemble.labels)
+    columns = STATUS_COLUMNS + list(ensemble.labels)
     if len(patches) == 0:
         return pd.DataFrame(columns=columns)
-    pred = ensemble.predict_photos(patches, flags, signatures=signatures, tta=settings["tta"],
+    pred = ensemble.predict_photos(patches, flags, signatures=[f["jpeg_tables"] for f in facts], tta=settings["tta"],
                                    blend=None if settings["blend"] == MODEL_BLEND else settings["blend"],
                                    jpeg_tables=settings["jpeg_tables"], balance=settings["balance"])
     out = pd.DataFrame(pred.probs, columns=ensemble.labels)
@@ -161,6 +168,11 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
     out.insert(1, "manipulated", pred.manipulated.astype(bool))
     out.insert(2, "manipulated_estimated", pred.manipulated_estimated.astype(bool))
     out.insert(3, "patches", np.array([len(p) for p in patches], dtype=np.int64))
+    models = [f["model"] for f in facts]
+    named, consistent = ensemble.metadata_check(models, out["camera"])
+    out.insert(4, "exif_model", [m or "" for m in models])
+    out.insert(5, "exif_camera", named)
+    out.insert(6, "consistent", pd.array(consistent, dtype="boolean"))
     return out
 
 

@@ -31,10 +31,10 @@ import pandas as pd
 
 from camid.config import load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, write_json
+from camid.fileio import atomic_dir, iter_files, write_json
+from camid.imageio import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 SETS = ("train", "val", "test")
 # How each camera was split (summary "mode"): only "devices" gives a model-identification test figure.
 MODES = {
@@ -47,8 +47,6 @@ MODES = {
 def list_labelled(root: Path, labels: list[str]) -> pd.DataFrame:
     """Every image under `root/<label>/` (recursively, hidden names skipped, sorted), for the catalog's labels:
     columns path, label and folder (the first subfolder below the label: a device folder, or "")."""
-    from camid.forensics.inspect import iter_files
-
     rows = []
     for label in labels:
         folder = root / label

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camid.cli import optional
-from camid.config import TrainParams, load_params
+from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
 from camid.fileio import atomic_dir, atomic_path, write_json
 

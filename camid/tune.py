@@ -16,8 +16,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from camid.cli import optional
-from camid.config import TrainParams, TuneParams, load_params
+from camid.config import TrainParams, TuneParams, load_params, optional
 from camid.errors import CamidError
 from camid.fileio import write_text
 from camid.train import MONITOR, scoring_callbacks

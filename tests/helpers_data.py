@@ -1,11 +1,9 @@
-"""A tiny virtual-zoo crop cache shared by the training and tuning tests, built once per test session.
+"""A tiny virtual-zoo crop cache shared by the training and tuning tests (the `zoo` fixture in conftest.py builds
+it once per session), and the settings and environments those tests share.
 
-synth (3 devices per camera, 2 photos each, none spoiled) -> device-disjoint split -> prepare at CACHE_PATCH. CACHE_PATCH covers the largest
-minimum input size in the backbone registry (Inception's 75, rounded up to even), so every backbone can train
-on it; most tests train at PATCH.
-
-Import `zoo` (the fixture) into a test module. Pytest makes one fixture per importing module, so the build is
-memoised here as well: the whole session builds the cache once.
+synth (3 devices per camera, 2 photos each, none spoiled) -> device-disjoint split -> prepare at CACHE_PATCH.
+CACHE_PATCH covers the largest minimum input size in the backbone registry (Inception's 75, rounded up to
+even), so every backbone can train on it; most tests train at PATCH.
 """
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -32,7 +29,6 @@ class Zoo:
     cache: Path   # the crop cache (patch CACHE_PATCH)
 
 
-_built: dict[str, Zoo] = {}
 # What ties a process to an MLflow run or experiment; a test's runs must not inherit them.
 RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
@@ -49,14 +45,6 @@ def build_zoo(root: Path, catalog) -> Zoo:
     prepare(root / "split", root / "cache", catalog, patch=CACHE_PATCH, crops_per_image=2, shard_size=64, seed=11,
             workers=1)
     return Zoo(root, root / "split", root / "cache")
-
-
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory, catalog) -> Zoo:
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _built:
-        _built[key] = build_zoo(tmp_path_factory.mktemp("zoo"), catalog)
-    return _built[key]
 
 
 def tiny_train(base, **overrides):

@@ -150,7 +150,8 @@ def invoke(url, payload):
 
 def test_serve_answers_split_and_records(server, project):
     root, _ = project
-    real = base64.b64encode(next((root / "data/filtered").rglob("*.jpg")).read_bytes()).decode()
+    real_file = next((root / "data/filtered").rglob("*.jpg"))
+    real = base64.b64encode(real_file.read_bytes()).decode()
     r = invoke(server, {"dataframe_split": {"columns": ["image", "manipulated"],
                                             "data": [[real, False], [jpeg_b64(), True]]}})
     assert r.status_code == 200, r.text
@@ -161,9 +162,12 @@ def test_serve_answers_split_and_records(server, project):
     assert r.status_code == 200, r.text
     row = r.json()["predictions"][0]
     assert row["manipulated_estimated"] is True
-    probs = {k: v for k, v in row.items() if k not in ("camera", "manipulated", "manipulated_estimated", "patches")}
+    status = ("camera", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent")
+    probs = {k: v for k, v in row.items() if k not in status}
     assert len(probs) == 10 and abs(sum(probs.values()) - 1) < 1e-6 and row["camera"] in probs
     assert row["patches"] > 1  # the whole photo, tiled (the default `patches`: auto)
+    assert row["exif_camera"] == real_file.parent.name and row["exif_model"]  # the zoo writes EXIF Models
+    assert row["consistent"] == (row["camera"] == real_file.parent.name)
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -200,4 +204,27 @@ def test_mlflow_run_train_entry_point_makes_one_tracked_run(project):
     assert out == ["1", "FINISHED", "smallcnn", "True", "True"], out
     assert (root / "models/runs/smallcnn/model.keras").is_file()  # not into DVC's output
     assert set((root / "models/train").iterdir()) == before
+    assert "up to date" in run(["dvc", "status"], root, env).stdout.lower()
+
+
+def test_dvc_reruns_exactly_the_stages_that_read_an_edited_key(project):
+    """A key of the inactive catalog re-runs nothing; evaluate.blend only evaluate; a new backbone in
+    train.archs adds its own train stage and re-runs evaluate, without retraining the others."""
+    root, env = project
+    path = root / "params.yaml"
+    original = path.read_text()
+
+    def changed_after(edit) -> set[str]:
+        params = yaml.safe_load(original)
+        edit(params)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        try:
+            status = json.loads(run(["dvc", "status", "--json"], root, env).stdout or "{}")
+        finally:
+            path.write_text(original)
+        return set(status)
+
+    assert changed_after(lambda p: p["catalog"]["kaggle"][0].update(rot90=False)) == set()
+    assert changed_after(lambda p: p["evaluate"].update(blend="geometric")) == {"evaluate"}
+    assert changed_after(lambda p: p["train"]["archs"].append("mobilenet")) == {"train@mobilenet", "evaluate"}
     assert "up to date" in run(["dvc", "status"], root, env).stdout.lower()

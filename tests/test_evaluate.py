@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers_model import inside, tiny_model  # noqa: F401  (fixture)
+from camid.tiny import inside
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_model, tmp_path_factory):  # noqa: F811
+def evaluated(tiny_model, tmp_path_factory):
     from camid.config import load_params
     from camid.evaluate import evaluate
-    from tests.helpers_model import ROOT
+    from camid.tiny import ROOT
 
     out = tmp_path_factory.mktemp("evaluated")
     settings = load_params(ROOT / "params.yaml").evaluate
@@ -25,7 +25,7 @@ def evaluated(tiny_model, tmp_path_factory):  # noqa: F811
     return metrics, out, settings
 
 
-def test_figures_are_on_the_test_devices_only(tiny_model, evaluated):  # noqa: F811
+def test_figures_are_on_the_test_devices_only(tiny_model, evaluated):
     metrics, out, _ = evaluated
     split_dir = tiny_model.root / "split"
     sets = {name: pd.read_csv(split_dir / f"{name}.csv", keep_default_na=False) for name in ("train", "val", "test")}
@@ -36,7 +36,7 @@ def test_figures_are_on_the_test_devices_only(tiny_model, evaluated):  # noqa: F
     assert len(pd.read_csv(out / "plots.csv")) == 9 * len(sets["test"])
 
 
-def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bundle(tiny_model, evaluated):  # noqa: F811
+def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bundle(tiny_model, evaluated):
     """Scoring every candidate on val again gives back the stored choice and its score; on test the model's
     own setting is what the headline figure reports."""
     from camid.evaluate import ALL_VIEWS, score
@@ -62,7 +62,7 @@ def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bu
         metrics["comparison"]["chosen_views"]["with_jpeg_tables" if metrics["jpeg_tables"] else "pixels_only"])
 
 
-def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluated):  # noqa: F811
+def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluated):
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
 
     _, out, _ = evaluated

@@ -11,7 +11,8 @@ from PIL import Image
 
 from camid.cli import main
 from camid.forensics.exif import clean_text, find_editor, xmp_agents
-from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_file, inspect_paths, iter_files
+from camid.fileio import iter_files
+from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_file, inspect_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_JPEGS = ROOT.parent / "shared" / "samples" / "real-jpeg"
@@ -187,3 +188,26 @@ def test_real_camera_jpegs_edited_exactly_when_an_editor_is_named(params):
     for name, source in REAL_EDITED.items():
         expected = "Photoshop IRB version info" if source == "Photoshop IRB" else source
         assert expected in edited[name], (name, edited[name])
+
+
+def test_a_bug_in_camid_is_raised_not_reported_as_a_corrupt_file(tmp_path, monkeypatch):
+    """A decoder's exception on a bad file is the file's `error`; camid's own exception is camid's bug."""
+    import camid.forensics.inspect as inspect_module
+    from PIL import Image as PILImage
+
+    path = tmp_path / "photo.jpg"
+    PILImage.new("RGB", (64, 48), (90, 120, 30)).save(path, quality=95)
+
+    # A bug in camid's own code: one of its functions called with the wrong arguments, inside camid.
+    monkeypatch.setattr(inspect_module, "edit_reason", clean_text)
+    with pytest.raises(TypeError):
+        inspect_file(path)
+    monkeypatch.undo()
+
+    import imagehash
+
+    def library_fails(image):  # stands in for a library that chokes on a strange file
+        raise TypeError("unsupported image layout")
+
+    monkeypatch.setattr(imagehash, "phash", library_fails)
+    assert inspect_file(path)["error"] == "corrupt: TypeError: unsupported image layout"

@@ -11,13 +11,12 @@ from PIL import Image
 from camid.cli import main
 from camid.manipulations import apply
 from camid.patches import auto_patch_count, centre_crop
-from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
 
 CROP = 128  # the Kaggle test set's 512 crops, scaled to the tiny model's 64 px patch
 
 
 @pytest.fixture(scope="module")
-def test_set(tiny_model, tmp_path_factory):  # noqa: F811
+def test_set(tiny_model, tmp_path_factory):
     """A Kaggle-style closed set: per camera one unaltered and one manipulated centre crop (TIFF), names hiding
     the camera; returns the folder and the truth (file name -> camera)."""
     folder = tmp_path_factory.mktemp("kaggle-test")
@@ -40,7 +39,7 @@ def predict(*args: str) -> int:
     return main(["predict", *map(str, args)])
 
 
-def test_submission_and_probabilities(tiny_model, test_set, tmp_path):  # noqa: F811
+def test_submission_and_probabilities(tiny_model, test_set, tmp_path):
     folder, truth = test_set
     out = tmp_path / "submission.csv"
     assert predict(folder, "--model", tiny_model.bundle, "--out", out) == 0
@@ -54,7 +53,7 @@ def test_submission_and_probabilities(tiny_model, test_set, tmp_path):  # noqa: 
     assert not probs.manipulated_estimated.any()
 
 
-def test_balance_gives_equal_counts_per_camera_in_each_group(tiny_model, test_set, tmp_path):  # noqa: F811
+def test_balance_gives_equal_counts_per_camera_in_each_group(tiny_model, test_set, tmp_path):
     folder, _ = test_set
     out = tmp_path / "balanced.csv"
     assert predict(folder, "--model", tiny_model.bundle, "--balance", "--out", out) == 0
@@ -64,7 +63,7 @@ def test_balance_gives_equal_counts_per_camera_in_each_group(tiny_model, test_se
         assert len(counts) == len(tiny_model.labels) and set(counts) == {1}, counts
 
 
-def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):  # noqa: F811
+def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):
     photos = list(tiny_model.test.path[:3])
     out = tmp_path / "full.csv"
     assert predict(*photos, "--model", tiny_model.bundle, "--full-image", "--patches", "9", "--no-tta",
@@ -81,7 +80,7 @@ def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):  # noqa
     assert not np.allclose(pd.read_csv(tmp_path / "one.probs.csv")[tiny_model.labels], table[tiny_model.labels])
 
 
-def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, caplog):  # noqa: F811
+def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, caplog):
     folder, truth = test_set
     good = sorted(folder.iterdir())[:3]
     broken, tiny = tmp_path / "broken.jpg", tmp_path / "tiny.png"
@@ -96,7 +95,7 @@ def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, ca
     assert any("tiny.png" in w and "smaller than the model's patch" in w for w in warnings), warnings
 
 
-def test_registered_model_uri_gives_the_same_predictions(registered_model, test_set, tmp_path,  # noqa: F811
+def test_registered_model_uri_gives_the_same_predictions(registered_model, test_set, tmp_path,
                                                          monkeypatch):
     folder, _ = test_set
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_model.tracking_uri)
@@ -105,7 +104,7 @@ def test_registered_model_uri_gives_the_same_predictions(registered_model, test_
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
 
 
-def test_unknown_model_uri_is_a_clear_error(registered_model, test_set, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_unknown_model_uri_is_a_clear_error(registered_model, test_set, tmp_path, monkeypatch, capsys):
     folder, _ = test_set
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_model.tracking_uri)
     assert predict(folder, "--model", "models:/no-such-model@champion", "--out", tmp_path / "x.csv") == 2
@@ -114,12 +113,12 @@ def test_unknown_model_uri_is_a_clear_error(registered_model, test_set, tmp_path
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_no_images_is_a_clear_error(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_no_images_is_a_clear_error(tiny_model, tmp_path, capsys):
     assert predict(tmp_path, "--model", tiny_model.bundle, "--out", tmp_path / "x.csv") == 2
     assert "no images" in capsys.readouterr().err
 
 
-def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monkeypatch):
     """`camid evaluate --folder`: a `<label>/<files>` tree scored unaltered and under every manipulation."""
     folder = tmp_path / "labelled"
     for path, label in zip(tiny_model.test.path, tiny_model.test.label):
@@ -136,7 +135,9 @@ def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monk
 
     metrics = json.loads(metrics_file.read_text())
     assert metrics["images"] == len(tiny_model.test) and metrics["patches"] == 9 * len(tiny_model.test)
-    assert 0 <= metrics["weighted_accuracy"] <= 1 and set(metrics["per_camera"]) == set(tiny_model.labels)
+    assert metrics["weighted_accuracy"] == pytest.approx(0.7 * metrics["accuracy_unaltered"]
+                                                         + 0.3 * metrics["accuracy_manipulated"])
+    assert set(metrics["per_camera"]) == set(tiny_model.labels) and metrics["split"] == f"folder {folder}"
     table = pd.read_csv(plots_file)
     assert list(table.columns) == ["actual", "predicted"] and len(table) == metrics["patches"]
     assert (tmp_path / "c.png").stat().st_size > 0

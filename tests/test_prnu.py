@@ -155,7 +155,7 @@ def _jpeg(path, height, width):
 def test_enroll_errors_name_the_problem(zoo, tmp_path):
     _, a, _, _ = zoo
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CamidError, match="no photos"):
+    with pytest.raises(CamidError, match="no images"):
         prnu.enroll([tmp_path / "empty"])
     with pytest.raises(CamidError, match="does not exist"):
         prnu.enroll([tmp_path / "nowhere"])

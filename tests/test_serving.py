@@ -13,13 +13,12 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from camid.serving import predict_frame
-from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
 
-STATUS = ["camera", "manipulated", "manipulated_estimated", "patches"]
+STATUS = ["camera", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent"]
 
 
 @pytest.fixture(scope="module")
-def ensemble(tiny_model):  # noqa: F811
+def ensemble(tiny_model):
     """The tiny model as if its evaluation had kept all eight D4 views (an unevaluated bundle keeps the identity)."""
     import dataclasses
 
@@ -29,7 +28,7 @@ def ensemble(tiny_model):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def photos(tiny_model):  # noqa: F811
+def photos(tiny_model):
     """The held-out photos' bytes, one per camera twice over (the split keeps 2 of 6 per camera)."""
     return [open(path, "rb").read() for path in tiny_model.test.path], list(tiny_model.test.label)
 
@@ -156,12 +155,13 @@ def test_patches_param_scores_a_full_photo_on_a_grid(ensemble, photos):
 def test_jpeg_table_evidence_moves_only_unaltered_jpegs(ensemble, photos):
     import dataclasses
 
-    from camid.inference.jpeg_tables import TablePrior, signature_of
+    from camid.forensics.inspect import header_facts
+    from camid.inference.jpeg_tables import TablePrior
 
     images, _ = photos
     target = len(ensemble.labels) - 1
     # Training photos as if the firmware of the last camera alone wrote these photos' tables, 40 times over.
-    sigs = [signature_of(b) for b in images[:2]]
+    sigs = [header_facts(b)["jpeg_tables"] for b in images[:2]]
     prior = TablePrior.fit(sigs * 40, [target] * 80, ensemble.labels)
     informed = dataclasses.replace(ensemble, tables=prior, use_tables=True)
     frame = pd.DataFrame({"image": images[:2], "manipulated": [False, True]})
@@ -170,6 +170,9 @@ def test_jpeg_table_evidence_moves_only_unaltered_jpegs(ensemble, photos):
     assert moved.camera[0] == ensemble.labels[target]
     assert moved[ensemble.labels].iloc[0, target] > plain[ensemble.labels].iloc[0, target]
     np.testing.assert_allclose(moved[ensemble.labels].iloc[1], plain[ensemble.labels].iloc[1])  # manipulated row
+    # Without a flag the evidence applies whatever the auxiliary head estimates: the tables are the firmware's.
+    unflagged = predict_frame(informed, pd.DataFrame({"image": images[:2]}), {"tta": False, "patches": 1})
+    assert list(unflagged.camera) == [ensemble.labels[target]] * 2
     off = predict_frame(informed, frame, {"tta": False, "patches": 1, "jpeg_tables": False})
     np.testing.assert_allclose(off[ensemble.labels], plain[ensemble.labels])
     # A PNG has no tables: nothing to add.
@@ -178,6 +181,29 @@ def test_jpeg_table_evidence_moves_only_unaltered_jpegs(ensemble, photos):
     png = pd.DataFrame({"image": [buf.getvalue()], "manipulated": [False]})
     np.testing.assert_allclose(predict_frame(informed, png, {"tta": False})[ensemble.labels],
                                predict_frame(ensemble, png, {"tta": False})[ensemble.labels])
+
+
+def test_exif_model_is_checked_against_the_camera_the_pixels_point_to(ensemble, photos, catalog):
+    import dataclasses
+
+    images, labels = photos
+    cameras = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
+    checked = dataclasses.replace(ensemble, cameras=cameras)
+    out = predict_frame(checked, pd.DataFrame({"image": images}), {"tta": False, "patches": 1})
+    assert list(out.exif_camera) == labels  # the zoo writes each camera's EXIF Model
+    assert out.consistent.tolist() == [c == label for c, label in zip(out.camera, labels)]
+    # A photo whose EXIF names a camera outside the catalog, and one with no EXIF at all.
+    exif = Image.Exif()
+    exif[0x0110] = "Phone 9000"
+    other, bare = io.BytesIO(), io.BytesIO()
+    Image.open(io.BytesIO(images[0])).save(other, "JPEG", quality=95, exif=exif.tobytes())
+    Image.open(io.BytesIO(images[0])).save(bare, "PNG")
+    out = predict_frame(checked, pd.DataFrame({"image": [other.getvalue(), bare.getvalue()]}), {"patches": 1})
+    assert list(out.exif_model) == ["Phone 9000", ""] and list(out.exif_camera) == ["", ""]
+    assert out.consistent[0] is False or out.consistent[0] == False  # noqa: E712 (pandas' nullable boolean)
+    assert pd.isna(out.consistent[1])
+    # Without a catalog in the bundle (made before this check existed) nothing is claimed.
+    assert predict_frame(ensemble, pd.DataFrame({"image": images[:1]}), {"patches": 1}).consistent.isna().all()
 
 
 def test_bad_manipulated_value_names_the_row(ensemble):
@@ -190,7 +216,7 @@ def test_missing_image_column_says_what_to_send(ensemble):
         predict_frame(ensemble, pd.DataFrame({"picture": [jpeg()]}))
 
 
-def test_logged_pyfunc_takes_raw_bytes_and_base64_alike(registered_model, photos):  # noqa: F811
+def test_logged_pyfunc_takes_raw_bytes_and_base64_alike(registered_model, photos):
     """Through MLflow's schema enforcement: `image` is declared a string so base64 errors can name the row;
     Python callers still pass raw bytes, JSON clients base64 (with or without MIME line breaks)."""
     import mlflow

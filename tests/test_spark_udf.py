@@ -8,7 +8,6 @@ import subprocess
 import pandas as pd
 import pytest
 
-from tests.helpers_model import registered_model, tiny_model  # noqa: F401  (fixtures)
 
 
 def java_missing() -> str:
@@ -43,7 +42,7 @@ def spark():
     session.stop()
 
 
-def test_spark_udf_matches_the_pyfunc(spark, registered_model):  # noqa: F811
+def test_spark_udf_matches_the_pyfunc(spark, registered_model):
     import mlflow
     from pyspark.sql import functions as F
     from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, StructType

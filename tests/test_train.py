@@ -22,7 +22,7 @@ from camid.models import get_backbone, list_backbones
 from camid.train import resolve_train_params, train
 from tests.conftest import ROOT
 from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, tracking_env, use_tracking,
-                                write_params, zoo)  # noqa: F401 (zoo is a fixture)
+                                write_params)
 
 EPOCH_METRICS = ("loss", "camera_accuracy", "val_weighted_accuracy", "learning_rate")
 # The backbones whose one-step run stays near 10 s on 2 CPU cores; the others take 25 s (mobilenet) to over 3 min
@@ -64,7 +64,9 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     for metric in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert steps == [0, 1], (metric, steps)
-    assert 0 <= run.data.metrics["best_weighted_accuracy"] <= 1
+    assert run.data.metrics["best_weighted_accuracy"] == pytest.approx(summary["weighted_accuracy"])
+    assert summary["weighted_accuracy"] == pytest.approx(0.7 * summary["accuracy_unaltered"]
+                                                         + 0.3 * summary["accuracy_manipulated"])
     assert run.data.tags["git_commit"] not in ("", "unknown")
     assert run.data.tags["data_version"]
     assert {"confusion_matrix.png", "training_curves.png", "model/model.keras", "summary.json"} <= \
@@ -218,7 +220,8 @@ def test_every_backbone_trains_one_step(arch, zoo, params, tmp_path, monkeypatch
     settings = tiny_train(params.train, patch=patch, epochs=1, steps_per_epoch=1, batch_size=2)
     summary = train(arch, zoo.cache, tmp_path / arch, settings, params.catalog.labels, params.catalog)
     assert summary["arch"] == arch and summary["patch"] == patch
-    assert 0 <= summary["weighted_accuracy"] <= 1
+    assert summary["weighted_accuracy"] == pytest.approx(0.7 * summary["accuracy_unaltered"]
+                                                         + 0.3 * summary["accuracy_manipulated"])
     assert (tmp_path / arch / "model.keras").is_file()
     run = only_run()
     assert run.data.params["arch"] == arch and "val_weighted_accuracy" in run.data.metrics

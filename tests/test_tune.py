@@ -15,7 +15,7 @@ from camid.cli import main as camid_main
 from camid.config import TuneParams, load_params
 from camid.tune import ALGORITHMS, tune
 from tests.conftest import ROOT
-from tests.helpers_data import subprocess_env, tiny_train, tracking_env, use_tracking, write_params, zoo  # noqa: F401
+from tests.helpers_data import subprocess_env, tiny_train, tracking_env, use_tracking, write_params
 
 HYPERPARAMETERS = {"patch", "dense", "dropout", "learning_rate", "manipulation_prob"}
 

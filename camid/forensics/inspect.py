@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from camid.errors import CamidError
+from camid.fileio import iter_files
 from camid.forensics.exif import MalformedExif, edit_reason, parse_exif, read_exif
 from camid.forensics.jpeg_quality import JpegFormatError, JpegHeaderTruncated, read_jpeg_header
 
@@ -84,9 +85,22 @@ def inspect_file(path: str | os.PathLike, editors: Sequence[str] = (), max_pixel
         record["error"] = str(exc)
     except MemoryError:
         record["error"] = "too_large: out of memory while decoding"
-    except Exception as exc:  # one bad file never stops a run: anything unforeseen is reported as corrupt
+    except Exception as exc:  # one bad file never stops a run: what a decoder raises on it is reported as corrupt
+        if _raised_in_camid(exc):
+            raise  # a bug in camid itself, not a bad file: never hidden as "corrupt"
         record["error"] = f"corrupt: {type(exc).__name__}: {exc}"
     return record
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _raised_in_camid(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is camid's own code (and not a library it called)."""
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR)
 
 
 def _inspect(path: Path, record: dict, editors: tuple[str, ...], max_pixels: int, hashes: bool,
@@ -119,6 +133,28 @@ def _metadata(record: dict, fields: dict | None, xmp, irb, editors) -> None:
         record[key] = fields.get(key)
     record["edit_reason"] = edit_reason(fields, xmp, irb, editors)
     record["edited"] = record["edit_reason"] is not None
+
+
+def header_facts(data: bytes) -> dict:
+    """What an image's header says of its camera, without decoding pixels: `jpeg_tables` (the JPEG encoder's
+    table signature, None for other formats), EXIF `make` and `model` (None where absent or unreadable)."""
+    facts = {"jpeg_tables": None, "make": None, "model": None}
+    fields = None
+    try:
+        if data[:2] == b"\xff\xd8":
+            header = read_jpeg_header(io.BytesIO(data))
+            facts["jpeg_tables"] = header.table_signature
+            fields = read_exif(header.exif) if header.exif else None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as image:
+                    fields = parse_exif(image.getexif())
+    except (JpegFormatError, MalformedExif, UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass  # a damaged header says nothing; the pixels decide whether the image can be used at all
+    if fields:
+        facts.update(make=fields.get("make"), model=fields.get("model"))
+    return facts
 
 
 def _check_size(record: dict, max_pixels: int) -> None:
@@ -209,20 +245,6 @@ def _phash(fp, draft: bool) -> str:
     except (OSError, SyntaxError, ValueError) as exc:
         kind = "truncated" if "truncated" in str(exc) else "corrupt"
         raise InspectError(kind, str(exc) or type(exc).__name__) from None
-
-
-def iter_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named, and files under the directories named (sorted; hidden names skipped)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise CamidError(f"{path} does not exist")
-    return files
 
 
 def inspect_paths(files: Sequence[str | os.PathLike], editors: Sequence[str] = (), max_pixels: int = 100_000_000,

@@ -44,7 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from camid import fileio
 from camid.errors import CamidError
-from camid.imageio import ImageError, decode_image
+from camid.imageio import ImageError, decode_image, list_images
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 SATURATED = 250      # a channel at or above this carries no PRNU: the pixel weighs 0
 PEAK_RADIUS = 5      # PCE leaves out the 11x11 neighbourhood of the peak
 MIN_SIDE = 64
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 
@@ -164,22 +163,6 @@ def _views(pixels: np.ndarray, boxes: dict[int, Box], wiener: bool) -> dict[int,
 
 # -------------------------------------------------------------------------------------------- files
 
-def photo_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named, and image files under the folders named (sorted, hidden names skipped)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CamidError(f"{path} does not exist")
-    if not files:
-        raise CamidError(f"no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
-    return files
-
-
 def read_photo(path: Path) -> np.ndarray:
     """The stored pixels (no EXIF rotation: PRNU lives in the sensor's layout); ImageError if unusable."""
     try:
@@ -213,7 +196,7 @@ class Fingerprint:
 def enroll(paths: Sequence[str | Path], crop: int | None = None, max_photos: int | None = None,
            progress: bool = False) -> Fingerprint:
     """Estimate a device's fingerprint from its photos (files or folders), one photo in memory at a time."""
-    files = photo_files(paths)
+    files = list_images(paths)
     sizes = {path: size for path in files if (size := _size(path))}
     if not sizes:
         raise CamidError(f"none of the {len(files)} files is a readable image")
@@ -411,7 +394,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def _match(args: argparse.Namespace) -> int:
     matcher = Matcher(load_fingerprint(args.fingerprint), args.crop, args.search_shifts)
-    files = photo_files(args.queries)
+    files = list_images(args.queries)
     problems = []
     if not args.json:
         print(f"{'PCE':>10} {'corr':>8} {'rot':>4} {'shift':>11}  {'decision':<9} file")

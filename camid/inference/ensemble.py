@@ -56,6 +56,7 @@ class Ensemble:
     blend: str = "mean_square"       # how models, views and patches are combined
     tables: TablePrior | None = None  # JPEG-table evidence (camid.inference.jpeg_tables), used if use_tables
     use_tables: bool = False
+    cameras: list[dict] = field(default_factory=list)  # catalog entries (label, make, models) for the EXIF check
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -86,7 +87,7 @@ class Ensemble:
 
     @staticmethod
     def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict | None = None, *,
-                     tables: TablePrior | None = None, use_tables: bool = False) -> None:
+                     tables: TablePrior | None = None, use_tables: bool = False, catalog=None) -> None:
         """Record in a bundle the TTA views, blend and JPEG-table evidence that were chosen and scored (and,
         optionally, the scores)."""
         if blend not in BLENDS:
@@ -101,6 +102,8 @@ class Ensemble:
             spec["selection"] = scores
         if tables is not None:
             tables.write(bundle)
+        if catalog is not None:
+            spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
         write_json(spec_file, spec)
 
     @classmethod
@@ -117,7 +120,22 @@ class Ensemble:
         models = [keras.models.load_model(bundle / m["file"]) for m in spec["members"]]
         return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"],
                    views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
-                   tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)))
+                   tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
+                   cameras=spec.get("cameras", []))
+
+    def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
+        """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
+        label: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether that is
+        the predicted camera (None when the photo has no EXIF Model, or the bundle no catalog to match with)."""
+        from camid.config import Camera
+
+        cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in self.cameras]
+        named, consistent = [], []
+        for model, label in zip(models, predicted):
+            match = next((c.label for c in cameras if model and c.matches_model(model)), "")
+            named.append(match)
+            consistent.append(None if not model or not cameras else match == label)
+        return named, consistent
 
     def apply_tables(self, probs: np.ndarray, signatures, usable, force: bool = False) -> np.ndarray:
         """The JPEG-table evidence multiplied into (N, C) probabilities where `usable` (see jpeg_tables), if the
@@ -206,7 +224,7 @@ class Ensemble:
         flag is the majority of its patches' (given or estimated), and balancing, if asked, sees photos, not
         patches. `signatures[i]` is photo i's JPEG table signature (`jpeg_tables.signature_of`; None: none):
         where the bundle's evaluation kept the JPEG-table evidence (and `jpeg_tables`), it multiplies in for
-        photos not flagged manipulated. `member_views` of the result is None (the patches' own are not kept).
+        photos the caller did not say are manipulated. `member_views` of the result is None (the patches' own are not kept).
         """
         if not crops:
             raise CamidError("no photos to score")
@@ -223,7 +241,11 @@ class Ensemble:
                           for part in parts])
         flags = np.array([pred.manipulated[part].mean() >= 0.5 for part in parts])
         if jpeg_tables and signatures is not None:
-            probs = self.apply_tables(probs, signatures, ~flags)
+            # Only a caller's "manipulated" rules the evidence out: a JPEG whose tables some camera's firmware
+            # wrote is that camera's own file, whatever the auxiliary head guesses (re-saved files carry their
+            # editor's tables, which training photos do not have, and which therefore say nothing).
+            said_manipulated = np.array([not _missing(g) and bool(g) for g in given])
+            probs = self.apply_tables(probs, signatures, ~said_manipulated)
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views)

@@ -4,11 +4,12 @@ A camera's firmware compresses with its own quantization tables and chroma sampl
 few it picks per scene); every device of a model runs the same firmware, so the tables carry over from the
 devices training saw to devices it did not, and they often tell apart two models that share a sensor and differ
 only in firmware (a Nikon D70 and D70s, the zoo's Aster-A1 and A1s), where pixels alone are weakest. A photo
-re-saved by other software carries that software's tables instead, so the evidence is used only for photos
-whose bytes are the camera's own: JPEG input that is not flagged (or estimated) as manipulated.
+re-saved by other software carries that software's tables instead, which no training photo has, so it says
+nothing; the evidence is left out only where the caller says a photo is manipulated (and for the evaluation's
+manipulated copies), not where the auxiliary head merely estimates so.
 
 `TablePrior` counts, per camera, the table signatures (`camid.forensics.jpeg_quality.JpegHeader.
-table_signature`) of the training photos and turns a query's signature into a likelihood per camera,
+table_signature`; for bytes, `camid.forensics.inspect.header_facts`) of the training photos and turns a query's signature into a likelihood per camera,
 P(signature | camera) with add-`alpha` smoothing over the signatures seen plus one for "any other". The
 pixel probabilities are multiplied by it and renormalised (naive Bayes: the two kinds of evidence are close to
 independent given the camera). A signature no training photo had says nothing: the probabilities are left as
@@ -17,7 +18,6 @@ validation score; the bundle stores the counts (`jpeg_tables.json`).
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,29 +29,11 @@ from camid.fileio import write_json
 FILE = "jpeg_tables.json"
 
 
-def signature_of(data: bytes) -> str | None:
-    """The table signature of JPEG bytes; None for anything else (PNG, TIFF, a damaged header)."""
-    from camid.forensics.jpeg_quality import JpegFormatError, read_jpeg_header
-
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        return read_jpeg_header(io.BytesIO(data)).table_signature
-    except JpegFormatError:
-        return None
-
-
 def signature_of_file(path: str | Path) -> str | None:
-    from camid.forensics.jpeg_quality import JpegFormatError, read_jpeg_header
+    """The table signature of a JPEG file (header only); None for anything else or a damaged header."""
+    from camid.forensics.inspect import inspect_file
 
-    try:
-        with open(path, "rb") as fp:
-            if fp.read(2) != b"\xff\xd8":
-                return None
-            fp.seek(0)
-            return read_jpeg_header(fp).table_signature
-    except (OSError, JpegFormatError):
-        return None
+    return inspect_file(path, hashes=False)["jpeg_tables"]
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""A tiny trained camid model, built once per test session from camid's own stage functions (no CLI, no DVC).
-
-    from tests.helpers_model import tiny_model, registered_model  # noqa: F401  (pytest fixtures)
+"""A tiny trained camid model, built in minutes on a CPU from camid's own stage functions (no CLI, no DVC):
+what the tests (conftest.py's session fixtures), the benches and a quick demo run against.
 
 `tiny_model` is a trained smallcnn (one short epoch on a few virtual-zoo photos) gathered into an ensemble
 bundle, with its held-out photos; `registered_model` adds the registered MLflow pyfunc (model `camid`,
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME, ALIAS = "camid", "champion"
@@ -113,22 +111,3 @@ def register_tiny_model(model: TinyModel) -> TinyModel:
         model.local_uri = mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri,
                                                              dst_path=str(model.root / "pyfunc"))
     return model
-
-
-# Pytest registers an imported fixture once per importing module, and a session fixture once per registration;
-# this cache makes every test module share one build.
-_SESSION: dict[str, TinyModel] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> TinyModel:
-    if "model" not in _SESSION:
-        _SESSION["model"] = build_tiny_model(tmp_path_factory.mktemp("tiny-model"), register=False)
-    return _SESSION["model"]
-
-
-@pytest.fixture(scope="session")
-def registered_model(tiny_model) -> TinyModel:
-    if tiny_model.model_uri is None:
-        register_tiny_model(tiny_model)
-    return tiny_model
