@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAMLError
 
 from camid.errors import CamidError
+
+# camid reads and writes YAML with one library, ruamel.yaml: YAML 1.2 (where `1e-4` is a number) and, for
+# rewriting params.yaml (camid.profile), a round trip that keeps comments.
 
 PARAMS_FILE = "params.yaml"
 
@@ -249,10 +252,30 @@ def load_raw(path: str | os.PathLike | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run camid from the project root or set CAMID_PARAMS to a params file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = read_yaml(path.read_text()) or {}
+    except YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return raw
+
+
+def read_yaml(text: str):
+    """Plain Python data (dicts, lists, scalars) from YAML text."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def dump_yaml(data) -> str:
+    """Block-style YAML text for plain Python data, keys in the order given."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    return buf.getvalue()
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:

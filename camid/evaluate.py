@@ -76,11 +76,10 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
                             batch_size=batch_size)
     labels = ensemble.labels
     views = ensemble.resolve_views(settings.tta, views)
-    signatures, unaltered = row_signatures(evalset), evalset.manipulation == 0
+    signatures = row_signatures(evalset)
 
     def probs(chosen, tables: bool) -> np.ndarray:
-        blended = _blended(pred.member_views, chosen, settings.blend)
-        return ensemble.apply_tables(blended, signatures, unaltered, force=True) if tables else blended
+        return final_probs(ensemble, evalset, pred.member_views, signatures, chosen, tables, settings.blend)
 
     def weighted(chosen, tables: bool) -> float:
         return report(evalset, probs(chosen, tables), labels, settings.balance)[0]["weighted_accuracy"]
@@ -102,10 +101,42 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
         weighted_accuracy_per_view={D4[v]: weighted((v,), False) for v in ALL_VIEWS},  # pixels only
         comparison={name: {"pixels_only": weighted(chosen, False), "with_jpeg_tables": weighted(chosen, True)}
                     for name, chosen in (("no_tta", (0,)), ("chosen_views", views), ("all_d4", ALL_VIEWS))},
+        calibration=calibration_report(ensemble, probs(views, tables), evalset.labels, "patch"),
     )
     table = pd.DataFrame({"actual": np.asarray(labels)[evalset.labels], "predicted": np.asarray(labels)[p],
                           "manipulation": evalset.manipulation, "image_id": evalset.image_id})
     return metrics, table, pred.member_views
+
+
+def final_probs(ensemble: Ensemble, evalset, member_views, signatures, views, tables: bool, method: str) -> np.ndarray:
+    """(N, C) answers for an EvalSet before calibration: `views` blended, then the JPEG-table evidence on the
+    unaltered rows if `tables`."""
+    blended = _blended(member_views, views, method)
+    return ensemble.apply_tables(blended, signatures, evalset.manipulation == 0, force=True) if tables else blended
+
+
+def calibration_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, kind: str) -> dict:
+    """ECE of uncalibrated `probs` and of the same under the bundle's `kind` temperature."""
+    from camid.inference.calibration import expected_calibration_error
+
+    return {"temperature": ensemble.temperature.get(kind), "ece_before": expected_calibration_error(probs, labels),
+            "ece_after": expected_calibration_error(ensemble.calibrate(probs, kind), labels)}
+
+
+def fit_temperatures(ensemble: Ensemble, cache: Path, settings: EvaluateParams) -> dict:
+    """Calibration temperatures on the validation split, for the bundle's own settings: one for single
+    patches (the cached centre crops, unaltered and manipulated) and one for whole photos (auto patches)."""
+    from camid.dataset import eval_patches
+    from camid.inference.calibration import fit_temperature
+
+    evalset = eval_patches(cache, split="val", patch=ensemble.patch)
+    # scored with the bundle's own views only, so every index of the views axis is one of them
+    member_views = ensemble.predict(evalset.images, evalset.manipulation > 0, blend=settings.blend).member_views
+    patch = final_probs(ensemble, evalset, member_views, row_signatures(evalset), range(len(ensemble.views)),
+                        ensemble.use_tables, settings.blend)
+    photos = load_photos(cache, "val", ensemble.patch)
+    return {"patch": fit_temperature(patch, evalset.labels),
+            "photo": fit_temperature(photo_probs(ensemble, photos, jpeg_tables=ensemble.use_tables), photos[2])}
 
 
 def row_signatures(evalset) -> list[str | None]:
@@ -175,40 +206,55 @@ def choose_settings(ensemble: Ensemble, cache: Path, settings: EvaluateParams, t
                                            for v in ALL_VIEWS}}
 
 
-def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
-    """Accuracy on the split's whole photos, unaltered, as `camid predict --full-image` scores them: each photo
-    on `patches` grid patches (0: auto), blended into one answer, with the bundle's settings; also without TTA
-    and from the pixels alone (without the JPEG-table evidence)."""
+def load_photos(cache: Path, split: str, patch: int, patches: int = 0):
+    """Each whole photo of the split cut as `camid predict --full-image` cuts it (`patches` grid patches, 0:
+    auto): the crops, the JPEG table signatures and the true labels."""
     from tqdm import tqdm
 
+    from camid.forensics.inspect import header_facts
     from camid.imageio import decode_image
-    from camid.metrics import accuracy, per_camera_accuracy
     from camid.patches import grid_crops
     from camid.prepare import read_index
-
-    from camid.forensics.inspect import header_facts
 
     photos = read_index(cache, split).drop_duplicates("image")
     crops, signatures = [], []
     for path in tqdm(photos["path"], desc=f"full photos ({split})", unit="photo", leave=False):
         data = Path(path).read_bytes()
-        crops.append(grid_crops(decode_image(data), ensemble.patch, patches))
+        crops.append(grid_crops(decode_image(data), patch, patches))
         signatures.append(header_facts(data)["jpeg_tables"])
-    y = photos["label_index"].to_numpy()
-    result = {"photos": len(photos), "patches": "auto" if patches == 0 else patches,
-              "patches_per_photo_mean": float(np.mean([len(c) for c in crops]))}
+    return crops, signatures, photos["label_index"].to_numpy()
+
+
+def photo_probs(ensemble: Ensemble, photos, *, tta: bool = True, jpeg_tables: bool = True,
+                calibrated: bool = False) -> np.ndarray:
+    """(photos, C) answers for `load_photos` output, unaltered, each photo's patches blended into one."""
+    crops, signatures, _ = photos
+    return ensemble.predict_photos(crops, [False] * len(crops), signatures=signatures, tta=tta,
+                                   jpeg_tables=jpeg_tables, calibrated=calibrated).probs
+
+
+def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
+    """Accuracy on the split's whole photos, unaltered, as `camid predict --full-image` scores them, with the
+    bundle's settings; also without TTA and from the pixels alone (without the JPEG-table evidence); and the
+    photo-level calibration error before and after the bundle's photo temperature."""
+    from camid.metrics import accuracy, per_camera_accuracy
+
+    photos = load_photos(cache, split, ensemble.patch, patches)
+    y = photos[2]
+    result = {"patches": "auto" if patches == 0 else patches, "photos": len(y),
+              "patches_per_photo_mean": float(np.mean([len(c) for c in photos[0]]))}
     for tta in (True, False):
-        if not tta and ensemble.views == (0,):
-            result["accuracy_no_tta"] = result["accuracy"]
-            result["accuracy_no_tta_pixels_only"] = result["accuracy_pixels_only"]
-            break
-        pred = ensemble.predict_photos(crops, [False] * len(crops), tta=tta)  # no signatures: pixels only
-        suffix = "" if tta else "_no_tta"
-        result[f"accuracy{suffix}_pixels_only"] = accuracy(y, pred.labels)
-        labels = ensemble.apply_tables(pred.probs, signatures, ~pred.manipulated).argmax(1)
-        result[f"accuracy{suffix}"] = accuracy(y, labels)
-        if tta:
-            result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(y, labels, len(ensemble.labels))))
+        for tables in (True, False):
+            suffix = ("" if tta else "_no_tta") + ("" if tables else "_pixels_only")
+            if not tta and ensemble.views == (0,):
+                result[f"accuracy{suffix}"] = result[f"accuracy{'' if tables else '_pixels_only'}"]
+                continue
+            probs = photo_probs(ensemble, photos, tta=tta, jpeg_tables=tables)
+            result[f"accuracy{suffix}"] = accuracy(y, probs.argmax(1))
+            if tta and tables:
+                result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(y, probs.argmax(1),
+                                                                                     len(ensemble.labels))))
+                result["calibration"] = calibration_report(ensemble, probs, y, "photo")
     return result
 
 
@@ -228,6 +274,7 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         views, use_tables, selection = choose_settings(first, cache, settings, tables)
         Ensemble.set_settings(bundle, views, settings.blend, selection, tables=tables, use_tables=use_tables,
                               catalog=catalog)
+        Ensemble.set_temperature(bundle, fit_temperatures(Ensemble.load(bundle), cache, settings))
         ensemble = Ensemble.load(bundle)
         metrics, table, _ = score(ensemble, cache, settings)
         metrics.update(selection)

@@ -8,8 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-import yaml
-
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "camid"
 STAGE_RUNS = "CAMID_STAGE_RUNS"  # "nested": each stage its own child run of MLFLOW_RUN_ID (mlflow run -e main)
@@ -36,7 +34,9 @@ def data_version(path: str | os.PathLike, lock_file: str = "dvc.lock") -> str:
     path = Path(path)
     lock = Path(lock_file)
     if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        from camid.config import read_yaml
+
+        stages = (read_yaml(lock.read_text()) or {}).get("stages", {})
         for stage in stages.values():
             for out in stage.get("outs", []):
                 if Path(out.get("path", "")) == path and out.get("md5"):

@@ -225,13 +225,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_train_params(args: argparse.Namespace, base: TrainParams) -> TrainParams:
     """params.yaml's train block, then a params file (tune's best), then command-line flags."""
-    import yaml
+    from camid.config import read_yaml
 
     overrides = {}
     if getattr(args, "params_file", None):
         if not args.params_file.is_file():
             raise CamidError(f"--params-file {args.params_file} not found")
-        overrides.update((yaml.safe_load(args.params_file.read_text()) or {}).get("train", {}))
+        overrides.update((read_yaml(args.params_file.read_text()) or {}).get("train", {}))
     for field in dataclasses.fields(TrainParams):
         value = getattr(args, field.name, None)
         if value is None or field.name == "archs":

@@ -130,10 +130,10 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
         train_block = {"learning_rate": float(best["learning_rate"]), "dropout": [float(best["dropout"])],
                        "dense": [int(best["dense"])], "patch": int(best["patch"]),
                        "manipulation_prob": float(best["manipulation_prob"])}
-        import yaml
+        from camid.config import dump_yaml
 
         text = (f"# best of {len(tuner.oracle.trials)} {settings.algorithm} trials for {arch}: "
-                f"{MONITOR} {best_trial.score:.4f}\n" + yaml.safe_dump({"train": train_block}, sort_keys=True))
+                f"{MONITOR} {best_trial.score:.4f}\n" + dump_yaml({"train": dict(sorted(train_block.items()))}))
         write_text(out, text)
         mlflow.log_artifact(str(out))
     log.info("best %s %.4f with %s; written to %s", MONITOR, best_trial.score, train_block, out)

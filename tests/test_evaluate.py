@@ -72,3 +72,26 @@ def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluat
     per_camera = np.array(list(prior.counts.values())).sum(axis=0)
     assert per_camera.tolist() == [int((train.label == label).sum()) for label in tiny_model.labels]
     assert all(signature_of_file(p) in prior.counts for p in train.path)
+
+
+def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(tiny_model, evaluated):
+    import dataclasses
+
+    from camid.evaluate import fit_temperatures
+    from camid.inference.ensemble import Ensemble
+
+    metrics, out, settings = evaluated
+    spec = json.loads((out / "bundle" / "ensemble.json").read_text())
+    assert set(spec["temperature"]) == {"patch", "photo"}
+    ensemble = Ensemble.load(out / "bundle")
+    uncalibrated = dataclasses.replace(ensemble, temperature={})
+    refit = fit_temperatures(uncalibrated, tiny_model.root / "cache", settings)
+    assert refit == pytest.approx(spec["temperature"], rel=1e-6)  # the validation optimum, nothing else
+    assert metrics["calibration"]["temperature"] == pytest.approx(spec["temperature"]["patch"])
+    assert {"ece_before", "ece_after"} <= set(metrics["calibration"]) <= {"ece_before", "ece_after", "temperature"}
+    assert set(metrics["full_image"]["calibration"]) == {"temperature", "ece_before", "ece_after"}
+    patches = np.stack([np.zeros((ensemble.patch, ensemble.patch, 3), np.uint8) + i for i in range(0, 250, 50)])
+    flags = np.array([False] * len(patches))
+    with_t, without = ensemble.predict(patches, flags), uncalibrated.predict(patches, flags)
+    assert np.array_equal(with_t.labels, without.labels)
+    assert not np.allclose(with_t.probs, without.probs) or spec["temperature"]["patch"] == pytest.approx(1.0)

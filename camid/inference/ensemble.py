@@ -57,6 +57,7 @@ class Ensemble:
     tables: TablePrior | None = None  # JPEG-table evidence (camid.inference.jpeg_tables), used if use_tables
     use_tables: bool = False
     cameras: list[dict] = field(default_factory=list)  # catalog entries (label, make, models) for the EXIF check
+    temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T} fitted on val (calibration.py)
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -121,7 +122,22 @@ class Ensemble:
         return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"],
                    views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
                    tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
-                   cameras=spec.get("cameras", []))
+                   cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}))
+
+    @staticmethod
+    def set_temperature(bundle: Path, temperature: dict) -> None:
+        """Record the calibration temperatures ({"patch": T, "photo": T}) fitted on validation."""
+        spec_file = Path(bundle) / "ensemble.json"
+        spec = json.loads(spec_file.read_text())
+        spec["temperature"] = {k: float(v) for k, v in temperature.items()}
+        write_json(spec_file, spec)
+
+    def calibrate(self, probs: np.ndarray, kind: str) -> np.ndarray:
+        """`probs` under the bundle's `kind` ("patch" or "photo") temperature; unchanged without one."""
+        from camid.inference.calibration import apply_temperature
+
+        t = self.temperature.get(kind)
+        return probs if t is None else apply_temperature(probs, t)
 
     def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
         """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
@@ -211,13 +227,13 @@ class Ensemble:
         member_views = np.concatenate([p[0] for p in parts], axis=2)
         manipulation_probs = np.concatenate([p[1] for p in parts])
         flags = np.concatenate([p[2] for p in parts])
-        probs = blend_probs(member_views.reshape(-1, n, member_views.shape[-1]), blend)
+        probs = self.calibrate(blend_probs(member_views.reshape(-1, n, member_views.shape[-1]), blend), "patch")
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, unknown, manipulation_probs, member_views, views)
 
     def predict_photos(self, crops: list[np.ndarray], manipulated=None, *, signatures=None, tta: bool = True,
                        views=None, blend: str | None = None, jpeg_tables: bool = True, balance: str = "none",
-                       batch_size: int = 64) -> Prediction:
+                       calibrated: bool = True, batch_size: int = 64) -> Prediction:
         """Score photos given as their patches: `crops[i]` is (K_i, P, P, 3), e.g. `camid.patches.grid_crops`.
 
         Every (model, view, patch) of a photo is blended into that photo's one distribution, its manipulated
@@ -246,6 +262,9 @@ class Ensemble:
             # editor's tables, which training photos do not have, and which therefore say nothing).
             said_manipulated = np.array([not _missing(g) and bool(g) for g in given])
             probs = self.apply_tables(probs, signatures, ~said_manipulated)
+        if calibrated:  # a photo of one patch is calibrated as a patch, of many as a photo
+            probs = np.stack([self.calibrate(row[None], "patch" if k == 1 else "photo")[0]
+                              for row, k in zip(probs, counts)])
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views)
