@@ -111,7 +111,7 @@ def test_cache_too_small_or_for_another_catalog(cache, catalog):
     with pytest.raises(CamidError, match="too small"):
         patches(cache, catalog, patch=PATCH + 2)
     other = type(catalog)("other", catalog.cameras[::-1])
-    with pytest.raises(CamidError, match="re-run camid prepare"):
+    with pytest.raises(CamidError, match="re-run the prepare stage"):
         patches(cache, other)
 
 
