@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from camid.inference.balancing import balance_to_quota
-from camid.metrics import accuracy, weighted_accuracy
+from camid.core.metrics import accuracy, weighted_accuracy
 
 N_CAMERAS = 10
 # Look-alike cameras (indices in the catalog's order): same maker or same sensor family.

@@ -1,7 +1,7 @@
 """How accuracy on held-out full photos grows with the number of patches scored per photo (`--full-image`).
 
 Each photo is scored the way `camid predict --full-image --patches K` scores it: K CFA-aligned patches on a
-grid over the photo (`camid.patches.grid_offsets`; 0 is auto), blended into one distribution, with the
+grid over the photo (`camid.core.patches.grid_offsets`; 0 is auto), blended into one distribution, with the
 bundle's own TTA views; pixels only and with the JPEG-table evidence. By default a smallcnn is trained
 briefly on a small virtual zoo built in a temporary folder and scored on its test photos (devices it never
 saw); `--bundle` scores a given ensemble instead, e.g. the one `dvc repro` leaves (read-only):
@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def held_out(photos: Path) -> pd.DataFrame:
     """path,label rows from a split CSV (paths relative to the working directory) or a <label>/<files> folder."""
-    from camid.imageio import list_images
+    from camid.core.imageio import list_images
 
     if photos.suffix == ".csv":
         table = pd.read_csv(photos)
@@ -40,7 +40,7 @@ def held_out(photos: Path) -> pd.DataFrame:
 
 
 def accuracy_by_patches(ensemble, photos: pd.DataFrame, counts: list[int], tta: bool) -> list[dict]:
-    from camid.predict import predict_files
+    from camid.stages.predict import predict_files
 
     files = [Path(p) for p in photos.path]
     truth = dict(zip(map(str, files), photos.label))

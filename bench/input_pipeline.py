@@ -23,9 +23,9 @@ import pandas as pd
 from PIL import Image
 
 from camid.config import Camera, Catalog
-from camid.manipulations import MANIPULATIONS, apply, source_size
-from camid.patches import random_aligned_crop
-from camid.prepare import prepare
+from camid.core.manipulations import MANIPULATIONS, apply, source_size
+from camid.core.patches import random_aligned_crop
+from camid.data.cache import prepare
 
 PATCH = 512
 HEIGHT, WIDTH = 3000, 4000
@@ -72,7 +72,7 @@ def timed(fn) -> tuple[float, float]:
 
 
 def bench_cache(cache: Path, batches: int) -> tuple[int, float, float]:
-    from camid.dataset import TrainPatches  # imports Keras
+    from camid.data.dataset import TrainPatches  # imports Keras
 
     dataset = TrainPatches(cache, CATALOG, patch=PATCH, batch_size=8, steps_per_epoch=batches + 1,
                            manipulation_prob=1.0, seed=0)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops
 
-from camid.fileio import write_bytes
+from camid.core.fileio import write_bytes
 from camid.forensics.inspect import DC_SCAN, inspect_paths
 
 # (height, width) of 12 to 24 MP phone and camera sensors

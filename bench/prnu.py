@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from camid import synth
+from camid.data import synth
 from camid.config import SynthParams, load_params
 from camid.forensics import prnu
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,21 +28,16 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from camid.serving.server import LocalServer
 from camid.tiny import build_tiny_model, inside
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def register_pair(model) -> dict[str, str]:
     """Register the first member alone and the whole bundle, each under its own name."""
     from camid.inference.ensemble import Ensemble
-    from camid.register import register
+    from camid.stages.register import register
 
     single = Ensemble.write_bundle(model.members[:1], model.root / "single")
     uris = {}
@@ -54,40 +47,6 @@ def register_pair(model) -> dict[str, str]:
             record = register(bundle, {"weighted_accuracy": model.weighted_accuracy}, name, "champion")
             uris[label] = record["alias_uri"]
     return uris
-
-
-class Server:
-    """`mlflow models serve` on a free loopback port, one uvicorn worker, the project's own environment."""
-
-    def __init__(self, model_uri: str, env: dict, log_file: Path):
-        self.port, self.log_file = free_port(), log_file
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_file, "w")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port), "-w", "1", "-t", "300"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"mlflow models serve exited:\n{self.log_file.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"mlflow models serve did not answer /ping in {timeout:.0f} s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def hammer(url: str, payload: dict, clients: int, total: int, time_limit: float) -> dict:
@@ -175,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inprocess-images", type=int, default=16, help="images for batched vs naive")
     args = parser.parse_args(argv)
 
-    from camid.imageio import decode_image
-    from camid.patches import centre_crop
-    from camid.imageio import list_images
-    from camid.predict import load_ensemble
+    from camid.core.imageio import decode_image
+    from camid.core.patches import centre_crop
+    from camid.core.imageio import list_images
+    from camid.inference.ensemble import load_ensemble
 
     with tempfile.TemporaryDirectory(prefix="camid-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -195,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             import dataclasses
 
             from camid.config import load_params
-            from camid.synth import synthesize
+            from camid.data.synth import synthesize
 
             params = load_params(ROOT / "params.yaml")
             synthesize(tmp / "photos", params.catalog, dataclasses.replace(params.synth, images_per_device=1,
@@ -203,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             photos = list_images([tmp / "photos"])
         print(f"models ready in {time.perf_counter() - started:.0f} s; starting {len(targets)} server(s)", flush=True)
 
-        servers = {label: Server(uri, env, tmp / f"serve-{i}.log") for i, (label, uri) in enumerate(targets.items())}
+        servers = {label: LocalServer(uri, tmp / f"serve-{i}.log", env=env, workers=1, timeout_s=300)
+                   for i, (label, uri) in enumerate(targets.items())}
         results, bad_request = {}, None
         try:
             for server in servers.values():
-                server.wait()
+                server.start(startup_s=240)
             payload = photo_payload(photos, args.batch, args.patches)
             for label, server in servers.items():
                 warm = requests.post(f"{server.url}/invocations", json=payload, timeout=300)

@@ -1,6 +1,6 @@
 """Test-time augmentation, side by side in one run: test-set weighted accuracy without TTA, with the views the
 evaluation chose on validation, with all eight D4 views, and per view; pixels only and with the JPEG-table
-evidence. The test set holds devices training never saw (camid.split).
+evidence. The test set holds devices training never saw (camid.stages.split).
 
     python bench/tta.py                                   # the `make run` model: models/ensemble, data/cache
     python bench/tta.py --bundle models/ensemble --cache data/cache --split val
@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from camid.config import load_params
-    from camid.evaluate import score
+    from camid.inference.scoring import score
     from camid.inference.ensemble import Ensemble
 
     ensemble = Ensemble.load(args.bundle)

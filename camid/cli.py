@@ -16,22 +16,23 @@ from camid.errors import CamidError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("camid.synth", "make the virtual camera zoo: real JPEGs from simulated imaging pipelines"),
-    "acquire": ("camid.acquire", "the acquire stage: build data/raw from the source set in params (synthetic|folder|flickr)"),
-    "crawl": ("camid.acquire.flickr", "crawl a photo site (flickr) for originals of the catalog's cameras"),
-    "ingest": ("camid.acquire.ingest", "link a Kaggle-layout or <label>/<files> tree into the raw data layout"),
+    "synth": ("camid.data.synth", "make the virtual camera zoo: real JPEGs from simulated imaging pipelines"),
+    "acquire": ("camid.stages.acquire", "the acquire stage: build data/raw from the source set in params (synthetic|folder|flickr)"),
+    "crawl": ("camid.stages.acquire.flickr", "crawl a photo site (flickr) for originals of the catalog's cameras"),
+    "ingest": ("camid.stages.acquire.ingest", "link a Kaggle-layout or <label>/<files> tree into the raw data layout"),
     "inspect": ("camid.forensics.inspect", "forensic header inspection: EXIF, ImageMagick-exact JPEG quality, edits, phash"),
     "prnu": ("camid.forensics.prnu", "device-level identification: enrol a sensor's PRNU fingerprint, match photos by PCE"),
-    "filter": ("camid.filter", "the filter stage: keep only untouched originals of catalog cameras"),
-    "split": ("camid.split", "the split stage: stratified train/validation split of the filtered photos"),
-    "prepare": ("camid.prepare", "the prepare stage: decode each photo once into a cache of CFA-aligned crops"),
-    "train": ("camid.train", "train one backbone, tracked in MLflow"),
-    "tune": ("camid.tune", "keras-tuner search over a backbone's hyperparameters, one nested MLflow run per trial"),
-    "evaluate": ("camid.evaluate", "score trained models on the held-out split: weighted accuracy, confusion matrix"),
-    "register": ("camid.register", "bundle trained runs into the camid pyfunc model and register it in MLflow"),
-    "predict": ("camid.predict", "batch prediction with a registered model: Kaggle submission CSV and probabilities"),
-    "profile": ("camid.profile", "switch params.yaml to a named profile (e.g. kaggle)"),
-    "catalog": ("camid.catalog", "write a camera catalog into params.yaml from a folder of your own labelled photos"),
+    "filter": ("camid.stages.filter", "the filter stage: keep only untouched originals of catalog cameras"),
+    "split": ("camid.stages.split", "the split stage: stratified train/validation split of the filtered photos"),
+    "prepare": ("camid.stages.prepare", "the prepare stage: decode each photo once into a cache of CFA-aligned crops"),
+    "train": ("camid.stages.train", "train one backbone, tracked in MLflow"),
+    "tune": ("camid.stages.tune", "keras-tuner search over a backbone's hyperparameters, one nested MLflow run per trial"),
+    "evaluate": ("camid.stages.evaluate", "score trained models on the held-out split: weighted accuracy, confusion matrix"),
+    "register": ("camid.stages.register", "bundle trained runs into the camid pyfunc model and register it in MLflow"),
+    "predict": ("camid.stages.predict", "batch prediction with a registered model: Kaggle submission CSV and probabilities"),
+    "profile": ("camid.tools.profile", "switch params.yaml to a named profile (e.g. kaggle)"),
+    "catalog": ("camid.tools.catalog", "write a camera catalog into params.yaml from a folder of your own labelled photos"),
+    "explain": ("camid.tools.explain", "why this camera: per-patch camera probabilities over the photo as a heat map, and Grad-CAM"),
 }
 
 

@@ -17,7 +17,7 @@ from ruamel.yaml import YAMLError
 from camid.errors import CamidError
 
 # camid reads and writes YAML with one library, ruamel.yaml: YAML 1.2 (where `1e-4` is a number) and, for
-# rewriting params.yaml (camid.profile), a round trip that keeps comments.
+# rewriting params.yaml (camid.tools.profile), a round trip that keeps comments.
 
 PARAMS_FILE = "params.yaml"
 
@@ -153,6 +153,7 @@ class EvaluateParams:
     jpeg_tables: bool = True
     blend: str = "mean_square"
     balance: str = "none"
+    open_set_accept: float = 0.95    # share of validation photos the open-set threshold accepts (the rest: unknown)
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,10 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
     """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register."""
     from camid.config import load_params
     from camid.inference.ensemble import Ensemble
-    from camid.prepare import prepare
-    from camid.split import split
-    from camid.synth import synthesize
-    from camid.train import train
+    from camid.data.cache import prepare
+    from camid.stages.split import split
+    from camid.data.synth import synthesize
+    from camid.stages.train import train
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def register_tiny_model(model: TinyModel) -> TinyModel:
     """Log + register the bundle as the camid pyfunc (the register stage's own function) and copy it locally."""
     import mlflow
 
-    from camid.register import register
+    from camid.stages.register import register
 
     with inside(model.root, MLFLOW_TRACKING_URI=model.tracking_uri, MLFLOW_EXPERIMENT_NAME="camid-tests"):
         record = register(model.bundle, {"weighted_accuracy": model.weighted_accuracy}, MODEL_NAME, ALIAS)

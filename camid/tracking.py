@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -29,24 +30,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def data_version(path: str | os.PathLike, lock_file: str = "dvc.lock") -> str:
-    """The DVC hash of a stage output (from dvc.lock) or, before DVC has locked it, a hash of its index files."""
-    path = Path(path)
-    lock = Path(lock_file)
-    if lock.is_file():
-        from camid.config import read_yaml
+def _file_md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
 
-        stages = (read_yaml(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                if Path(out.get("path", "")) == path and out.get("md5"):
-                    return out["md5"]
-    digest = hashlib.md5()
-    for f in sorted(path.rglob("*")):
-        if f.is_file() and f.suffix in {".json", ".parquet", ".csv"}:
-            digest.update(f.relative_to(path).as_posix().encode())
-            digest.update(f.read_bytes())
-    return "local-" + digest.hexdigest()
+
+def data_version(path: str | os.PathLike) -> str:
+    """The hash of the data at `path` as it is on disk now, computed the way DVC 3 hashes an output: a file's md5,
+    or for a folder the md5 of the sorted JSON list of its files' {md5, relpath}, plus ".dir". So it equals the
+    hash in dvc.lock when the folder is what DVC locked, and differs when the files were changed since; a run
+    tagged with it names the data it actually read, not what a lock file says should be there."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    if not path.is_dir():
+        from camid.errors import CamidError
+
+        raise CamidError(f"no data at {path}: nothing to hash; run the stage that makes it (dvc repro)")
+    entries = sorted(({"md5": _file_md5(f), "relpath": f.relative_to(path).as_posix()}
+                      for f in path.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 @contextlib.contextmanager
@@ -80,7 +83,7 @@ def log_figure(fig, artifact_file: str, local_path: str | os.PathLike | None = N
     import mlflow
 
     if local_path is not None:
-        from camid.fileio import atomic_path
+        from camid.core.fileio import atomic_path
 
         with atomic_path(local_path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

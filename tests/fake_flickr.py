@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 from PIL import Image
 
-from camid.acquire.flickr import search_queries
+from camid.stages.acquire.flickr import search_queries
 
 API_PATH = "/services/rest/"
 REAL_IMAGE_HOST = "https://live.staticflickr.com"

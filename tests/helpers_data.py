@@ -35,9 +35,9 @@ RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAM
 
 def build_zoo(root: Path, catalog) -> Zoo:
     from camid.config import SynthParams
-    from camid.prepare import prepare
-    from camid.split import split
-    from camid.synth import synthesize
+    from camid.data.cache import prepare
+    from camid.stages.split import split
+    from camid.data.synth import synthesize
 
     synthesize(root / "raw", catalog, SynthParams(devices_per_model=3, images_per_device=2, bad_fraction=0.0),
                progress=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from camid.acquire import acquire
-from camid.acquire.flickr import MANIFEST
+from camid.stages.acquire import acquire
+from camid.stages.acquire.flickr import MANIFEST
 from camid.cli import main
 from camid.config import ConfigError, load_params
 from tests.fake_flickr import FakeFlickr, camera_photos, make_jpeg, write_params
@@ -24,9 +24,9 @@ def files(root: Path) -> set[str]:
 def test_synthetic_calls_the_synthesizer(tmp_path, monkeypatch):
     params = load_params(write_params(tmp_path / "params.yaml"))
     calls = []
-    fake_synth = types.ModuleType("camid.synth")
+    fake_synth = types.ModuleType("camid.data.synth")
     fake_synth.synthesize = lambda out, catalog, synth, progress: calls.append((out, catalog, synth, progress))
-    monkeypatch.setitem(sys.modules, "camid.synth", fake_synth)
+    monkeypatch.setitem(sys.modules, "camid.data.synth", fake_synth)
     acquire(tmp_path / "raw", params, progress=False)
     assert calls == [(tmp_path / "raw", params.catalog, params.synth, False)]
 

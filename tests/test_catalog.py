@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from camid.catalog import build_entry, fnmatch_escape, from_folder, scan_folder
+from camid.tools.catalog import build_entry, fnmatch_escape, from_folder, scan_folder
 from camid.config import Camera, load_params
 from camid.errors import CamidError
 from camid.forensics.inspect import FIELDS

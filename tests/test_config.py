@@ -54,3 +54,31 @@ def test_unknown_keys_and_catalogs_are_refused(tmp_path):
         load_params(write(tmp_path, lambda p: p["catalog"].__setitem__("active", "nikon")))
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_every_default_in_config_is_the_value_in_params_yaml():
+    """A default is defined once: config.py's dataclass defaults (used when a params file leaves a key out) are
+    exactly the values of the project's params.yaml, so the two can never tell different stories."""
+    import dataclasses
+
+    from camid import config
+
+    params = config.load_params(ROOT / "params.yaml")
+    differ = []
+    for section in dataclasses.fields(config.Params):
+        cls = section.type if isinstance(section.type, type) else getattr(config, str(section.type), None)
+        if not dataclasses.is_dataclass(cls) or section.name == "catalog":
+            continue
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if f.name in ("pipelines", "editors"):  # tables (zoo pipelines, editor names): params.yaml only
+                continue
+            want, have = getattr(params, section.name), default
+            if dataclasses.is_dataclass(getattr(want, f.name)):  # acquire.flickr
+                for g in dataclasses.fields(getattr(want, f.name)):
+                    if getattr(getattr(want, f.name), g.name) != getattr(getattr(have, f.name), g.name):
+                        differ.append(f"{section.name}.{f.name}.{g.name}")
+            elif getattr(want, f.name) != getattr(have, f.name):
+                differ.append(f"{section.name}.{f.name}: params.yaml {getattr(want, f.name)!r}, "
+                              f"config.py {getattr(have, f.name)!r}")
+    assert not differ, differ

@@ -6,10 +6,10 @@ import pickle
 import numpy as np
 import pytest
 
-from camid.dataset import EvalSet, TrainPatches, eval_patches
+from camid.data.dataset import EvalSet, TrainPatches, eval_patches
 from camid.errors import CamidError
-from camid.manipulations import MANIPULATIONS, apply
-from camid.prepare import prepare, read_index, shard_path
+from camid.core.manipulations import MANIPULATIONS, apply
+from camid.data.cache import prepare, read_index, shard_path
 from tests.test_prepare import make_split
 
 PATCH = 64

@@ -72,5 +72,6 @@ def test_every_module_a_stage_runs_is_one_of_its_dependencies(stage, command, de
 
 
 def test_the_closure_follows_lazy_imports():
-    files = {f.relative_to(ROOT).as_posix() for f in closure("camid.evaluate")}
-    assert {"camid/evaluate.py", "camid/dataset.py", "camid/inference/ensemble.py", "camid/metrics.py"} <= files
+    files = {f.relative_to(ROOT).as_posix() for f in closure("camid.stages.evaluate")}
+    assert {"camid/stages/evaluate.py", "camid/data/dataset.py", "camid/inference/ensemble.py",
+            "camid/core/metrics.py"} <= files

@@ -7,10 +7,8 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +33,6 @@ def run(cmd, cwd, env, timeout=600):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,31 +109,11 @@ def png_b64(size) -> str:
 
 @pytest.fixture(scope="module")
 def server(project):
+    from camid.serving.server import LocalServer
+
     root, env = project
-    port = free_port()
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/camid@champion", "--env-manager", "local",
-                             "-p", str(port), "-h", "127.0.0.1"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited: {(root / 'serve.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise AssertionError("mlflow models serve did not answer /ping in 180 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with LocalServer("models:/camid@champion", root / "serve.log", env=env, cwd=root) as url:
+        yield url
 
 
 def invoke(url, payload):
@@ -162,8 +134,9 @@ def test_serve_answers_split_and_records(server, project):
     assert r.status_code == 200, r.text
     row = r.json()["predictions"][0]
     assert row["manipulated_estimated"] is True
-    status = ("camera", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent")
-    probs = {k: v for k, v in row.items() if k not in status}
+    from camid.serving.model import STATUS_COLUMNS
+
+    probs = {k: v for k, v in row.items() if k not in STATUS_COLUMNS}
     assert len(probs) == 10 and abs(sum(probs.values()) - 1) < 1e-6 and row["camera"] in probs
     assert row["patches"] > 1  # the whole photo, tiled (the default `patches`: auto)
     assert row["exif_camera"] == real_file.parent.name and row["exif_model"]  # the zoo writes EXIF Models

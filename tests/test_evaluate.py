@@ -13,7 +13,7 @@ from camid.tiny import inside
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, tmp_path_factory):
     from camid.config import load_params
-    from camid.evaluate import evaluate
+    from camid.stages.evaluate import evaluate
     from camid.tiny import ROOT
 
     out = tmp_path_factory.mktemp("evaluated")
@@ -39,7 +39,7 @@ def test_figures_are_on_the_test_devices_only(tiny_model, evaluated):
 def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bundle(tiny_model, evaluated):
     """Scoring every candidate on val again gives back the stored choice and its score; on test the model's
     own setting is what the headline figure reports."""
-    from camid.evaluate import ALL_VIEWS, score
+    from camid.inference.scoring import ALL_VIEWS, score
     from camid.inference.ensemble import Ensemble
     from camid.inference.tta import D4
 
@@ -77,7 +77,7 @@ def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluat
 def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(tiny_model, evaluated):
     import dataclasses
 
-    from camid.evaluate import fit_temperatures
+    from camid.inference.scoring import fit_confidence
     from camid.inference.ensemble import Ensemble
 
     metrics, out, settings = evaluated
@@ -85,8 +85,9 @@ def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(
     assert set(spec["temperature"]) == {"patch", "photo"}
     ensemble = Ensemble.load(out / "bundle")
     uncalibrated = dataclasses.replace(ensemble, temperature={})
-    refit = fit_temperatures(uncalibrated, tiny_model.root / "cache", settings)
+    refit, open_set = fit_confidence(uncalibrated, tiny_model.root / "cache", settings)
     assert refit == pytest.approx(spec["temperature"], rel=1e-6)  # the validation optimum, nothing else
+    assert open_set["threshold"] == pytest.approx(spec["open_set"]["threshold"], rel=1e-6)
     assert metrics["calibration"]["temperature"] == pytest.approx(spec["temperature"]["patch"])
     assert {"ece_before", "ece_after"} <= set(metrics["calibration"]) <= {"ece_before", "ece_after", "temperature"}
     assert set(metrics["full_image"]["calibration"]) == {"temperature", "ece_before", "ece_after"}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from camid.config import Camera, Catalog
 from camid.errors import CamidError
-from camid.filter import MANIFEST, REASONS, filter_raw
+from camid.stages.filter import MANIFEST, REASONS, filter_raw
 
 CATALOG = Catalog("test", (
     Camera("Boreal-B7", "Boreal", ("B7", "B7 Pro"), ((320, 240),), rot90=False),
@@ -181,7 +181,7 @@ def test_near_duplicate_threshold_is_the_param(raw, filter_params, tmp_path):
 
 
 def test_rejects_exactly_the_synthetic_zoos_bad_files(params, tmp_path):
-    synth = pytest.importorskip("camid.synth")
+    synth = pytest.importorskip("camid.data.synth")
     zoo = tmp_path / "zoo"
     synth_params = dataclasses.replace(params.synth, images_per_device=2, bad_fraction=0.3)
     catalog = Catalog(params.catalog.name, params.catalog.cameras[:5])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from camid.acquire import ingest as ingest_module
-from camid.acquire.ingest import ingest, link_file, resolve_label
+from camid.stages.acquire import ingest as ingest_module
+from camid.stages.acquire.ingest import ingest, link_file, resolve_label
 from camid.cli import main
 from camid.errors import CamidError
 from tests.fake_flickr import make_jpeg, write_params

@@ -11,7 +11,7 @@ from PIL import Image
 
 from camid.cli import main
 from camid.forensics.exif import clean_text, find_editor, xmp_agents
-from camid.fileio import iter_files
+from camid.core.fileio import iter_files
 from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_file, inspect_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +211,177 @@ def test_a_bug_in_camid_is_raised_not_reported_as_a_corrupt_file(tmp_path, monke
 
     monkeypatch.setattr(imagehash, "phash", library_fails)
     assert inspect_file(path)["error"] == "corrupt: TypeError: unsupported image layout"
+
+
+# --- firmware_match: which catalog cameras' firmware wrote a file's JPEG tables (camid inspect --model) ---
+
+FIRMWARE_LABELS = ["Aster-A1", "Aster-A1s", "Borea-B2"]
+# A custom luminance/chroma table pair, as a camera's firmware might use (no libjpeg quality writes it).
+CUSTOM_QTABLES = [[2 + (k % 7) for k in range(64)], [3 + (k % 5) for k in range(64)]]
+
+
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory):
+    """Real JPEGs from three 'firmwares', a bundle whose jpeg_tables.json counts the training ones, and queries."""
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+
+    folder = tmp_path_factory.mktemp("firmware")
+    writers = {"q90": {"quality": 90}, "custom": {"qtables": CUSTOM_QTABLES}, "q80_444": {"quality": 80, "subsampling": 0},
+               "q60": {"quality": 60}}  # q60: software no training photo came from
+
+    def write(name, seed, writer):
+        path = folder / name
+        path.write_bytes(jpeg_bytes(photo(seed), **writers[writer]))
+        return path
+
+    # Aster-A1: 3 photos at q90; Aster-A1s (same maker): 1 at q90, 2 with its custom tables; Borea-B2: 2 at q80 4:4:4.
+    training = [("q90", 0)] * 3 + [("q90", 1), ("custom", 1), ("custom", 1)] + [("q80_444", 2)] * 2
+    paths = [write(f"train-{k}.jpg", 10 + k, writer) for k, (writer, _) in enumerate(training)]
+    signatures = [signature_of_file(p) for p in paths]
+    tables = TablePrior.fit(signatures, [cam for _, cam in training], FIRMWARE_LABELS)
+    bundle = folder / "bundle"
+    bundle.mkdir()
+    tables.write(bundle)
+    png = folder / "query.png"
+    photo(99).save(png, "PNG")
+    queries = {writer: write(f"query-{writer}.jpg", 50 + k, writer) for k, writer in enumerate(writers)}
+    return {"bundle": bundle, "tables": tables, "queries": {**queries, "png": png}, "folder": folder}
+
+
+def test_table_prior_matches_most_photos_first_with_shares(firmware):
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+
+    tables, queries = firmware["tables"], firmware["queries"]
+    assert len({signature_of_file(queries[w]) for w in ("q90", "custom", "q80_444", "q60")}) == 4
+    assert tables.matches(signature_of_file(queries["q90"])) == [
+        {"camera": "Aster-A1", "photos": 3, "share": 0.75}, {"camera": "Aster-A1s", "photos": 1, "share": 0.25}]
+    assert tables.matches(signature_of_file(queries["custom"])) == [{"camera": "Aster-A1s", "photos": 2, "share": 1.0}]
+    assert tables.matches(signature_of_file(queries["q80_444"])) == [{"camera": "Borea-B2", "photos": 2, "share": 1.0}]
+    assert tables.matches(signature_of_file(queries["q60"])) == []
+    assert tables.matches(None) is None and signature_of_file(queries["png"]) is None
+    # Ties keep catalog order; a row of zeros is as good as unseen; the round trip through the file keeps it all.
+    tied = TablePrior({"s": [0, 2, 2], "z": [0, 0, 0]}, ["a", "b", "c"])
+    assert [m["camera"] for m in tied.matches("s")] == ["b", "c"] and tied.matches("z") == []
+    assert TablePrior.from_model(firmware["bundle"]).matches(signature_of_file(queries["custom"])) == \
+        tables.matches(signature_of_file(queries["custom"]))
+
+
+def _inspect_json(capsys, *args) -> dict[str, dict]:
+    assert main(["inspect", *map(str, args), "--json", "--workers", "1"]) == 0
+    return {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_cli_firmware_match_from_a_bundle(firmware, capsys, monkeypatch):
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    q = firmware["queries"]
+    files = [q["q90"], q["custom"], q["q60"], q["png"]]
+    records = _inspect_json(capsys, *files, "--model", firmware["bundle"])
+    assert [m["camera"] for m in records["query-q90.jpg"]["firmware_match"]] == ["Aster-A1", "Aster-A1s"]
+    assert records["query-custom.jpg"]["firmware_match"] == [{"camera": "Aster-A1s", "photos": 2, "share": 1.0}]
+    assert records["query-q60.jpg"]["firmware_match"] == []
+    assert records["query.png"]["firmware_match"] is None and records["query.png"]["error"] is None
+    assert all(tuple(r) == FIELDS + ("firmware_match",) for r in records.values())
+    # Without --model the records are exactly as before.
+    assert all(tuple(r) == FIELDS for r in _inspect_json(capsys, *files).values())
+
+    assert main(["inspect", *map(str, files), "--model", str(firmware["bundle"]), "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["firmware", "path"]
+    rows = {line.split()[-1]: line for line in lines[1:] if line.split()[-1].endswith((".jpg", ".png"))}
+    assert "Aster-A1|Aster-A1s" in rows[str(q["q90"])] and "none seen" in rows[str(q["q60"])]
+    assert "Aster-A1s " in rows[str(q["custom"])] and "none seen" not in rows[str(q["png"])]
+    assert "re-saved by other software, or a camera outside the catalog" in lines[-1]
+    assert main(["inspect", str(q["q90"]), "--workers", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.split() == ["quality", "size", "sampling", "model", "software", "edited", "path"]  # unchanged
+
+
+def test_firmware_cell_keeps_the_column_narrow():
+    from camid.forensics.inspect import firmware_cell
+
+    names = [{"camera": f"Camera-{k}", "photos": 1, "share": 0.2} for k in range(5)]
+    assert firmware_cell(names) == "Camera-0|Camera-1|+3"
+    assert firmware_cell([]) == "none seen" and firmware_cell(None) == ""
+
+
+def test_cli_bad_model_is_a_clear_error(firmware, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    query = str(firmware["queries"]["q90"])
+
+    def error(model) -> str:
+        assert main(["inspect", query, "--model", str(model), "--workers", "1"]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""  # nothing printed before the error: no half table
+        return err
+
+    assert "not found" in error(tmp_path / "no-such-bundle") and "models:/camid@champion" in error(tmp_path / "x")
+    untabled = tmp_path / "old-bundle"
+    untabled.mkdir()
+    (untabled / "ensemble.json").write_text("{}")
+    assert "jpeg_tables.json not found" in (err := error(untabled)) and "camid evaluate" in err
+    err = error("models:/no-such-model@champion")
+    assert "cannot read model 'models:/no-such-model@champion'" in err and "MLFLOW_TRACKING_URI" in err
+
+
+@pytest.fixture(scope="module")
+def registered_tables(firmware, tmp_path_factory):
+    """The firmware bundle logged and registered as a pyfunc the way camid.stages.register does it (artifact
+    `bundle`; the folder is named `ensemble` as dvc.yaml's models/ensemble), with a stand-in python model: no
+    Keras model is trained or loaded, so this costs seconds, unlike conftest's registered_model (a training run)."""
+    import shutil
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from camid.tiny import inside
+
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(firmware["bundle"], root / "ensemble")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    class StandIn(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str]) -> list[str]:
+            return model_input
+
+    with inside(root, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="camid-inspect-tests"):
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment("camid-inspect-tests").experiment_id  # not an earlier test's store's
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=StandIn(), artifacts={"bundle": str(root / "ensemble")},
+                                           pip_requirements=[], registered_model_name="camid")
+        MlflowClient(tracking_uri=uri).set_registered_model_alias("camid", "champion", str(info.registered_model_version))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/camid/{info.registered_model_version}",
+                                                    dst_path=str(root / "pyfunc"))
+    return {"tracking_uri": uri, "run_id": run.info.run_id, "local": local}
+
+
+def test_cli_firmware_match_from_a_registered_model(firmware, registered_tables, capsys, monkeypatch):
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_tables["tracking_uri"])
+    q = firmware["queries"]
+    expected = {"query-custom.jpg": [{"camera": "Aster-A1s", "photos": 2, "share": 1.0}], "query-q60.jpg": [],
+                "query.png": None}
+    for model in ("models:/camid@champion", "models:/camid/1", f"runs:/{registered_tables['run_id']}/model",
+                  registered_tables["local"]):
+        records = _inspect_json(capsys, q["custom"], q["q60"], q["png"], "--model", model)
+        assert {name: r["firmware_match"] for name, r in records.items()} == expected, model
+    assert main(["inspect", str(q["custom"]), "--model", "models:/camid@no-such-alias", "--workers", "1"]) == 2
+    assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
+
+
+def test_inspect_reads_the_counts_the_way_the_inference_side_names_them(firmware, monkeypatch):
+    """inspect may not import camid.inference or camid.tracking (the filter and split stages' DVC deps): the
+    names it repeats agree with theirs, and TablePrior reads a model through inspect's reader."""
+    import camid.forensics.inspect as inspect_module
+    from camid import tracking
+    from camid.inference import jpeg_tables
+
+    assert inspect_module.TABLES_FILE == jpeg_tables.FILE
+    assert inspect_module._DEFAULT_TRACKING_URI == tracking.DEFAULT_TRACKING_URI
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert inspect_module._tracking_uri() == tracking.tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert inspect_module._tracking_uri() == tracking.tracking_uri()
+    prior = jpeg_tables.TablePrior.from_model(firmware["bundle"])
+    assert (prior.counts, prior.labels) == (firmware["tables"].counts, firmware["tables"].labels)

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from camid.errors import CamidError
-from camid.manipulations import (MANIPULATIONS, apply, manipulation_index, manipulation_name, max_source_size,
+from camid.core.manipulations import (MANIPULATIONS, apply, manipulation_index, manipulation_name, max_source_size,
                                  source_size)
-from camid.patches import aligned_offsets, centre_crop, centre_offsets, random_aligned_crop
+from camid.core.patches import aligned_offsets, centre_crop, centre_offsets, random_aligned_crop
 
 PATCH = 64
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from camid.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
+from camid.core.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
 
 
 def test_weighted_accuracy_weighs_unaltered_07_and_manipulated_03():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from camid.errors import CamidError
-from camid.patches import AUTO_MAX_PATCHES, auto_patch_count, centre_offsets, grid_crops, grid_offsets
+from camid.core.patches import AUTO_MAX_PATCHES, auto_patch_count, centre_offsets, grid_crops, grid_offsets
 
 
 @pytest.mark.parametrize("shape", [(288, 384), (384, 288), (4000, 6000), (2322, 4128), (512, 512)])

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from camid.cli import main
-from camid.manipulations import apply
-from camid.patches import auto_patch_count, centre_crop
+from camid.core.manipulations import apply
+from camid.core.patches import auto_patch_count, centre_crop
 
 CROP = 128  # the Kaggle test set's 512 crops, scaled to the tiny model's 64 px patch
 
@@ -80,7 +80,7 @@ def test_full_image_scores_many_patches_per_photo(tiny_model, tmp_path):
     assert not np.allclose(pd.read_csv(tmp_path / "one.probs.csv")[tiny_model.labels], table[tiny_model.labels])
 
 
-def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, caplog):
+def test_a_bad_file_is_a_row_with_its_error_not_a_failed_batch(tiny_model, test_set, tmp_path, caplog):
     folder, truth = test_set
     good = sorted(folder.iterdir())[:3]
     broken, tiny = tmp_path / "broken.jpg", tmp_path / "tiny.png"
@@ -89,7 +89,15 @@ def test_bad_files_are_skipped_with_a_warning(tiny_model, test_set, tmp_path, ca
     out = tmp_path / "partial.csv"
     with caplog.at_level(logging.WARNING):
         assert predict(*good, broken, tiny, "--model", tiny_model.bundle, "--out", out) == 0
-    assert list(pd.read_csv(out).fname) == [p.name for p in good]
+    assert list(pd.read_csv(out).fname) == [p.name for p in good]  # the submission: scored photos only
+    probs = pd.read_csv(tmp_path / "partial.probs.csv", keep_default_na=False, na_values={l: ["", "NaN"] for l in tiny_model.labels})
+    assert list(probs.fname) == [p.name for p in good] + ["broken.jpg", "tiny.png"]  # the input order
+    errors = dict(zip(probs.fname, probs.error))
+    assert "not a decodable image" in errors["broken.jpg"] and "smaller than the model's patch" in errors["tiny.png"]
+    assert all(errors[p.name] == "" for p in good)
+    bad = probs.fname.isin(["broken.jpg", "tiny.png"])
+    assert (probs.camera[bad] == "").all() and probs.loc[bad, tiny_model.labels].isna().all().all()
+    assert np.allclose(probs.loc[~bad, tiny_model.labels].sum(axis=1), 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("broken.jpg" in w and "not a decodable image" in w for w in warnings), warnings
     assert any("tiny.png" in w and "smaller than the model's patch" in w for w in warnings), warnings

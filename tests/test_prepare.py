@@ -11,7 +11,7 @@ from PIL import Image
 
 from camid import cli
 from camid.errors import CamidError
-from camid.prepare import SPLITS, prepare, read_index, read_meta, shard_path
+from camid.data.cache import SPLITS, prepare, read_index, read_meta, shard_path
 
 PATCH = 64          # crops are 2 * PATCH = 128
 SIZE = (144, 176)   # even, as native sizes are

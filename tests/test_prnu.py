@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camid import synth
+from camid.data import synth
 from camid.cli import main
 from camid.config import SynthParams
 from camid.errors import CamidError

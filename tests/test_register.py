@@ -8,7 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
 from camid.errors import CamidError
-from camid.register import alias_decision, champion
+from camid.stages.register import alias_decision, champion
 
 SAME = {"test_data": "abc123", "labels": "A,B"}
 

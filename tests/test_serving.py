@@ -12,9 +12,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from camid.serving import predict_frame
+from camid.serving.model import predict_frame
 
-STATUS = ["camera", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent"]
+STATUS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent",
+          "error"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,33 @@ def test_every_bad_row_is_reported_at_once(ensemble):
     assert "row 0: not a decodable image" in caught.value.message and "row 2: no image given" in caught.value.message
 
 
+def test_on_error_row_answers_the_good_rows_and_names_each_bad_one(ensemble, photos):
+    images, _ = photos
+    frame = pd.DataFrame({"image": [images[0], b"junk", images[1], None, images[2]],
+                          "manipulated": [False, False, "yes", None, None]})
+    out = predict_frame(ensemble, frame, {"on_error": "row"})
+    assert list(out.columns) == STATUS + ensemble.labels and len(out) == 5
+    assert out.error[1].startswith("not a decodable image") and out.error[3] == "no image given"
+    assert "manipulated is 'yes'" in out.error[2]
+    good = [0, 4]
+    assert list(out.error[good]) == ["", ""] and out.camera[[1, 2, 3]].eq("").all()
+    assert out.loc[[1, 2, 3], ensemble.labels].isna().all().all() and list(out.patches[[1, 2, 3]]) == [0, 0, 0]
+    # the good rows get exactly the answer they get alone
+    alone = predict_frame(ensemble, frame.iloc[good].reset_index(drop=True))
+    assert list(out.camera[good]) == list(alone.camera)
+    assert np.allclose(out.loc[good, ensemble.labels].to_numpy(float), alone[ensemble.labels].to_numpy())
+    everything_bad = predict_frame(ensemble, pd.DataFrame({"image": [b"junk"]}), {"on_error": "row"})
+    assert everything_bad.error[0] and everything_bad.camera[0] == ""
+
+
+def test_by_default_a_bad_row_fails_the_request_and_says_how_to_answer_per_row(ensemble):
+    with pytest.raises(MlflowException) as caught:
+        predict_frame(ensemble, pd.DataFrame({"image": [jpeg(), b"junk"]}))
+    assert "on_error=row" in caught.value.message
+
+
 @pytest.mark.parametrize("params, word", [
+    ({"on_error": "ignore"}, "on_error"),
     ({"blend": "median"}, "blend"),
     ({"balance": "hungarian"}, "balance"),
     ({"tta": "maybe"}, "tta"),
@@ -135,8 +162,8 @@ def test_bad_params_say_which_and_what_is_allowed(ensemble, params, word):
 
 
 def test_patches_param_scores_a_full_photo_on_a_grid(ensemble, photos):
-    from camid.imageio import decode_image
-    from camid.patches import auto_patch_count, centre_crop
+    from camid.core.imageio import decode_image
+    from camid.core.patches import auto_patch_count, centre_crop
 
     images, _ = photos
     frame = pd.DataFrame({"image": images[:2], "manipulated": [False, False]})

@@ -66,3 +66,24 @@ def test_spark_udf_matches_the_pyfunc(spark, registered_model):
     assert list(scored.camera) == list(expected.camera)
     assert list(scored.manipulated) == list(expected.manipulated)
     assert scored[model.labels].to_numpy() == pytest.approx(expected[model.labels].to_numpy(), abs=1e-9)
+
+
+def test_a_bad_row_in_a_spark_job_gets_its_error_value_not_a_failed_job(spark, registered_model):
+    import mlflow
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DoubleType, StringType, StructField, StructType
+
+    model = registered_model
+    good = [open(p, "rb").read() for p in model.test.path[:2]]
+    rows = [("a.jpg", good[0]), ("junk.jpg", b"not an image"), ("b.jpg", good[1])]
+    frame = spark.createDataFrame(rows, "fname string, image binary")
+    result = StructType([StructField("camera", StringType()), StructField("error", StringType())]
+                        + [StructField(label, DoubleType()) for label in model.labels])
+    udf = mlflow.pyfunc.spark_udf(spark, model.local_uri, result_type=result, env_manager="local",
+                                  params={"on_error": "row"})
+    scored = frame.select("fname", udf(F.struct("image")).alias("p")).select("fname", "p.*").toPandas()
+    assert list(scored.fname) == ["a.jpg", "junk.jpg", "b.jpg"]
+    assert scored.error[1].startswith("not a decodable image") and list(scored.error[[0, 2]]) == ["", ""]
+    expected = mlflow.pyfunc.load_model(model.local_uri).predict(pd.DataFrame({"image": good}))
+    assert list(scored.camera[[0, 2]]) == list(expected.camera) and scored.camera[1] == ""
+    assert scored[model.labels].iloc[1].isna().all()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from camid.cli import main
 from camid.errors import CamidError
-from camid.split import device_split, split
+from camid.stages.split import device_split, split
 
 LABELS = ["Cam-A", "Cam-B", "Cam-C"]
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from camid import synth
+from camid.data import synth
 from camid.config import Catalog, ConfigError, SynthParams
 
 EXIF_IFD = 0x8769

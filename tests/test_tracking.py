@@ -1,10 +1,18 @@
 """MLflow glue: stage runs under `mlflow run` (joined, or children of `-e main`), and the data version."""
 from __future__ import annotations
 
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
+import yaml
 
 from camid import tracking
+from camid.errors import CamidError
 
 
 @pytest.fixture
@@ -47,15 +55,24 @@ def test_stages_under_mlflow_run_main_get_child_runs_of_their_own(store, monkeyp
     assert "score" not in client.get_run(parent).data.metrics
 
 
-def test_data_version_is_the_dvc_hash_or_a_hash_of_the_index_files(tmp_path, monkeypatch):
+def test_data_version_is_the_hash_dvc_gives_the_data_on_disk_and_changes_with_it(tmp_path, monkeypatch):
+    """The real `dvc add` hashes the folder; data_version must give the same hash, and a different one as soon
+    as a file is changed behind DVC's back (a stale dvc.lock is not the data that was read)."""
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "data" / "cache"
-    cache.mkdir(parents=True)
-    (cache / "meta.json").write_text("{}")
-    local = tracking.data_version("data/cache")
-    assert local.startswith("local-")
-    (cache / "meta.json").write_text('{"patch": 64}')
-    assert tracking.data_version("data/cache") != local
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/cache\n"
-                                       "      md5: 0123456789abcdef.dir\n")
-    assert tracking.data_version("data/cache") == "0123456789abcdef.dir"
+    (cache / "train").mkdir(parents=True)
+    (cache / "meta.json").write_text('{"patch": 64}\n')
+    (cache / "train" / "shard-000.npy").write_bytes(bytes(range(256)) * 40)
+    (cache / "index.csv").write_text("a,b\r\n1,2\r\n")  # CRLF: DVC 3 hashes bytes as they are
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    for cmd in ([dvc, "init", "--no-scm", "-q"], [dvc, "add", "-q", "data/cache"]):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    locked = yaml.safe_load((tmp_path / "data" / "cache.dvc").read_text())["outs"][0]["md5"]
+    assert tracking.data_version("data/cache") == locked
+    (cache / "meta.json").write_text('{"patch": 32}\n')
+    assert tracking.data_version("data/cache") != locked
+    assert tracking.data_version("data/cache/index.csv") == hashlib.md5(b"a,b\r\n1,2\r\n").hexdigest()
+    with pytest.raises(CamidError, match="no data at"):
+        tracking.data_version("data/missing")
+
+

@@ -11,6 +11,13 @@ coefficients, and the C extension camid.forensics._dcscan produces it byte for b
 twice as fast, because it skips AC coefficients instead of decoding them. Anything it does not handle
 (progressive, CMYK, truncated, corrupt, ...) goes to Pillow as before, so records are identical either way.
 Without a C compiler at install time the extension is absent and Pillow does all of it (DC_SCAN is False).
+
+With `--model BUNDLE_OR_URI` every record also gets `firmware_match` (`firmware_match`, which
+camid.inference.jpeg_tables `TablePrior.matches` calls too): the catalog cameras whose training photos carried
+exactly the file's JPEG table signature, most photos first ([]: none did, the file was re-saved by other
+software or its camera is not in the catalog; None: no JPEG tables). Only the bundle's jpeg_tables.json is
+read (`read_table_counts`), never its Keras models. Both live here, not in camid.inference: the filter and split
+stages import this module, and their DVC dependencies (tests/test_dvc_graph.py) stay forensics, core and config.
 """
 from __future__ import annotations
 
@@ -23,12 +30,12 @@ import multiprocessing
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from camid.core.fileio import iter_files
 from camid.errors import CamidError
-from camid.fileio import iter_files
 from camid.forensics.exif import MalformedExif, edit_reason, parse_exif, read_exif
 from camid.forensics.jpeg_quality import JpegFormatError, JpegHeaderTruncated, read_jpeg_header
 
@@ -259,14 +266,142 @@ def inspect_paths(files: Sequence[str | os.PathLike], editors: Sequence[str] = (
         yield from pool.imap(job, files, chunksize=chunksize)
 
 
+TABLES_FILE = "jpeg_tables.json"  # a bundle's JPEG-table counts (camid.inference.jpeg_tables.FILE)
+BUNDLE_ARTIFACT = "bundle"  # the registered pyfunc's artifact holding the bundle (camid.stages.register)
+_NO_TABLES_HINT = ("the evaluate stage writes it (`camid evaluate`, `dvc repro evaluate`); a bundle gathered "
+                   "without evaluating (`camid register --runs`) has none")
+_DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # camid.tracking.DEFAULT_TRACKING_URI (tests check they agree)
+
+
+def firmware_match(counts: dict[str, list[int]], labels: Sequence[str], signature: str | None) -> list[dict] | None:
+    """The cameras (`labels`) whose training photos carried exactly `signature` (`counts`: signature -> photos
+    per camera, as in jpeg_tables.json), most photos first, catalog order among ties: [{"camera", "photos",
+    "share"}], share = that camera's part of those photos. [] when no training photo had it (re-saved by other
+    software, or a camera outside the catalog); None for no signature (not a JPEG, or a damaged header)."""
+    if signature is None:
+        return None
+    row = counts.get(signature) or []
+    total = sum(row)
+    order = sorted((k for k, n in enumerate(row) if n > 0), key=lambda k: (-row[k], k))
+    return [{"camera": labels[k], "photos": int(row[k]), "share": round(row[k] / total, 4)} for k in order]
+
+
+def _tracking_uri() -> str:
+    """camid.tracking.tracking_uri(), which this module may not import (see the module docstring)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", _DEFAULT_TRACKING_URI)
+
+
+def read_table_counts(model: str | os.PathLike) -> dict:
+    """jpeg_tables.json ({"labels", "alpha", "counts"}) of a bundle folder, a local pyfunc folder or an MLflow
+    model URI (models:/name@alias, models:/name/version, runs:/<run>/model), read or downloaded alone: no Keras
+    model is loaded. The pyfunc keeps the bundle at the path its MLmodel names for artifact `bundle`
+    (`artifacts/<bundle folder name>`). CamidError saying what to check when it cannot be read."""
+    text = str(model)
+    path = Path(text)
+    if path.is_dir():
+        if (path / TABLES_FILE).is_file():
+            return _read_counts(path / TABLES_FILE, text)
+        if (path / "MLmodel").is_file():
+            return _read_counts(path / _bundle_path(path / "MLmodel", text) / TABLES_FILE, text)
+        if (path / "ensemble.json").is_file():
+            raise CamidError(f"{path / TABLES_FILE} not found: bundle {path} has no JPEG-table counts; {_NO_TABLES_HINT}")
+        raise CamidError(f"{path} is neither an ensemble bundle (jpeg_tables.json, ensemble.json) nor an MLflow "
+                         "pyfunc folder (MLmodel): pass a bundle folder or a model URI such as models:/camid@champion")
+    if not _is_uri(text):
+        raise CamidError(f"model {text!r} not found: no such folder, and not an MLflow model URI. Pass an ensemble "
+                         "bundle folder (e.g. models/ensemble) or a model URI such as models:/camid@champion")
+    return _download_counts(text.rstrip("/"))
+
+
+def _download_counts(uri: str) -> dict:
+    import tempfile
+
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(_tracking_uri())
+    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # two small files: no progress bars on stderr
+    try:
+        with tempfile.TemporaryDirectory(prefix="camid-tables-") as tmp:
+            try:
+                mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=tmp)
+            except (MlflowException, OSError) as exc:
+                raise CamidError(f"cannot read model {uri!r} from tracking store {_tracking_uri()}: {exc}. Check the "
+                                 "URI (e.g. models:/camid@champion, models:/camid/3, runs:/<run id>/model) and "
+                                 "MLFLOW_TRACKING_URI, or pass an ensemble bundle folder") from None
+            artifact = _bundle_path(Path(mlmodel), uri)
+            try:
+                tables = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact}/{TABLES_FILE}", dst_path=tmp)
+            except (MlflowException, OSError):
+                raise CamidError(f"model {uri!r} has no {artifact}/{TABLES_FILE}: it was registered from a bundle "
+                                 f"without JPEG-table counts; {_NO_TABLES_HINT}") from None
+            return _read_counts(Path(tables), uri)
+    finally:
+        if bar is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
+
+
+def _read_counts(path: Path, model: str) -> dict:
+    if not path.is_file():
+        raise CamidError(f"{path} not found: model {model!r} has no JPEG-table counts; {_NO_TABLES_HINT}")
+    try:
+        spec = json.loads(path.read_text())
+        counts, labels = dict(spec["counts"]), list(spec["labels"])
+        if any(len(row) != len(labels) for row in counts.values()):
+            raise ValueError(f"a count row is not {len(labels)} long (one per label)")
+        return {"labels": labels, "alpha": spec.get("alpha", 0.5), "counts": counts}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CamidError(f"{path} is not a JPEG-table count file ({type(exc).__name__}: {exc}); "
+                         f"{_NO_TABLES_HINT}") from None
+
+
+def _is_uri(text: str) -> bool:
+    """Whether `text` starts with a URI scheme (models:/, runs:/, file:, s3://, ...), not a drive letter."""
+    scheme, colon, _ = text.partition(":")
+    return bool(colon) and len(scheme) > 1 and scheme[0].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
+
+
+def _bundle_path(mlmodel: Path, model: str) -> str:
+    """Where the pyfunc described by `mlmodel` (an MLmodel file) keeps its bundle, relative to the model root."""
+    from mlflow.models import Model
+
+    try:
+        return Model.load(str(mlmodel)).flavors["python_function"]["artifacts"][BUNDLE_ARTIFACT]["path"]
+    except Exception as exc:  # a damaged or foreign MLmodel file: MLflow and YAML raise many types
+        raise CamidError(f"model {model!r} is not a camid model: its MLmodel has no pyfunc artifact "
+                         f"{BUNDLE_ARTIFACT!r} ({type(exc).__name__}: {exc}); register one with `camid register`") from None
+
+
 _TABLE = (("quality", 7), ("size", 11), ("sampling", 8), ("model", 18), ("software", 22), ("edited", 6))
+_FIRMWARE = ("firmware", 24)  # the column --model adds
+NONE_SEEN = "none seen"  # the firmware cell when no catalog camera's training photos had the file's tables
 
 
-def _table_row(record: dict) -> str:
+def firmware_cell(matches: list[dict] | None, width: int = _FIRMWARE[1]) -> str:
+    """`firmware_match` for the table: "A|B" (as many names as fit, then "|+N"), NONE_SEEN for [], "" for None."""
+    if matches is None:
+        return ""
+    if not matches:
+        return NONE_SEEN
+    names = [m["camera"] for m in matches]
+    for shown in range(len(names), 0, -1):
+        text = "|".join(names[:shown]) + (f"|+{len(names) - shown}" if shown < len(names) else "")
+        if len(text) <= width or shown == 1:
+            return text
+    return ""  # unreachable: the loop returns at shown == 1
+
+
+def _table_row(record: dict, columns=_TABLE) -> str:
     size = f"{record['width']}x{record['height']}" if record["width"] else ""
     cells = {"quality": record["quality"], "size": size, "sampling": record["subsampling"],
              "model": record["model"], "software": record["software"], "edited": "yes" if record["edited"] else ""}
-    text = " ".join(str(cells[name] if cells[name] is not None else "")[:width].ljust(width) for name, width in _TABLE)
+    if "firmware_match" in record:
+        cells["firmware"] = firmware_cell(record["firmware_match"])
+    text = " ".join(str(cells[name] if cells[name] is not None else "")[:width].ljust(width) for name, width in columns)
     return f"{text} {record['path']}" + (f"  [{record['error']}]" if record["error"] else "")
 
 
@@ -276,15 +411,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all CPUs)")
     parser.add_argument("--no-hash", dest="hashes", action="store_false",
                         help="header fields only: skip sha256 and the perceptual hash (no pixel decoding)")
+    parser.add_argument("--model", metavar="URI_OR_BUNDLE",
+                        help="add firmware_match: the catalog cameras whose training photos had the file's JPEG "
+                             "tables, from this bundle folder or MLflow model URI (e.g. models:/camid@champion); "
+                             "reads only its jpeg_tables.json")
 
 
 def run(args: argparse.Namespace) -> int:
     from camid.config import load_params
 
     params = load_params().filter
+    tables = read_table_counts(args.model) if getattr(args, "model", None) else None  # before any output
     files = iter_files(args.paths)
+    columns = _TABLE + ((_FIRMWARE,) if tables is not None else ())
     if not args.json:
-        print(" ".join(name.ljust(width) for name, width in _TABLE), "path")
+        print(" ".join(name.ljust(width) for name, width in columns), "path")
+    unseen = 0
     for record in inspect_paths(files, params.editors, params.max_pixels, workers=args.workers, hashes=args.hashes):
-        print(json.dumps(record) if args.json else _table_row(record))
+        if tables is not None:
+            record["firmware_match"] = firmware_match(tables["counts"], tables["labels"], record["jpeg_tables"])
+            unseen += record["firmware_match"] == []
+        print(json.dumps(record) if args.json else _table_row(record, columns))
+    if unseen and not args.json:
+        print(f"firmware {NONE_SEEN!r} ({unseen} file{'s' if unseen > 1 else ''}): no catalog camera's training photos "
+              "had these JPEG tables; re-saved by other software, or a camera outside the catalog")
     return 0

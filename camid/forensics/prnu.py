@@ -42,9 +42,9 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from camid import fileio
+from camid.core import fileio
 from camid.errors import CamidError
-from camid.imageio import ImageError, decode_image, list_images
+from camid.core.imageio import ImageError, decode_image, list_images
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, write_json
-from camid.inference.balancing import BALANCERS, balance_to_quota
+from camid.core.fileio import atomic_dir, write_json
+from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import BLENDS, UnknownMethodError
 from camid.inference.blending import blend as blend_probs
 from camid.inference.jpeg_tables import TablePrior
+from camid.inference.options import BALANCE_CHOICES
 from camid.inference.tta import D4, d4_views, fold_views
 
-BALANCE_CHOICES = ("none",) + BALANCERS
 
 
 def _missing(flag) -> bool:
@@ -58,6 +58,7 @@ class Ensemble:
     use_tables: bool = False
     cameras: list[dict] = field(default_factory=list)  # catalog entries (label, make, models) for the EXIF check
     temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T} fitted on val (calibration.py)
+    open_set: dict = field(default_factory=dict)  # {"score", "accept", "threshold": {"patch", "photo"}} (openset.py)
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -122,14 +123,18 @@ class Ensemble:
         return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"],
                    views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
                    tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
-                   cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}))
+                   cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}),
+                   open_set=spec.get("open_set", {}))
 
     @staticmethod
-    def set_temperature(bundle: Path, temperature: dict) -> None:
-        """Record the calibration temperatures ({"patch": T, "photo": T}) fitted on validation."""
+    def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None) -> None:
+        """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,
+        "photo": T}) and the open-set rule ({"score", "accept", "threshold": {"patch": t, "photo": t}})."""
         spec_file = Path(bundle) / "ensemble.json"
         spec = json.loads(spec_file.read_text())
         spec["temperature"] = {k: float(v) for k, v in temperature.items()}
+        if open_set is not None:
+            spec["open_set"] = open_set
         write_json(spec_file, spec)
 
     def calibrate(self, probs: np.ndarray, kind: str) -> np.ndarray:
@@ -138,6 +143,18 @@ class Ensemble:
 
         t = self.temperature.get(kind)
         return probs if t is None else apply_temperature(probs, t)
+
+    def is_unknown(self, probs: np.ndarray, patch_counts) -> np.ndarray:
+        """(N,) True where a photo's calibrated probabilities (N, C) fall below the bundle's open-set threshold
+        (a photo of one patch against the patch threshold, of many against the photo one); all False for a
+        bundle without one."""
+        from camid.inference.openset import confidence
+
+        thresholds = self.open_set.get("threshold", {})
+        if not thresholds:
+            return np.zeros(len(probs), dtype=bool)
+        cut = np.array([thresholds["patch" if k == 1 else "photo"] for k in patch_counts], dtype=np.float64)
+        return confidence(probs) < cut
 
     def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
         """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
@@ -234,7 +251,7 @@ class Ensemble:
     def predict_photos(self, crops: list[np.ndarray], manipulated=None, *, signatures=None, tta: bool = True,
                        views=None, blend: str | None = None, jpeg_tables: bool = True, balance: str = "none",
                        calibrated: bool = True, batch_size: int = 64) -> Prediction:
-        """Score photos given as their patches: `crops[i]` is (K_i, P, P, 3), e.g. `camid.patches.grid_crops`.
+        """Score photos given as their patches: `crops[i]` is (K_i, P, P, 3), e.g. `camid.core.patches.grid_crops`.
 
         Every (model, view, patch) of a photo is blended into that photo's one distribution, its manipulated
         flag is the majority of its patches' (given or estimated), and balancing, if asked, sees photos, not
@@ -268,3 +285,21 @@ class Ensemble:
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views)
+
+
+def load_ensemble(model: str) -> Ensemble:
+    """An ensemble from a bundle folder or from an MLflow model URI (models:/camid@champion, runs:/..., a path)."""
+    if (Path(model) / "ensemble.json").is_file():
+        return Ensemble.load(Path(model))
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from camid.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        loaded = mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as exc:
+        raise CamidError(f"cannot load model {model!r} from tracking store {tracking_uri()}: {exc}. Check the URI "
+                         "(e.g. models:/camid@champion), and MLFLOW_TRACKING_URI, or pass an ensemble bundle folder") from None
+    return loaded.unwrap_python_model().ensemble

@@ -15,6 +15,12 @@ pixel probabilities are multiplied by it and renormalised (naive Bayes: the two 
 independent given the camera). A signature no training photo had says nothing: the probabilities are left as
 they are. The evaluate stage scores the test set with and without it and keeps it only if it does not lower the
 validation score; the bundle stores the counts (`jpeg_tables.json`).
+
+`TablePrior.matches` turns the counts into an answer an analyst reads (`camid inspect --model`): the catalog
+cameras whose training photos carried a signature, most photos first. `TablePrior.from_model` reads the counts
+of a bundle folder, a local pyfunc folder or an MLflow model URI, downloading `jpeg_tables.json` alone (never the
+Keras members). Both are implemented in camid.forensics.inspect (`firmware_match`, `read_table_counts`):
+the filter and split stages import that module, and their DVC dependencies must not grow to camid.inference.
 """
 from __future__ import annotations
 
@@ -24,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from camid.fileio import write_json
+from camid.core.fileio import write_json
 
-FILE = "jpeg_tables.json"
+FILE = "jpeg_tables.json"  # camid.forensics.inspect.TABLES_FILE names it too (tests check they agree)
 
 
 def signature_of_file(path: str | Path) -> str | None:
@@ -73,6 +79,16 @@ class TablePrior:
                 probs[row] = posterior / posterior.sum()
         return probs
 
+    def matches(self, signature: str | None) -> list[dict] | None:
+        """The catalog cameras whose training photos carried exactly `signature`, most photos first (catalog
+        order among ties): [{"camera", "photos", "share"}], share = that camera's part of those photos. [] when
+        no training photo had it (re-saved by other software, or a camera outside the catalog); None for no
+        signature (not a JPEG, or a damaged header). One implementation, camid.forensics.inspect.firmware_match,
+        shared with `camid inspect --model`."""
+        from camid.forensics.inspect import firmware_match
+
+        return firmware_match(self.counts, self.labels, signature)
+
     def write(self, bundle: Path) -> None:
         write_json(Path(bundle) / FILE, {"labels": self.labels, "alpha": self.alpha, "counts": self.counts})
 
@@ -82,4 +98,15 @@ class TablePrior:
         if not path.is_file():
             return None
         spec = json.loads(path.read_text())
+        return cls(spec["counts"], spec["labels"], spec["alpha"])
+
+    @classmethod
+    def from_model(cls, model: str | Path) -> "TablePrior":
+        """The counts of a bundle folder, a local pyfunc folder or an MLflow model URI (models:/name@alias,
+        models:/name/version, runs:/<run>/model), reading `jpeg_tables.json` alone (no Keras model is loaded);
+        CamidError saying what to check when it cannot. The reading is camid.forensics.inspect's
+        (`read_table_counts`), which `camid inspect --model` uses without importing this module."""
+        from camid.forensics.inspect import read_table_counts
+
+        spec = read_table_counts(model)
         return cls(spec["counts"], spec["labels"], spec["alpha"])

@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from camid.acquire.ingest import loose_name, resolve_label
+from camid.stages.acquire.ingest import loose_name, resolve_label
 from camid.config import Camera, Catalog, FlickrParams, load_params
 from camid.errors import CamidError
 
@@ -123,11 +123,8 @@ def jpeg_size(path: Path) -> tuple[int, int]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class JsonLines:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from camid.config import Camera, Catalog, FilterParams, load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, iter_files, write_json
+from camid.core.fileio import atomic_dir, iter_files, write_json
 from camid.forensics.inspect import ERROR_KINDS, FIELDS, error_kind, inspect_paths
 
 REASONS = {

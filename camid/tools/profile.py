@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 
 from camid.config import PARAMS_FILE, load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_path
+from camid.core.fileio import atomic_path
 
 
 def _load(path):

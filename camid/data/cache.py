@@ -1,4 +1,5 @@
-"""The prepare stage: decode each photo once into a cache of CFA-aligned uint8 crops.
+"""The crop cache: decode each photo of a split once into CFA-aligned uint8 crops (written by the prepare stage,
+read by training, tuning and evaluation).
 
 Full photos are 8 to 24 megapixels; decoding one per training patch would starve the trainer. This stage
 decodes every photo of the split once and keeps square crops of side C = 2 * train.patch, the largest source
@@ -15,7 +16,6 @@ stored: EXIF orientation is not applied, since rotating would change the CFA pha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing
@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from camid.config import Catalog, load_params
+from camid.config import Catalog
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, write_json
-from camid.imageio import ImageError, decode_image
-from camid.manipulations import max_source_size
-from camid.patches import aligned_offsets, centre_offsets
+from camid.core.fileio import atomic_dir, write_json
+from camid.core.imageio import ImageError, decode_image
+from camid.core.manipulations import max_source_size
+from camid.core.patches import aligned_offsets, centre_offsets
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +210,3 @@ def _index_frame(rows: list[dict]) -> pd.DataFrame:
                "path": "str", "top": "int32", "left": "int32"}
     frame = pd.DataFrame(rows, columns=list(columns))
     return frame.astype(columns)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("split_dir", type=Path, help="folder holding train.csv, val.csv and test.csv (columns path,label)")
-    parser.add_argument("--out", type=Path, default=Path("data/cache"), help="cache folder (default: data/cache)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
-
-
-def run(args: argparse.Namespace) -> int:
-    params = load_params()
-    meta = prepare(args.split_dir, args.out, params.catalog, patch=params.train.patch,
-                   crops_per_image=params.prepare.crops_per_image, shard_size=params.prepare.shard_size,
-                   seed=params.prepare.seed, workers=args.workers)
-    for split, counts in meta["splits"].items():
-        print(f"{split}: {counts['crops']} crops from {counts['photos']} photos, {counts['skipped']} skipped")
-    return 0

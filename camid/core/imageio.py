@@ -10,10 +10,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from camid.errors import CamidError
-from camid.fileio import iter_files
+from camid.core.fileio import iter_files
 
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -54,9 +55,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 def list_images(paths) -> list[Path]:
     """Files named, and the image files under the folders named (recursively, sorted, hidden names skipped: the
-    one walker, `camid.fileio.iter_files`); CamidError if a path is missing or nothing is found."""
+    one walker, `camid.core.fileio.iter_files`); CamidError if a path is missing or nothing is found."""
     named = {Path(p) for p in paths if Path(p).is_file()}
     files = [p for p in iter_files(paths) if p in named or p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise CamidError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, paths))}")
     return files
+
+
+def list_labelled(root: Path, labels: list[str]) -> pd.DataFrame:
+    """Every image under `root/<label>/` (recursively, hidden names skipped, sorted), for the catalog's labels:
+    columns path, label and folder (the first subfolder below the label: a device folder, or "")."""
+    rows = []
+    for label in labels:
+        folder = root / label
+        if not folder.is_dir():
+            continue
+        for path in iter_files([folder]):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                parts = path.relative_to(folder).parts
+                rows.append((str(path), label, parts[0] if len(parts) > 1 else ""))
+    return pd.DataFrame(rows, columns=["path", "label", "folder"])

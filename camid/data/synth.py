@@ -34,7 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from camid import fileio
+from camid.core import fileio
 from camid.config import Camera, Catalog, ConfigError, SynthParams
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from camid.config import Catalog, load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_dir
+from camid.core.fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 

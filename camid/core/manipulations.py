@@ -11,7 +11,7 @@ Training, validation and serving all call `apply`, so a patch is manipulated one
 - ``gamma0.8``, ``gamma1.2``: ``255 * (x/255) ** g``, rounded to the nearest integer (halves up; no exact
   halves occur for these gammas) and clipped to 0..255, applied as a 256-entry lookup table.
 
-Every crop (the central source, the central P) starts at even offsets (`camid.patches.centre_crop`).
+Every crop (the central source, the central P) starts at even offsets (`camid.core.patches.centre_crop`).
 The auxiliary head's class for a manipulation is `manipulation_index(name)`: 0 for none, then 1..8 in the
 order of MANIPULATIONS.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from camid.errors import CamidError
-from camid.patches import centre_crop
+from camid.core.patches import centre_crop
 
 MANIPULATIONS = ("jpeg70", "jpeg90", "resize0.5", "resize0.8", "resize1.5", "resize2.0", "gamma0.8", "gamma1.2")
 

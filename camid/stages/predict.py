@@ -5,6 +5,8 @@ convention) and is estimated by the model otherwise. `--balance` balances the pr
 known to hold equally many photos per camera (in each of the unaltered/manipulated groups). Without
 `--full-image` a photo is scored on its centre patch, as the Kaggle test crops were cut; with it, on CFA-aligned
 patches on a grid over the whole photo (`--patches`, auto by default), blended into one answer per photo.
+A photo unlike every catalog camera is `unknown` in the probabilities table (`--closed-set`: never); the
+submission, a closed set, always names the closest catalog camera.
 """
 from __future__ import annotations
 
@@ -17,33 +19,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from camid.errors import CamidError
-from camid.fileio import atomic_path
-from camid.imageio import ImageError, decode_image, list_images
-from camid.inference.blending import BLENDS
-from camid.inference.ensemble import BALANCE_CHOICES, Ensemble
+from camid.core.fileio import atomic_path
+from camid.core.imageio import ImageError, decode_image, list_images
+from camid.inference.ensemble import Ensemble, load_ensemble
+from camid.inference.options import BALANCE_CHOICES, BLEND_CHOICES, OPTIONS, blend_for
 from camid.forensics.inspect import header_facts
 from camid.inference.balancing import balance_to_quota
-from camid.patches import AUTO_MAX_PATCHES, grid_crops
+from camid.inference.openset import UNKNOWN, confidence
+from camid.core.patches import AUTO_MAX_PATCHES, grid_crops
 
 log = logging.getLogger(__name__)
-
-
-def load_ensemble(model: str) -> Ensemble:
-    """An ensemble from a bundle folder or from an MLflow model URI (models:/camid@champion, runs:/..., a path)."""
-    if (Path(model) / "ensemble.json").is_file():
-        return Ensemble.load(Path(model))
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from camid.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        loaded = mlflow.pyfunc.load_model(model)
-    except (MlflowException, OSError) as exc:
-        raise CamidError(f"cannot load model {model!r} from tracking store {tracking_uri()}: {exc}. Check the URI "
-                         "(e.g. models:/camid@champion), and MLFLOW_TRACKING_URI, or pass an ensemble bundle folder") from None
-    return loaded.unwrap_python_model().ensemble
 
 
 def flag_from_name(path: Path) -> bool | None:
@@ -51,12 +36,15 @@ def flag_from_name(path: Path) -> bool | None:
     return True if "_manip" in stem else False if "_unalt" in stem else None
 
 
-def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: int = 1, tta: bool = True,
-                  blend_method: str | None = None, jpeg_tables: bool = True, balance: str = "none",
-                  batch_patches: int = 256) -> pd.DataFrame:
+def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: int = 1,
+                  tta: bool = OPTIONS["tta"].default, blend_method: str | None = None,
+                  jpeg_tables: bool = OPTIONS["jpeg_tables"].default, balance: str = OPTIONS["balance"].default,
+                  open_set: bool = OPTIONS["open_set"].default, batch_patches: int = 256) -> pd.DataFrame:
     """Score files, about `batch_patches` patches at a time; each photo on `patches_per_image` grid patches
-    (0: auto, `camid.patches.auto_patch_count`), with the bundle's TTA views, blend and JPEG-table evidence
-    unless told otherwise."""
+    (0: auto, `camid.core.patches.auto_patch_count`), with the bundle's TTA views, blend and JPEG-table evidence
+    unless told otherwise. A photo unlike every catalog camera (`camid.inference.openset`) is answered
+    `unknown`, its `closest_camera` beside it, unless `open_set` is off. A file that cannot be read or decoded is a row of its own: camera "", NaN
+    probabilities and an `error` that says why (good rows have error "")."""
     if patches_per_image < 0:
         raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
     rows, failures = [], []
@@ -70,7 +58,7 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
             rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
                          "manipulated": bool(pred.manipulated[i]),
                          "manipulated_estimated": bool(pred.manipulated_estimated[i]),
-                         "exif_model": facts["model"] or "",
+                         "exif_model": facts["model"] or "", "error": "",
                          **dict(zip(ensemble.labels, pred.probs[i]))})
         pending.clear()
 
@@ -89,18 +77,29 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     if pending:
         flush()
     for path, reason in failures:
-        log.warning("skipped %s: %s", path, reason)
+        log.warning("cannot score %s: %s", path, reason)
     if not rows:
         raise CamidError("none of the images could be scored; see the warnings above")
     table = pd.DataFrame(rows)
     probs = table[ensemble.labels].to_numpy()
     labels = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=table.manipulated.to_numpy(),
                                                                          method=balance)
-    table.insert(1, "camera", np.asarray(ensemble.labels)[labels])
-    named, consistent = ensemble.metadata_check([m or None for m in table.exif_model], table.camera)
+    closest = np.asarray(ensemble.labels)[labels]
+    unknown = ensemble.is_unknown(probs, table.patches) if open_set else np.zeros(len(table), dtype=bool)
+    table.insert(1, "camera", np.where(unknown, UNKNOWN, closest))
+    table.insert(2, "closest_camera", closest)
+    table.insert(3, "confidence", confidence(probs))
+    table.insert(4, "unknown", unknown)
+    named, consistent = ensemble.metadata_check([m or None for m in table.exif_model], closest)
     at = table.columns.get_loc("exif_model") + 1
     table.insert(at, "exif_camera", named)
     table.insert(at + 1, "consistent", pd.array(consistent, dtype="boolean"))
+    if failures:
+        bad = pd.DataFrame({"fname": [p.name for p, _ in failures], "path": [str(p) for p, _ in failures],
+                            "camera": "", "closest_camera": "", "error": [reason for _, reason in failures]})
+        table = pd.concat([table, bad], ignore_index=True)
+        order = {str(f): i for i, f in enumerate(files)}
+        table = table.iloc[table.path.map(order).argsort(kind="stable")].reset_index(drop=True)
     return table
 
 
@@ -110,18 +109,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow model URI or ensemble bundle folder (default models:/camid@champion)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="Kaggle submission CSV (fname,camera)")
     parser.add_argument("--probs", type=Path, help="probabilities CSV (default: <out>.probs.csv)")
-    parser.add_argument("--balance", nargs="?", const="optimal", default="none", choices=BALANCE_CHOICES,
-                        help="balance to equal counts per camera in each unaltered/manipulated group "
-                             "(closed sets only; bare --balance means optimal)")
+    parser.add_argument("--balance", nargs="?", const="optimal", default=OPTIONS["balance"].default,
+                        choices=BALANCE_CHOICES, help=OPTIONS["balance"].help + "; bare --balance means optimal")
     parser.add_argument("--full-image", action="store_true",
                         help="score patches on a grid over each whole photo (default: the centre patch only)")
-    parser.add_argument("--patches", type=int, default=0,
-                        help=f"patches per photo with --full-image; 0 (default): auto, the photo tiled without "
-                             f"overlap, at most {AUTO_MAX_PATCHES}")
-    parser.add_argument("--no-tta", dest="tta", action="store_false", help="score the identity view only "
-                        "(default: the views the model's evaluation chose)")
-    parser.add_argument("--blend", choices=BLENDS, default=None, help="default: the model's own (from evaluation)")
+    parser.add_argument("--patches", type=int, default=OPTIONS["patches"].default,
+                        help=f"with --full-image: {OPTIONS['patches'].help} (auto: at most {AUTO_MAX_PATCHES})")
+    parser.add_argument("--no-tta", dest="tta", action="store_false", default=OPTIONS["tta"].default,
+                        help="score the identity view only (default: the views the model's evaluation chose)")
+    parser.add_argument("--blend", choices=BLEND_CHOICES, default=OPTIONS["blend"].default, help=OPTIONS["blend"].help)
+    parser.add_argument("--closed-set", dest="open_set", action="store_false", default=OPTIONS["open_set"].default,
+                        help="always name a catalog camera (default: `unknown` below the model's open-set threshold)")
     parser.add_argument("--pixels-only", dest="jpeg_tables", action="store_false",
+                        default=OPTIONS["jpeg_tables"].default,
                         help="ignore the JPEG quantization tables even where the model's evaluation kept them")
 
 
@@ -129,11 +129,16 @@ def run(args: argparse.Namespace) -> int:
     ensemble = load_ensemble(args.model)
     files = list_images(args.paths)
     table = predict_files(ensemble, files, patches_per_image=args.patches if args.full_image else 1, tta=args.tta,
-                          blend_method=args.blend, jpeg_tables=args.jpeg_tables, balance=args.balance)
-    with atomic_path(args.out) as tmp:
-        table[["fname", "camera"]].to_csv(tmp, index=False)
+                          blend_method=blend_for(args.blend), jpeg_tables=args.jpeg_tables, balance=args.balance,
+                          open_set=args.open_set)
+    scored = table[table.error == ""]
+    with atomic_path(args.out) as tmp:  # the submission lists the scored photos; the probabilities table all.
+        # A Kaggle-style submission is a closed set: it names the closest catalog camera, unknown or not.
+        scored[["fname", "closest_camera"]].rename(columns={"closest_camera": "camera"}).to_csv(tmp, index=False)
     probs_file = args.probs or args.out.with_suffix(".probs.csv")
     with atomic_path(probs_file) as tmp:
         table.to_csv(tmp, index=False)
-    print(f"{len(table)} of {len(files)} images scored: {args.out} (submission), {probs_file} (probabilities)")
+    unknown = int(scored.unknown.astype(bool).sum())
+    print(f"{len(scored)} of {len(files)} images scored ({unknown} unlike every catalog camera: camera `unknown` in "
+          f"the probabilities table): {args.out} (submission), {probs_file} (probabilities)")
     return 0

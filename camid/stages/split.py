@@ -31,8 +31,8 @@ import pandas as pd
 
 from camid.config import load_params
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, iter_files, write_json
-from camid.imageio import IMAGE_SUFFIXES
+from camid.core.fileio import atomic_dir, write_json
+from camid.core.imageio import list_labelled
 
 log = logging.getLogger(__name__)
 SETS = ("train", "val", "test")
@@ -42,21 +42,6 @@ MODES = {
     "val_photo_split": "two devices: test has its own; val and train are photos of the other",
     "photo_split": "one device (or none known): photos of it in all three sets",
 }
-
-
-def list_labelled(root: Path, labels: list[str]) -> pd.DataFrame:
-    """Every image under `root/<label>/` (recursively, hidden names skipped, sorted), for the catalog's labels:
-    columns path, label and folder (the first subfolder below the label: a device folder, or "")."""
-    rows = []
-    for label in labels:
-        folder = root / label
-        if not folder.is_dir():
-            continue
-        for path in iter_files([folder]):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                parts = path.relative_to(folder).parts
-                rows.append((str(path), label, parts[0] if len(parts) > 1 else ""))
-    return pd.DataFrame(rows, columns=["path", "label", "folder"])
 
 
 def devices(files: pd.DataFrame) -> pd.Series:

@@ -5,7 +5,7 @@ A camera's sensor sits behind a 2x2 colour filter array (CFA); demosaicing leave
 axis shifts that pattern by one pixel (an RGGB layout would read GRBG), so every crop here starts at even
 offsets: a training patch then shows the CFA phase the camera itself produced, as the test set's centre crops
 did. Flips and odd shifts are never used for the same reason; rot90 is allowed only for cameras whose photos
-come in both orientations (see camid.dataset).
+come in both orientations (see camid.data.dataset).
 """
 from __future__ import annotations
 

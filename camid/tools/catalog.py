@@ -29,7 +29,7 @@ from tqdm import tqdm
 from camid.config import PARAMS_FILE, FilterParams, load_params, load_raw
 from camid.errors import CamidError
 from camid.forensics.inspect import error_kind, inspect_paths
-from camid.profile import set_params
+from camid.tools.profile import set_params
 
 MIN_DEVICES = 3  # one each for train, validation and test
 _NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -1,6 +1,6 @@
 """The register stage: log the ensemble as an MLflow pyfunc model, register it, and move the champion alias.
 
-The model is logged from code (`camid/serving_model.py`) with the camid package shipped in `code_paths`, the
+The model is logged from code (`camid/serving/model_code.py`) with the camid package shipped in `code_paths`, the
 ensemble bundle as its artifact, and the evaluation on the held-out split as its metrics. The alias
 (`champion` by default) moves to the new version only if it scores at least as well as the current one.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 from camid.config import load_params, optional
 from camid.errors import CamidError
-from camid.fileio import write_json
+from camid.core.fileio import write_json
 
 log = logging.getLogger(__name__)
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the camid package, shipped whole in code_paths
 SCORE_TAG = "weighted_accuracy"
 TEST_DATA_TAG = "test_data"   # fingerprint of the test photos and labels the score was measured on
 LABELS_TAG = "labels"
@@ -127,7 +127,7 @@ def register(bundle: Path, evaluation: dict, model_name: str, alias: str, *, pro
     from mlflow import MlflowClient
 
     from camid import tracking
-    from camid.serving import signature
+    from camid.serving.model import signature
 
     spec = json.loads((bundle / "ensemble.json").read_text())
     candidate = {"score": _float(evaluation.get("weighted_accuracy")), "test_data": evaluation.get("test_data"),
@@ -139,7 +139,7 @@ def register(bundle: Path, evaluation: dict, model_name: str, alias: str, *, pro
         mlflow.log_dict(evaluation, "evaluation.json")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "serving_model.py"),
+            python_model=str(PACKAGE_DIR / "serving" / "model_code.py"),
             artifacts={"bundle": str(bundle)},
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(spec["labels"]),
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             raise CamidError(f"--evaluation {args.evaluation} not found: run the evaluate stage first")
         evaluation = json.loads(args.evaluation.read_text())
     else:
-        from camid.evaluate import score
+        from camid.inference.scoring import score
         from camid.inference.ensemble import Ensemble
 
         evaluation, _, _ = score(Ensemble.load(bundle), args.cache, params.evaluate)

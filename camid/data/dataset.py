@@ -1,11 +1,11 @@
-"""Training batches and the validation set, cut from the prepare stage's crop cache (camid.prepare).
+"""Training batches and the validation set, cut from the prepare stage's crop cache (camid.stages.prepare).
 
 Training patch recipe, per sample (`TrainPatches`):
 1. class balance: a camera uniformly among those with cached crops, then one of its crops uniformly;
 2. a manipulation with probability `manipulation_prob` (uniform over the eight), else none;
-3. a random crop of `source_size(patch, manipulation)` at even offsets (CFA-aligned, camid.patches);
+3. a random crop of `source_size(patch, manipulation)` at even offsets (CFA-aligned, camid.core.patches);
 4. rot90 by a random k in 0..3, only for cameras whose catalog entry has rot90: true;
-5. `camid.manipulations.apply`, exactly as the test set was made.
+5. `camid.core.manipulations.apply`, exactly as the test set was made.
 
 Why rot90 is restricted and flips are never used: no rotation preserves the 2x2 CFA phase (an RGGB layout
 reads GBRG/BGGR/GRBG after a quarter/half/three-quarter turn), so a rotated patch shows the camera a layout it
@@ -31,9 +31,9 @@ import numpy as np
 
 from camid.config import Catalog
 from camid.errors import CamidError
-from camid.manipulations import MANIPULATIONS, apply, manipulation_index, max_source_size, source_size
-from camid.patches import random_aligned_crop
-from camid.prepare import check_labels, read_index, read_meta, shard_path
+from camid.core.manipulations import MANIPULATIONS, apply, manipulation_index, max_source_size, source_size
+from camid.core.patches import random_aligned_crop
+from camid.data.cache import check_labels, read_index, read_meta, shard_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TrainPatches(keras.utils.PyDataset):
 
     Each batch is `({"image": float32 (B, P, P, 3) in 0..255, "manipulated": float32 (B, 1)},
     {"camera": int32 (B,), "manipulation": int32 (B,)})`; "manipulation" is the auxiliary head's class
-    (0 none, 1..8, see camid.manipulations.manipulation_index) and "manipulated" is that class > 0.
+    (0 none, 1..8, see camid.core.manipulations.manipulation_index) and "manipulated" is that class > 0.
     """
 
     def __init__(self, cache_dir, catalog: Catalog, patch: int, batch_size: int, steps_per_epoch: int,

@@ -21,40 +21,10 @@ import pandas as pd
 
 from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
-from camid.fileio import atomic_dir, atomic_path, write_json
+from camid.core.fileio import atomic_dir, atomic_path, write_json
+from camid.models.callbacks import MONITOR, predict_cameras, scoring_callbacks
 
 log = logging.getLogger(__name__)
-MONITOR = "val_weighted_accuracy"
-
-
-def predict_cameras(model, images: np.ndarray, manipulated: np.ndarray, batch_size: int) -> np.ndarray:
-    """Camera probabilities for uint8 patches (no TTA: the per-epoch check must be cheap)."""
-    out = model.predict({"image": images.astype("float32"), "manipulated": manipulated.reshape(-1, 1).astype("float32")},
-                        batch_size=batch_size, verbose=0)
-    return np.asarray(out["camera"])
-
-
-def scoring_callbacks(evalset, batch_size: int) -> list:
-    """Per-epoch validation score (weighted accuracy over unaltered + manipulated patches) and MLflow logging.
-
-    Listed before anything that monitors MONITOR: they read the value these write into the epoch logs.
-    """
-    import keras
-    import mlflow
-
-    from camid.metrics import weighted_accuracy
-
-    class ValidationScore(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            probs = predict_cameras(self.model, evalset.images, evalset.manipulation > 0, batch_size)
-            logs[MONITOR] = weighted_accuracy(evalset.labels, probs.argmax(1), evalset.manipulation > 0)
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    class MlflowEpochLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
-
-    return [ValidationScore(), MlflowEpochLogger()]
 
 
 def make_callbacks(evalset, train: TrainParams, work: Path, best_so_far: float | None) -> list:
@@ -110,11 +80,11 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     import mlflow
 
     from camid import tracking
-    from camid.dataset import TrainPatches, eval_patches
-    from camid.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
+    from camid.data.dataset import TrainPatches, eval_patches
+    from camid.core.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
     from camid.models import compile_model, configure_devices, create_model
-    from camid.plots import confusion_figure, history_figure
-    from camid.prepare import check_labels, read_meta
+    from camid.core.plots import confusion_figure, history_figure
+    from camid.data.cache import check_labels, read_meta
 
     meta = read_meta(cache)
     check_labels(meta, catalog, cache)

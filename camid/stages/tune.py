@@ -18,8 +18,8 @@ from pathlib import Path
 
 from camid.config import TrainParams, TuneParams, load_params, optional
 from camid.errors import CamidError
-from camid.fileio import write_text
-from camid.train import MONITOR, scoring_callbacks
+from camid.core.fileio import write_text
+from camid.models.callbacks import MONITOR, scoring_callbacks
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("hyperband", "bayesian", "random")
@@ -34,9 +34,9 @@ def patch_choices(cache_patch: int, min_size: int) -> list[int]:
 def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: list[str]):
     import keras_tuner as kt
 
-    from camid.dataset import TrainPatches, eval_patches
+    from camid.data.dataset import TrainPatches, eval_patches
     from camid.models import compile_model, create_model, get_backbone
-    from camid.prepare import read_meta
+    from camid.data.cache import read_meta
 
     meta = read_meta(cache)
     sizes = patch_choices(min(meta["patch"], base.patch), get_backbone(arch).min_size)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     # keras-tuner's trials go beside the best values, under <arch>-<algorithm>.
     result = tune(args.arch, args.cache, settings, base, params.catalog, out, directory=out.parent)
     if args.apply:
-        from camid.profile import set_params
+        from camid.tools.profile import set_params
 
         set_params({f"train.{k}": v for k, v in result["train"].items()}, params.path)  # $CAMID_PARAMS if set
         print(f"{params.path} train block updated; `dvc repro` retrains with the tuned values")

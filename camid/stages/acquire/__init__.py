@@ -1,8 +1,8 @@
 """The acquire stage: `camid acquire --out data/raw` builds the raw photos from `params.acquire.source`.
 
-    synthetic  the virtual camera zoo (camid.synth), made afresh
-    folder     `acquire.folder`, a Kaggle-layout or <label>/<files> tree, linked in (camid.acquire.ingest)
-    flickr     originals crawled from Flickr (camid.acquire.flickr); needs FLICKR_API_KEY, resumes where it stopped
+    synthetic  the virtual camera zoo (camid.data.synth), made afresh
+    folder     `acquire.folder`, a Kaggle-layout or <label>/<files> tree, linked in (camid.stages.acquire.ingest)
+    flickr     originals crawled from Flickr (camid.stages.acquire.flickr); needs FLICKR_API_KEY, resumes where it stopped
 
 Whatever the source, OUT has the Kaggle layout: `OUT/train/<label>/<files>` (plus `OUT/test/*` when a Kaggle
 test folder is ingested).
@@ -26,11 +26,11 @@ def acquire(out: str | Path, params: Params, *, progress: bool = True) -> None:
     """Build OUT from the source `params.acquire.source` names."""
     out, source = Path(out), params.acquire.source
     if source == "synthetic":
-        from camid.synth import synthesize
+        from camid.data.synth import synthesize
 
         synthesize(out, params.catalog, params.synth, progress=progress)
     elif source == "folder":
-        from camid.acquire.ingest import ingest
+        from camid.stages.acquire.ingest import ingest
 
         folder = params.acquire.folder
         if not folder or not Path(folder).is_dir():
@@ -42,7 +42,7 @@ def acquire(out: str | Path, params: Params, *, progress: bool = True) -> None:
         except CamidError as exc:
             raise CamidError(f"acquire.folder: {exc}") from None
     elif source == "flickr":
-        from camid.acquire.flickr import MANIFEST, crawl, format_summary
+        from camid.stages.acquire.flickr import MANIFEST, crawl, format_summary
 
         if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
             log.info("removing %s: it was built from another source", out)

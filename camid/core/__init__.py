@@ -1,0 +1,1 @@
+"""Building blocks with no pipeline knowledge: image decoding, atomic files, metrics, manipulations, patches, plots."""

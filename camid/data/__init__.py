@@ -1,0 +1,1 @@
+"""The data the models learn from: the crop-cache format, the training/eval datasets, the virtual camera zoo."""

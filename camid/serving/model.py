@@ -1,0 +1,197 @@
+"""The registered MLflow pyfunc model: image bytes in, camera out, through `Ensemble.predict`.
+
+Input: a DataFrame with an `image` column (JPEG, PNG or TIFF bytes; base64 in JSON requests) and an optional
+`manipulated` column (bool; missing or null -> estimated by the model). Params: `tta` (bool: the D4 views the
+evaluation chose, stored in the bundle; false: the identity only), `blend` (`model`: the bundle's, or
+mean_square | arithmetic | geometric), `patches` (0, the default: auto, the photo tiled without overlap, at most
+64 patches on a grid; 1: the centre patch, as the Kaggle test crops were cut; N: N grid patches),
+`jpeg_tables` (true: use the JPEG-table evidence where the model's evaluation kept it, for rows not flagged
+`manipulated: true`; false: pixels only), `balance`
+(none | optimal | greedy: only for a request that is a closed set with equal class counts). Output: one row per
+input with `camera` (a catalog label, or `unknown` when the photo is unlike every catalog camera: its calibrated
+top probability is below the open-set threshold fitted on validation; param `open_set: false` never answers
+unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (that
+calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored), what the
+metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
+`consistent`, whether that is the camera the pixels point to, null without an EXIF Model) and the probability
+of every camera (one column per camera label).
+
+The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server
+decodes base64 before this code runs and answers a bad row with a generic 400 that names no row. A string
+column arrives untouched, so base64 is decoded here with a message per row, while raw bytes (Python callers,
+Spark binary columns through `spark_udf`) pass MLflow's schema check as they are.
+
+A row that cannot be used (not an image, corrupt, too small for the model's patch, too large) fails the whole
+request with HTTP 400 and a message naming each bad row and why; the server keeps serving. With the param
+`on_error: row` (batch jobs, `spark_udf`) each bad row is answered instead: its `error` says what was wrong,
+its camera is "" and its probabilities are NaN, and the good rows are scored as usual. Every param, its
+default and its choices are defined once, in `camid.inference.options`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+import pandas as pd
+
+try:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+except ImportError:  # pragma: no cover - mlflow is a hard dependency; this keeps the module importable for docs
+    raise
+
+from camid.core.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from camid.core.patches import grid_crops
+from camid.forensics.inspect import header_facts
+from camid.inference import options
+from camid.inference.ensemble import Ensemble
+from camid.inference.openset import UNKNOWN, confidence
+
+STATUS_COLUMNS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera",
+                  "consistent", "error"]
+
+
+def signature(labels: list[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "manipulated", required=False)])
+    outputs = Schema([ColSpec("string", "camera"), ColSpec("string", "closest_camera"), ColSpec("double", "confidence"),
+                      ColSpec("boolean", "unknown", required=False), ColSpec("boolean", "manipulated"),
+                      ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
+                      ColSpec("string", "exif_model"), ColSpec("string", "exif_camera"),
+                      ColSpec("boolean", "consistent", required=False), ColSpec("string", "error")]
+                     + [ColSpec("double", label) for label in labels])
+    params = ParamSchema([ParamSpec(o.name, o.mlflow_type, o.default) for o in options.OPTIONS.values()])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def image_bytes(value) -> bytes:
+    """A row's image as bytes: raw bytes as given, a string decoded as base64 (line breaks allowed)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("not valid base64: send the image file's bytes base64-encoded") from None
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        raise ImageError("no image given")
+    raise ImageError(f"expected image bytes or a base64 string, got {type(value).__name__}")
+
+
+def row_patches(images, patch: int, count: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray | None], list[dict | None], list[str]]:
+    """Decode each row's bytes and cut its `count` grid patches (`camid.core.patches.grid_crops`; 0: auto) at once,
+    so only the patches stay in memory; also what each row's header says (`header_facts`). A bad row's patches
+    and facts are None and its error says why ("" for a good row)."""
+    patches, facts, errors = [], [], []
+    for value in images:
+        try:
+            data = image_bytes(value)
+            pixels = decode_image(data, max_pixels)
+            if min(pixels.shape[:2]) < patch:
+                raise ImageError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's "
+                                 f"{patch}x{patch} patch")
+            patches.append(grid_crops(pixels, patch, count))
+            facts.append(header_facts(data))
+            errors.append("")
+        except ImageError as exc:
+            patches.append(None)
+            facts.append(None)
+            errors.append(str(exc))
+    return patches, facts, errors
+
+
+def row_flags(values) -> tuple[np.ndarray, list[str]]:
+    """The `manipulated` column as True/False/None (None: estimate it), and each row's error ("" if none)."""
+    flags, errors = [], []
+    for value in values:
+        if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+            flags.append(None)
+            errors.append("")
+        elif isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+            flags.append(bool(value))
+            errors.append("")
+        else:
+            flags.append(None)
+            errors.append(f"manipulated is {value!r}; send true, false or null")
+    return np.array(flags, dtype=object), errors
+
+
+def resolve_params(params: dict | None) -> dict:
+    try:
+        return options.resolve(params)
+    except options.OptionError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    """The whole served prediction, callable without MLflow."""
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    if "image" not in frame.columns:
+        raise bad_request(f"the request has no 'image' column (columns: {list(frame.columns)}); send base64 image bytes "
+                          "in a column named 'image'")
+    settings = resolve_params(params)
+    patches, facts, errors = row_patches(frame["image"].tolist(), ensemble.patch, settings["patches"])
+    flags = np.full(len(frame), None, dtype=object)
+    if "manipulated" in frame.columns:
+        flags, flag_errors = row_flags(frame["manipulated"].tolist())
+        errors = [e or f for e, f in zip(errors, flag_errors)]
+    if settings["on_error"] == "fail" and any(errors):
+        raise bad_request("; ".join(f"row {row}: {e}" for row, e in enumerate(errors) if e)
+                          + " (param on_error=row answers the other rows and gives each bad row its error)")
+    columns = STATUS_COLUMNS + list(ensemble.labels)
+    good = [row for row, e in enumerate(errors) if not e]
+    out = pd.DataFrame({"camera": [""] * len(frame), "closest_camera": [""] * len(frame),
+                        "confidence": np.full(len(frame), np.nan),
+                        "unknown": pd.array([None] * len(frame), dtype="boolean"),
+                        "manipulated": pd.array([None] * len(frame), dtype="boolean"),
+                        "manipulated_estimated": pd.array([None] * len(frame), dtype="boolean"),
+                        "patches": np.zeros(len(frame), dtype=np.int64),
+                        "exif_model": [""] * len(frame), "exif_camera": [""] * len(frame),
+                        "consistent": pd.array([None] * len(frame), dtype="boolean"),
+                        "error": errors,
+                        **{label: np.full(len(frame), np.nan) for label in ensemble.labels}}, columns=columns)
+    if not good:
+        return out
+    pred = ensemble.predict_photos([patches[r] for r in good], list(flags[good]),
+                                   signatures=[facts[r]["jpeg_tables"] for r in good], tta=settings["tta"],
+                                   blend=options.blend_for(settings["blend"]), jpeg_tables=settings["jpeg_tables"],
+                                   balance=settings["balance"])
+    cameras = np.asarray(ensemble.labels)[pred.labels]
+    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good]) if settings["open_set"] \
+        else np.zeros(len(good), dtype=bool)
+    models = [facts[r]["model"] for r in good]
+    named, consistent = ensemble.metadata_check(models, cameras)
+    out.loc[good, "camera"] = np.where(unknown, UNKNOWN, cameras)
+    out.loc[good, "closest_camera"] = cameras
+    out.loc[good, "confidence"] = confidence(pred.probs)
+    out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
+    out.loc[good, "manipulated"] = pred.manipulated.astype(bool)
+    out.loc[good, "manipulated_estimated"] = pred.manipulated_estimated.astype(bool)
+    out.loc[good, "patches"] = [len(patches[r]) for r in good]
+    out.loc[good, "exif_model"] = [m or "" for m in models]
+    out.loc[good, "exif_camera"] = named
+    out.loc[good, "consistent"] = pd.array(consistent, dtype="boolean")
+    out.loc[good, ensemble.labels] = pred.probs
+    if len(good) == len(frame):  # all good: the plain types an all-good answer always had
+        out = out.astype({"manipulated": bool, "manipulated_estimated": bool, "unknown": bool})
+    return out
+
+
+class CamidModel(mlflow.pyfunc.PythonModel):
+    """The registered model: an ensemble bundle (artifact `bundle`) behind `predict_frame`."""
+
+    def load_context(self, context):
+        self.ensemble = Ensemble.load(context.artifacts["bundle"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return predict_frame(self.ensemble, model_input, params)

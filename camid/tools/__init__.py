@@ -1,0 +1,1 @@
+"""Commands that write params.yaml: `camid profile` and `camid catalog from-folder`."""

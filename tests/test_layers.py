@@ -1,0 +1,59 @@
+"""The package's layers point one way: CLI -> stages and tools -> building blocks -> core. A building block
+never imports a stage, no stage imports another stage, and the core imports nothing of camid but itself and
+the error type. Imports inside functions count (camid imports heavy modules lazily)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_dvc_graph import PACKAGE, imports_of
+
+BUILDING_BLOCKS = ("core", "data", "forensics", "models", "inference", "serving")
+
+
+def module_name(file) -> str:
+    parts = file.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def files_in(*folders: str):
+    return sorted(f for folder in folders for f in (PACKAGE / folder).rglob("*.py"))
+
+
+def stage_of(module: str) -> str | None:
+    """camid.stages.acquire.flickr -> 'acquire'; None outside camid.stages."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["camid", "stages"] and len(parts) > 2 else None
+
+
+@pytest.mark.parametrize("file", files_in(*BUILDING_BLOCKS), ids=lambda f: module_name(f))
+def test_building_blocks_import_no_stage_tool_or_cli(file):
+    bad = sorted(m for m in imports_of(file) if m.split(".")[:2] in (["camid", "stages"], ["camid", "tools"],
+                                                                      ["camid", "cli"]))
+    assert not bad, f"{module_name(file)} imports {bad}: move what it needs into a building block"
+
+
+@pytest.mark.parametrize("file", files_in("stages"), ids=lambda f: module_name(f))
+def test_no_stage_imports_another_stage(file):
+    own = stage_of(module_name(file))
+    others = sorted(m for m in imports_of(file) if stage_of(m) not in (None, own))
+    assert not others, f"stage {own} imports {others}: shared code belongs in a building block"
+    assert not {m for m in imports_of(file) if m.startswith("camid.cli")}
+
+
+@pytest.mark.parametrize("file", files_in("core"), ids=lambda f: module_name(f))
+def test_the_core_depends_on_nothing_else_in_camid(file):
+    outside = sorted(m for m in imports_of(file) if not m.startswith(("camid.core", "camid.errors")))
+    assert not outside, f"{module_name(file)} imports {outside}"
+
+
+def test_every_command_module_exists_and_stages_are_where_dvc_runs_them():
+    import importlib
+
+    from camid.cli import COMMANDS
+    from tests.test_dvc_graph import stages
+
+    for name, (module, _) in COMMANDS.items():
+        assert hasattr(importlib.import_module(module), "run"), name
+    for stage, command, _ in stages():
+        assert COMMANDS[command][0].startswith("camid.stages."), f"dvc stage {stage} runs {COMMANDS[command][0]}"
