@@ -4,7 +4,9 @@ Evaluation, batch prediction and the served MLflow model all call `Ensemble.pred
 augmentation, blending and balancing exist once. A bundle on disk is a folder:
 
     ensemble.json            labels, patch, members (arch, file, run_id, weighted_accuracy), and the settings
-                             evaluation chose and scored: views (D4 indices for TTA) and blend
+                             evaluation chose and scored: views (D4 indices for TTA) and blend; the
+                             calibration temperatures and open-set thresholds fitted on validation
+    jpeg_tables.json         the training photos' JPEG-table counts per camera (firmware evidence)
     members/<arch>.keras     self-contained Keras models (preprocessing inside)
 
 `tta=True` means the bundle's views, so the served model averages exactly the views that were evaluated.

@@ -1,0 +1,113 @@
+"""Open-set rejection on the virtual zoo: two camera models held out of training, as a real analyst's unknown.
+
+The zoo's cameras are split in two: `--hold-out` models (default: Corvid-C3 and Gale-G4) are never seen; the rest go
+through the real stage functions (split -> prepare -> train smallcnn -> evaluate, which fits the calibration
+temperatures and the open-set threshold on validation). Then the whole photos of the known models' test devices
+(never seen either, but of catalog cameras) and every photo of the held-out models are scored as the served
+model scores them (auto patches, calibrated), and the bench prints the AUROC of the open-set score (calibrated
+top probability) for known vs unknown, and the accuracy/rejection trade-off at the bundle's threshold and around
+it.
+
+    python bench/open_set.py                       # default: 8 photos per device, 6 epochs of 40 steps
+    python bench/open_set.py --images-per-device 16 --epochs 14 --steps 60    # the make-run training budget
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from camid.tiny import inside  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hold-out", nargs="+", default=["Corvid-C3", "Gale-G4"], metavar="LABEL")
+    parser.add_argument("--images-per-device", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args(argv)
+
+    from camid.config import Catalog, load_params
+    from camid.core.imageio import decode_image
+    from camid.core.patches import grid_crops
+    from camid.data.cache import prepare
+    from camid.data.synth import synthesize
+    from camid.forensics.inspect import header_facts
+    from camid.inference.ensemble import Ensemble
+    from camid.inference.openset import auroc, confidence, tradeoff
+    from camid.stages.evaluate import evaluate
+    from camid.stages.split import split
+    from camid.stages.train import train
+
+    params = load_params(ROOT / "params.yaml")
+    unknown_labels = set(args.hold_out)
+    if not unknown_labels <= set(params.catalog.labels):
+        raise SystemExit(f"--hold-out must name catalog cameras: {', '.join(params.catalog.labels)}")
+    known = Catalog(params.catalog.name, tuple(c for c in params.catalog.cameras if c.label not in unknown_labels))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="camid-openset-") as tmp:
+        root = Path(tmp)
+        with inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="camid-bench",
+                    CAMID_CHECKPOINTS=str(root / "checkpoints")):
+            synth = dataclasses.replace(params.synth, images_per_device=args.images_per_device, bad_fraction=0.0)
+            manifest = synthesize(root / "raw", params.catalog, synth, progress=False)
+            split(root / "raw" / "train", root / "split", known.labels, val_fraction=params.split.val_fraction,
+                  test_fraction=params.split.test_fraction, seed=params.split.seed)
+            prepare(root / "split", root / "cache", known, patch=params.train.patch,
+                    crops_per_image=params.prepare.crops_per_image, shard_size=params.prepare.shard_size,
+                    seed=params.prepare.seed)
+            settings = dataclasses.replace(params.train, archs=("smallcnn",), epochs=args.epochs,
+                                           steps_per_epoch=args.steps)
+            train("smallcnn", root / "cache", root / "model", settings, known.labels, known)
+            metrics = evaluate([root / "model"], root / "cache", root / "bundle", params.evaluate,
+                               metrics_file=root / "evaluate.json", plots_file=root / "confusion.csv", catalog=known)
+            ensemble = Ensemble.load(root / "bundle")
+            test = pd.read_csv(root / "split" / "test.csv", keep_default_na=False)
+            held = manifest[manifest.label.isin(unknown_labels)]
+            held_paths = [root / "raw" / f for f in held.file]
+
+            def scores(paths):
+                crops, signatures = [], []
+                for path in paths:
+                    data = Path(path).read_bytes()
+                    crops.append(grid_crops(decode_image(data), ensemble.patch, 0))
+                    signatures.append(header_facts(data)["jpeg_tables"])
+                probs = ensemble.predict_photos(crops, [False] * len(crops), signatures=signatures).probs
+                return probs, [len(c) for c in crops]
+
+            known_probs, known_counts = scores(test.path)
+            unknown_probs, unknown_counts = scores(held_paths)
+    correct = known_probs.argmax(1) == np.array([known.labels.index(label) for label in test.label])
+    k, u = confidence(known_probs), confidence(unknown_probs)
+    threshold = ensemble.open_set["threshold"]["photo"]
+    print(f"\ncamid open-set bench: {len(known.labels)} known camera models, held out {', '.join(sorted(unknown_labels))}; "
+          f"{args.images_per_device} photos per device, smallcnn {args.epochs}x{args.steps} steps; "
+          f"{time.perf_counter() - started:.0f} s")
+    print(f"known: {len(k)} whole photos of the known models' test devices (never seen in training), closed-set "
+          f"accuracy {correct.mean():.3f}; unknown: {len(u)} photos of the held-out models")
+    print(f"AUROC (calibrated top probability, known vs unknown): {auroc(k, u):.3f}")
+    print(f"bundle threshold {threshold:.3f} (accepts {ensemble.open_set['accept']:.0%} of val photos)")
+    print(f"{'threshold':>10}{'known acc.':>12}{'acc. on acc.':>14}{'unk. rej.':>11}{'open-set acc.':>15}")
+    grid = sorted({threshold, *np.quantile(k, [0.05, 0.2, 0.5]).tolist()})
+    for row in tradeoff(k, correct, u, grid):
+        mark = "  <- bundle" if row["threshold"] == threshold else ""
+        print(f"{row['threshold']:>10.3f}{row['known_accepted']:>12.3f}{row['accuracy_accepted']:>14.3f}"
+              f"{row['unknown_rejected']:>11.3f}{row['open_set_accuracy']:>15.3f}{mark}")
+    print(f"(test weighted accuracy of the {len(known.labels)}-camera model, patches: {metrics['weighted_accuracy']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
