@@ -82,7 +82,11 @@ def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(
 
     metrics, out, settings = evaluated
     spec = json.loads((out / "bundle" / "ensemble.json").read_text())
-    assert set(spec["temperature"]) == {"patch", "photo"}
+    # With the JPEG tables, answers they enter and answers from the pixels alone each have their own scale.
+    settings_fitted = {"patch", "photo"} | ({"patch_pixels_only", "photo_pixels_only"} if metrics["jpeg_tables"] else set())
+    assert set(spec["temperature"]) == set(spec["open_set"]["threshold"]) == settings_fitted
+    assert ("open_set_pixels_only" in metrics["full_image"]) == ("calibration_pixels_only" in metrics) \
+        == metrics["jpeg_tables"]
     ensemble = Ensemble.load(out / "bundle")
     uncalibrated = dataclasses.replace(ensemble, temperature={})
     refit, open_set = fit_confidence(uncalibrated, tiny_model.root / "cache", settings)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from camid.serving.model import predict_frame
 
-STATUS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera", "consistent",
-          "error"]
+STATUS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches",
+          "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -197,17 +197,20 @@ def test_jpeg_table_evidence_moves_only_unaltered_jpegs(ensemble, photos):
     assert moved.camera[0] == ensemble.labels[target]
     assert moved[ensemble.labels].iloc[0, target] > plain[ensemble.labels].iloc[0, target]
     np.testing.assert_allclose(moved[ensemble.labels].iloc[1], plain[ensemble.labels].iloc[1])  # manipulated row
+    assert moved.tables_evidence.tolist() == ["used", "none"] and set(plain.tables_evidence) == {"none"}
     # Without a flag the evidence applies whatever the auxiliary head estimates: the tables are the firmware's.
     unflagged = predict_frame(informed, pd.DataFrame({"image": images[:2]}), {"tta": False, "patches": 1})
     assert list(unflagged.camera) == [ensemble.labels[target]] * 2
     off = predict_frame(informed, frame, {"tta": False, "patches": 1, "jpeg_tables": False})
     np.testing.assert_allclose(off[ensemble.labels], plain[ensemble.labels])
+    assert set(off.tables_evidence) == {"none"}
     # A PNG has no tables: nothing to add.
     buf = io.BytesIO()
     Image.open(io.BytesIO(images[0])).save(buf, "PNG")
     png = pd.DataFrame({"image": [buf.getvalue()], "manipulated": [False]})
-    np.testing.assert_allclose(predict_frame(informed, png, {"tta": False})[ensemble.labels],
-                               predict_frame(ensemble, png, {"tta": False})[ensemble.labels])
+    from_png = predict_frame(informed, png, {"tta": False})
+    np.testing.assert_allclose(from_png[ensemble.labels], predict_frame(ensemble, png, {"tta": False})[ensemble.labels])
+    assert list(from_png.tables_evidence) == ["none"]  # no tables to see
 
 
 def test_exif_model_is_checked_against_the_camera_the_pixels_point_to(ensemble, photos, catalog):

@@ -4,9 +4,10 @@ A network's top probability is usually not the frequency with which it is right.
 the validation set by minimising the negative log-likelihood, rescales every distribution p to p^(1/T),
 renormalised (the softmax of log p / T): confident answers soften when T > 1, and the ranking of the cameras,
 hence every accuracy figure, is unchanged. A photo blended from many patches is far more confident than one
-patch, so the evaluate stage fits one temperature for single patches and one for whole photos and stores both in
-the bundle; the expected calibration error (ECE, 15 equal-width confidence bins) is reported on the test set
-before and after.
+patch, so the evaluate stage fits one temperature for single patches and one for whole photos, and where the
+bundle uses the JPEG-table evidence, one of each for answers the tables entered and for answers from the pixels
+alone (`camid.inference.ensemble.KINDS`); all are stored in the bundle, and the expected calibration error
+(ECE, 15 equal-width confidence bins) is reported on the test set before and after.
 """
 from __future__ import annotations
 

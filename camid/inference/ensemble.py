@@ -25,7 +25,7 @@ from camid.core.fileio import atomic_dir, write_json
 from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import BLENDS, UnknownMethodError
 from camid.inference.blending import blend as blend_probs
-from camid.inference.jpeg_tables import TablePrior
+from camid.inference.jpeg_tables import NONE, UNSEEN, USED, TablePrior
 from camid.inference.options import BALANCE_CHOICES
 from camid.inference.tta import D4, d4_views, fold_views
 
@@ -45,6 +45,16 @@ class Prediction:
     manipulation_probs: np.ndarray   # (N, 9) none + the eight manipulations, averaged over members and views
     member_views: np.ndarray | None  # (models, views, N, C) camera probabilities before blending
     views: tuple[int, ...]           # the D4 views scored (indices into D4)
+    tables_evidence: np.ndarray | None = None  # (N,) USED / UNSEEN / NONE (jpeg_tables); None: all NONE
+
+
+# Validation fits a temperature and an open-set threshold per kind of answer: a single patch or a whole photo
+# ("patch", "photo"), each with the bundle's own evidence; where the bundle uses the JPEG tables, also for answers
+# the tables did not enter (`jpeg_tables: false`, a caller's manipulated flag, a signature no training photo had,
+# no JPEG at all), under "<kind>" + PIXELS_ONLY. The two are on different scales: the tables make the answers of
+# camera originals far more confident, so one threshold for both rejects almost every pixels-only answer.
+KINDS = ("patch", "photo")
+PIXELS_ONLY = "_pixels_only"
 
 
 @dataclass
@@ -59,8 +69,8 @@ class Ensemble:
     tables: TablePrior | None = None  # JPEG-table evidence (camid.inference.jpeg_tables), used if use_tables
     use_tables: bool = False
     cameras: list[dict] = field(default_factory=list)  # catalog entries (label, make, models) for the EXIF check
-    temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T} fitted on val (calibration.py)
-    open_set: dict = field(default_factory=dict)  # {"score", "accept", "threshold": {"patch", "photo"}} (openset.py)
+    temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T, ...} fitted on val (KINDS, PIXELS_ONLY)
+    open_set: dict = field(default_factory=dict)  # {"score", "accept", "threshold": {"patch": t, ...}} (openset.py)
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -131,7 +141,8 @@ class Ensemble:
     @staticmethod
     def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None) -> None:
         """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,
-        "photo": T}) and the open-set rule ({"score", "accept", "threshold": {"patch": t, "photo": t}})."""
+        "photo": T}, plus "patch_pixels_only" and "photo_pixels_only" where the bundle uses the JPEG tables) and
+        the open-set rule ({"score", "accept", "threshold": {the same keys}})."""
         spec_file = Path(bundle) / "ensemble.json"
         spec = json.loads(spec_file.read_text())
         spec["temperature"] = {k: float(v) for k, v in temperature.items()}
@@ -139,24 +150,49 @@ class Ensemble:
             spec["open_set"] = open_set
         write_json(spec_file, spec)
 
-    def calibrate(self, probs: np.ndarray, kind: str) -> np.ndarray:
-        """`probs` under the bundle's `kind` ("patch" or "photo") temperature; unchanged without one."""
+    def setting_keys(self, kinds: list[str], tables_used=False) -> list[str]:
+        """For each row, the key its temperature and threshold were fitted under: its kind ("patch" or "photo")
+        and, where the bundle uses the JPEG tables but they did not enter the row (`tables_used` False, per row
+        or for all), that kind + PIXELS_ONLY."""
+        used = np.broadcast_to(np.asarray(tables_used, dtype=bool), (len(kinds),))
+        return [kind if u or not self.use_tables else kind + PIXELS_ONLY for kind, u in zip(kinds, used)]
+
+    @staticmethod
+    def _fitted(table: dict, keys: list[str]) -> list:
+        """Each key's value in `table`; a pixels-only key missing (bundles made before there were any) falls
+        back to its kind's value, a kind missing to None."""
+        return [table.get(key, table.get(key.removesuffix(PIXELS_ONLY))) for key in keys]
+
+    def calibrate(self, probs: np.ndarray, kind, tables_used=False) -> np.ndarray:
+        """(N, C) `probs` under the temperatures validation fitted for their setting (`kind`: "patch" or
+        "photo", for all rows or a list per row; `tables_used`: whether the JPEG-table evidence entered each row,
+        see `setting_keys`); rows without a fitted temperature unchanged."""
         from camid.inference.calibration import apply_temperature
 
-        t = self.temperature.get(kind)
-        return probs if t is None else apply_temperature(probs, t)
+        probs = np.asarray(probs, dtype=np.float64)
+        kinds = [kind] * len(probs) if isinstance(kind, str) else list(kind)
+        temperatures = self._fitted(self.temperature, self.setting_keys(kinds, tables_used))
+        out = probs.copy()
+        for t in set(temperatures) - {None}:
+            rows = np.array([u == t for u in temperatures])
+            out[rows] = apply_temperature(probs[rows], t)
+        return out
 
-    def is_unknown(self, probs: np.ndarray, patch_counts) -> np.ndarray:
-        """(N,) True where a photo's calibrated probabilities (N, C) fall below the bundle's open-set threshold
-        (a photo of one patch against the patch threshold, of many against the photo one); all False for a
-        bundle without one."""
+    def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None) -> np.ndarray:
+        """(N,) True where a photo is unlike every catalog camera: its calibrated probabilities (N, C) fall below
+        the open-set threshold of its setting (a photo of one patch against the patch threshold, of many against
+        the photo one; with or without the JPEG-table evidence, `tables_evidence` per row, as in `calibrate`),
+        or, where validation found every catalog camera's originals carry tables training saw (the bundle's
+        `open_set.unseen_tables`), its JPEG tables are UNSEEN. All False for a bundle without a threshold."""
         from camid.inference.openset import confidence
 
         thresholds = self.open_set.get("threshold", {})
-        if not thresholds:
+        if not thresholds or not len(probs):
             return np.zeros(len(probs), dtype=bool)
-        cut = np.array([thresholds["patch" if k == 1 else "photo"] for k in patch_counts], dtype=np.float64)
-        return confidence(probs) < cut
+        evidence = np.asarray(tables_evidence if tables_evidence is not None else [None] * len(probs), dtype=object)
+        kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
+        cut = np.array(self._fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
+        return (confidence(probs) < cut) | (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
 
     def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
         """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
@@ -178,6 +214,13 @@ class Ensemble:
         if self.tables is None or not (self.use_tables or force):
             return probs
         return self.tables.apply(probs, signatures, usable)
+
+    def tables_evidence(self, signatures, usable) -> np.ndarray:
+        """(N,) what the JPEG tables say of each row (`jpeg_tables.USED`: `apply_tables` changes it; `UNSEEN`:
+        a usable JPEG whose signature no training photo had; `NONE`); all NONE where the bundle does not use them."""
+        if self.tables is None or not self.use_tables:
+            return np.full(len(signatures), NONE, dtype=object)
+        return self.tables.evidence(signatures, usable)
 
     def resolve_views(self, tta: bool | None = True, views=None) -> tuple[int, ...]:
         """Explicit `views` win; else the bundle's chosen views with tta, the identity alone without."""
@@ -275,18 +318,20 @@ class Ensemble:
         probs = np.stack([blend_probs(pred.member_views[:, :, part].reshape(-1, 1, n_classes), blend)[0]
                           for part in parts])
         flags = np.array([pred.manipulated[part].mean() >= 0.5 for part in parts])
+        evidence = self.tables_evidence([None] * len(crops), np.zeros(len(crops), bool))
         if jpeg_tables and signatures is not None:
             # Only a caller's "manipulated" rules the evidence out: a JPEG whose tables some camera's firmware
             # wrote is that camera's own file, whatever the auxiliary head guesses (re-saved files carry their
             # editor's tables, which training photos do not have, and which therefore say nothing).
             said_manipulated = np.array([not _missing(g) and bool(g) for g in given])
+            evidence = self.tables_evidence(signatures, ~said_manipulated)
             probs = self.apply_tables(probs, signatures, ~said_manipulated)
         if calibrated:  # a photo of one patch is calibrated as a patch, of many as a photo
-            probs = np.stack([self.calibrate(row[None], "patch" if k == 1 else "photo")[0]
-                              for row, k in zip(probs, counts)])
+            probs = self.calibrate(probs, ["patch" if k == 1 else "photo" for k in counts], evidence == "used")
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
-                          np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views)
+                          np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views,
+                          evidence)
 
 
 def load_ensemble(model: str) -> Ensemble:

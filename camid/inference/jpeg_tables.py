@@ -33,6 +33,11 @@ import numpy as np
 from camid.core.fileio import write_json
 
 FILE = "jpeg_tables.json"  # camid.forensics.inspect.TABLES_FILE names it too (tests check they agree)
+# What the tables said of an answer (`TablePrior.evidence`, the served `tables_evidence` column): USED, a training
+# photo had the signature and the evidence entered the answer; UNSEEN, a JPEG taken as a camera original whose
+# tables no training photo had (another camera's firmware, or a re-save); NONE, not applicable (no JPEG, a damaged
+# header, a caller's manipulated flag, `jpeg_tables: false`, a bundle whose evaluation left the tables out).
+USED, UNSEEN, NONE = "used", "unseen", "none"
 
 
 def signature_of_file(path: str | Path) -> str | None:
@@ -68,15 +73,19 @@ class TablePrior:
         row = self._row.get(signature) if signature is not None else None
         return None if row is None else self._likelihood[row]
 
+    def evidence(self, signatures, usable) -> np.ndarray:
+        """(N,) USED, UNSEEN or NONE per row: `usable` rows with a signature are USED where a training photo had
+        it (the rows `apply` changes), UNSEEN where none did; the others NONE."""
+        return np.array([NONE if not ok or sig is None else USED if self.likelihood(sig) is not None else UNSEEN
+                         for sig, ok in zip(signatures, usable)], dtype=object)
+
     def apply(self, probs: np.ndarray, signatures, usable) -> np.ndarray:
         """(N, C) probabilities times each row's likelihood, renormalised, where `usable` and the signature is
-        known; other rows unchanged."""
+        known (`evidence` USED); other rows unchanged."""
         probs = np.array(probs, dtype=np.float64)
-        for row, (sig, ok) in enumerate(zip(signatures, usable)):
-            like = self.likelihood(sig) if ok else None
-            if like is not None:
-                posterior = probs[row] * like
-                probs[row] = posterior / posterior.sum()
+        for row in np.flatnonzero(self.evidence(signatures, usable) == USED):
+            posterior = probs[row] * self.likelihood(signatures[row])
+            probs[row] = posterior / posterior.sum()
         return probs
 
     def matches(self, signature: str | None) -> list[dict] | None:

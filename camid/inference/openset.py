@@ -10,8 +10,9 @@ The threshold is chosen on the validation split, which holds devices of its own 
 the score that accepts `accept` (e.g. 0.95) of the validation photos, so about 1 - accept of the photos of known
 cameras are rejected by design, and what that buys on unknown cameras is measured by `bench/open_set.py`
 (two virtual camera models held out of training: AUROC and the accuracy/rejection trade-off). Single patches
-and whole photos are scored on different scales (a photo blends many patches), so each has its threshold, as
-each has its temperature (`camid.inference.calibration`).
+and whole photos are scored on different scales (a photo blends many patches), and so are answers with and
+without the JPEG-table evidence (the tables make a camera original's answer far surer), so each setting has its
+threshold, as it has its temperature (`camid.inference.ensemble.KINDS`, `PIXELS_ONLY`; `Ensemble.is_unknown`).
 """
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("jpeg_tables", bool, True, "use the JPEG quantization tables as evidence where the model's evaluation "
            "kept them (false: pixels only)"),
     Option("open_set", bool, True, "answer `unknown` for a photo whose calibrated top probability is below the "
-           "threshold the model's evaluation fitted on validation (false: always a catalog camera)"),
+           "threshold the model's evaluation fitted on validation for its setting, or, where that validation "
+           "allowed it, whose JPEG tables no training photo had (false: always a catalog camera)"),
     Option("on_error", str, "fail", "fail: a bad row fails the whole request; row: that row gets an `error` "
            "value and the others are answered", ON_ERROR_CHOICES),
 )}

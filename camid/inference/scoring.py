@@ -20,6 +20,7 @@ from camid.config import EvaluateParams
 from camid.errors import CamidError
 from camid.inference.blending import blend
 from camid.inference.ensemble import Ensemble
+from camid.inference.jpeg_tables import NONE, USED
 from camid.inference.tta import D4
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,11 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
         weighted_accuracy_per_view={D4[v]: weighted((v,), False) for v in ALL_VIEWS},  # pixels only
         comparison={name: {"pixels_only": weighted(chosen, False), "with_jpeg_tables": weighted(chosen, True)}
                     for name, chosen in (("no_tta", (0,)), ("chosen_views", views), ("all_d4", ALL_VIEWS))},
-        calibration=calibration_report(ensemble, probs(views, tables), evalset.labels, "patch"),
+        calibration=calibration_report(ensemble, probs(views, tables), evalset.labels, "patch",
+                                       ensemble.tables_evidence(signatures, evalset.manipulation == 0) == USED),
     )
+    if tables:  # the answers the tables do not enter (manipulated, `jpeg_tables: false`) have their own
+        metrics["calibration_pixels_only"] = calibration_report(ensemble, probs(views, False), evalset.labels, "patch")
     table = pd.DataFrame({"actual": np.asarray(labels)[evalset.labels], "predicted": np.asarray(labels)[p],
                           "manipulation": evalset.manipulation, "image_id": evalset.image_id})
     return metrics, table, pred.member_views
@@ -106,12 +110,21 @@ def final_probs(ensemble: Ensemble, evalset, member_views, signatures, views, ta
     return ensemble.apply_tables(blended, signatures, evalset.manipulation == 0, force=True) if tables else blended
 
 
-def calibration_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, kind: str) -> dict:
-    """ECE of uncalibrated `probs` and of the same under the bundle's `kind` temperature."""
+def _setting_value(ensemble: Ensemble, table: dict, kind: str, tables_used) -> float | None:
+    """The fitted value a report names: the bundle's own setting's if the tables entered any row, else the
+    pixels-only one (`Ensemble.setting_keys`)."""
+    return ensemble._fitted(table, ensemble.setting_keys([kind], bool(np.any(tables_used))))[0]
+
+
+def calibration_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, kind: str,
+                       tables_used=False) -> dict:
+    """ECE of uncalibrated `probs` and of the same under the temperatures of their setting (`kind`, and
+    `tables_used` per row or for all: `Ensemble.calibrate`)."""
     from camid.inference.calibration import expected_calibration_error
 
-    return {"temperature": ensemble.temperature.get(kind), "ece_before": expected_calibration_error(probs, labels),
-            "ece_after": expected_calibration_error(ensemble.calibrate(probs, kind), labels)}
+    return {"temperature": _setting_value(ensemble, ensemble.temperature, kind, tables_used),
+            "ece_before": expected_calibration_error(probs, labels),
+            "ece_after": expected_calibration_error(ensemble.calibrate(probs, kind, tables_used), labels)}
 
 
 @dataclass(frozen=True)
@@ -133,38 +146,65 @@ def validation_scores(ensemble: Ensemble, cache: Path, settings: EvaluateParams)
     return ValidationScores(evalset, member_views, row_signatures(evalset))
 
 
-def open_set_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, crops) -> dict:
-    """On photos of catalog cameras (calibrated `probs`): the share the open-set rule accepts and the accuracy
-    on those; without unknown cameras here, its power to reject them is bench/open_set.py's to measure."""
+def open_set_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, crops, tables_evidence=None) -> dict:
+    """On photos of catalog cameras (calibrated `probs`; `tables_evidence` as in `Ensemble.is_unknown`): the
+    share the open-set rule accepts and the accuracy on those; without unknown cameras here, its power to reject
+    them is bench/open_set.py's to measure."""
     if not ensemble.open_set.get("threshold"):
         return {}
-    accepted = ~ensemble.is_unknown(probs, [len(c) for c in crops])
+    accepted = ~ensemble.is_unknown(probs, [len(c) for c in crops], tables_evidence)
     correct = probs.argmax(1) == np.asarray(labels)
-    return {"threshold": ensemble.open_set["threshold"]["photo"], "known_accepted": float(accepted.mean()),
+    used = np.asarray(tables_evidence if tables_evidence is not None else [], dtype=object) == USED
+    return {"threshold": _setting_value(ensemble, ensemble.open_set["threshold"], "photo", used),
+            "known_accepted": float(accepted.mean()),
             "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else float("nan"),
             "accuracy_all": float(correct.mean())}
 
 
 def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
                    val: ValidationScores | None = None) -> tuple[dict, dict]:
-    """What the probabilities need from the validation split, for the bundle's own settings: the calibration
-    temperatures, one for single patches (the cached centre crops, unaltered and manipulated) and one for whole
-    photos (auto patches), and the open-set thresholds on the calibrated probabilities that accept
-    `settings.open_set_accept` of each (`camid.inference.openset`). `val`: the validation pass
+    """What the probabilities need from the validation split, with the bundle's views: calibration
+    temperatures and the open-set thresholds on the calibrated probabilities that accept
+    `settings.open_set_accept` of the validation answers (`camid.inference.openset`), each fitted per setting
+    (`camid.inference.ensemble.KINDS`): single patches (the cached centre crops, unaltered and manipulated) and
+    whole photos (auto patches); where the bundle uses the JPEG tables, "patch" and "photo" are fitted on the
+    answers the tables entered and "patch_pixels_only", "photo_pixels_only" on every answer from the pixels
+    alone; and whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of
+    validation originals whose tables training saw, `val_tables_seen`). `val`: the validation pass
     `choose_settings` already made (computed here when not given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
+    from camid.inference.ensemble import PIXELS_ONLY
     from camid.inference.openset import SCORE, confidence, fit_threshold
 
     val = val or validation_scores(ensemble, cache, settings)
-    patch = final_probs(ensemble, val.evalset, val.member_views, val.signatures, ensemble.views,
-                        ensemble.use_tables, settings.blend)
+    evalset, labels = val.evalset, np.asarray(val.evalset.labels)
     photos = load_photos(cache, "val", ensemble.patch)
-    photo = photo_probs(ensemble, photos, jpeg_tables=ensemble.use_tables)
-    temperature = {"patch": fit_temperature(patch, val.evalset.labels), "photo": fit_temperature(photo, photos[2])}
-    threshold = {kind: fit_threshold(confidence(apply_temperature(probs, temperature[kind])),
-                                     settings.open_set_accept)
-                 for kind, probs in (("patch", patch), ("photo", photo))}
-    return temperature, {"score": SCORE, "accept": settings.open_set_accept, "threshold": threshold}
+    pixels = {"patch": (final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, False,
+                                    settings.blend), labels),
+              "photo": (photo_probs(ensemble, photos, jpeg_tables=False), photos[2])}
+    if ensemble.use_tables:
+        originals, every = evalset.manipulation == 0, np.ones(len(photos[2]), bool)
+        photo_evidence = ensemble.tables_evidence(photos[1], every)
+        used = {"patch": ensemble.tables_evidence(val.signatures, originals) == USED, "photo": photo_evidence == USED}
+        with_tables = {"patch": final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views,
+                                            True, settings.blend),
+                       "photo": ensemble.apply_tables(pixels["photo"][0], photos[1], every)}
+        fits = {kind: (with_tables[kind][used[kind]], pixels[kind][1][used[kind]]) for kind in pixels}
+        fits.update({kind + PIXELS_ONLY: pair for kind, pair in pixels.items()})
+    else:
+        fits = pixels
+    temperature = {key: fit_temperature(probs, y) for key, (probs, y) in fits.items()}
+    threshold = {key: fit_threshold(confidence(apply_temperature(probs, temperature[key])), settings.open_set_accept)
+                 for key, (probs, _) in fits.items()}
+    rule = {"score": SCORE, "accept": settings.open_set_accept, "threshold": threshold, "unseen_tables": False}
+    if ensemble.use_tables:
+        # Tables no training photo had are another camera's firmware, or a re-save; they count as "unknown" only
+        # if the validation devices' originals (catalog cameras, unseen devices) almost never show any, i.e. the
+        # rule costs known cameras no more than the threshold does. Phones that pick tables per scene fail this.
+        jpegs = photo_evidence != NONE
+        seen = float(np.mean(photo_evidence[jpegs] == USED)) if jpegs.any() else float("nan")
+        rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
+    return temperature, rule
 
 
 def row_signatures(evalset) -> list[str | None]:
@@ -260,8 +300,9 @@ def photo_probs(ensemble: Ensemble, photos, *, tta: bool = True, jpeg_tables: bo
 
 def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
     """Accuracy on the split's whole photos, unaltered, as `camid predict --full-image` scores them, with the
-    bundle's settings; also without TTA and from the pixels alone (without the JPEG-table evidence); and the
-    photo-level calibration error before and after the bundle's photo temperature."""
+    bundle's settings; also without TTA and from the pixels alone (without the JPEG-table evidence); the
+    photo-level calibration error before and after the photo temperature, and the share of these known-camera
+    photos the open-set rule accepts, for the bundle's setting and, where it uses the tables, pixels only."""
     from camid.core.metrics import accuracy, per_camera_accuracy
 
     photos = load_photos(cache, split, ensemble.patch, patches)
@@ -276,12 +317,19 @@ def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", pa
             break
         suffix = "" if tta else "_no_tta"
         pixels = photo_probs(ensemble, photos, tta=tta, jpeg_tables=False)  # one forward pass per TTA setting;
-        probs = ensemble.apply_tables(pixels, signatures, np.ones(len(y), bool))  # the tables come after it
+        every = np.ones(len(y), bool)
+        probs = ensemble.apply_tables(pixels, signatures, every)  # the tables come after it
         result[f"accuracy{suffix}_pixels_only"] = accuracy(y, pixels.argmax(1))
         result[f"accuracy{suffix}"] = accuracy(y, probs.argmax(1))
         if tta:
             result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(y, probs.argmax(1),
                                                                                  len(ensemble.labels))))
-            result["calibration"] = calibration_report(ensemble, probs, y, "photo")
-            result["open_set"] = open_set_report(ensemble, ensemble.calibrate(probs, "photo"), y, photos[0])
+            evidence = ensemble.tables_evidence(signatures, every)
+            result["calibration"] = calibration_report(ensemble, probs, y, "photo", evidence == USED)
+            result["open_set"] = open_set_report(ensemble, ensemble.calibrate(probs, "photo", evidence == USED), y,
+                                                 photos[0], evidence)
+            if ensemble.use_tables:  # the same photos answered from the pixels alone (`jpeg_tables: false`)
+                result["calibration_pixels_only"] = calibration_report(ensemble, pixels, y, "photo")
+                result["open_set_pixels_only"] = open_set_report(ensemble, ensemble.calibrate(pixels, "photo"), y,
+                                                                 photos[0])
     return result

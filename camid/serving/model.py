@@ -11,7 +11,11 @@ mean_square | arithmetic | geometric), `patches` (0, the default: auto, the phot
 input with `camera` (a catalog label, or `unknown` when the photo is unlike every catalog camera: its calibrated
 top probability is below the open-set threshold fitted on validation; param `open_set: false` never answers
 unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (that
-calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored), what the
+calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
+`tables_evidence` (what the JPEG quantisation tables said: `used`, a catalog camera's firmware wrote them and the
+evidence entered the answer, whose `confidence` is then calibrated and `unknown` decided on that setting's own
+scale; `unseen`, no training photo had them, another camera's firmware or a re-save, which counts as `unknown`
+where validation allowed it; `none`, not applicable: no JPEG, flagged manipulated, or `jpeg_tables: false`), what the
 metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
 `consistent`, whether that is the camera the pixels point to, null without an EXIF Model) and the probability
 of every camera (one column per camera label).
@@ -49,8 +53,8 @@ from camid.inference import options
 from camid.inference.ensemble import Ensemble
 from camid.inference.openset import UNKNOWN, confidence
 
-STATUS_COLUMNS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches", "exif_model", "exif_camera",
-                  "consistent", "error"]
+STATUS_COLUMNS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches",
+                  "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 
 
 def signature(labels: list[str]):
@@ -61,6 +65,7 @@ def signature(labels: list[str]):
     outputs = Schema([ColSpec("string", "camera"), ColSpec("string", "closest_camera"), ColSpec("double", "confidence"),
                       ColSpec("boolean", "unknown", required=False), ColSpec("boolean", "manipulated"),
                       ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
+                      ColSpec("string", "tables_evidence"),
                       ColSpec("string", "exif_model"), ColSpec("string", "exif_camera"),
                       ColSpec("boolean", "consistent", required=False), ColSpec("string", "error")]
                      + [ColSpec("double", label) for label in labels])
@@ -156,6 +161,7 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
                         "manipulated": pd.array([None] * len(frame), dtype="boolean"),
                         "manipulated_estimated": pd.array([None] * len(frame), dtype="boolean"),
                         "patches": np.zeros(len(frame), dtype=np.int64),
+                        "tables_evidence": [""] * len(frame),
                         "exif_model": [""] * len(frame), "exif_camera": [""] * len(frame),
                         "consistent": pd.array([None] * len(frame), dtype="boolean"),
                         "error": errors,
@@ -167,7 +173,7 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
                                    blend=options.blend_for(settings["blend"]), jpeg_tables=settings["jpeg_tables"],
                                    balance=settings["balance"])
     cameras = np.asarray(ensemble.labels)[pred.labels]
-    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good]) if settings["open_set"] \
+    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good], pred.tables_evidence) if settings["open_set"] \
         else np.zeros(len(good), dtype=bool)
     models = [facts[r]["model"] for r in good]
     named, consistent = ensemble.metadata_check(models, cameras)
@@ -178,6 +184,7 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
     out.loc[good, "manipulated"] = pred.manipulated.astype(bool)
     out.loc[good, "manipulated_estimated"] = pred.manipulated_estimated.astype(bool)
     out.loc[good, "patches"] = [len(patches[r]) for r in good]
+    out.loc[good, "tables_evidence"] = list(pred.tables_evidence)
     out.loc[good, "exif_model"] = [m or "" for m in models]
     out.loc[good, "exif_camera"] = named
     out.loc[good, "consistent"] = pd.array(consistent, dtype="boolean")

@@ -56,6 +56,7 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
                                        blend=blend_method, jpeg_tables=jpeg_tables)
         for i, (path, crops, facts) in enumerate(pending):
             rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
+                         "tables_evidence": pred.tables_evidence[i],
                          "manipulated": bool(pred.manipulated[i]),
                          "manipulated_estimated": bool(pred.manipulated_estimated[i]),
                          "exif_model": facts["model"] or "", "error": "",
@@ -85,7 +86,8 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     labels = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=table.manipulated.to_numpy(),
                                                                          method=balance)
     closest = np.asarray(ensemble.labels)[labels]
-    unknown = ensemble.is_unknown(probs, table.patches) if open_set else np.zeros(len(table), dtype=bool)
+    unknown = ensemble.is_unknown(probs, table.patches, table.tables_evidence.to_numpy(object)) if open_set \
+        else np.zeros(len(table), dtype=bool)
     table.insert(1, "camera", np.where(unknown, UNKNOWN, closest))
     table.insert(2, "closest_camera", closest)
     table.insert(3, "confidence", confidence(probs))
