@@ -6,8 +6,9 @@ temperatures and the open-set threshold on validation). Then the whole photos of
 (never seen either, but of catalog cameras) and every photo of the held-out models are scored as the served
 model scores them (auto patches, calibrated), twice: from the pixels alone, and with the model's own setting (the
 JPEG-table evidence where some training photo had the file's signature). For each the bench prints the AUROC of
-the open-set score (calibrated top probability minus the threshold of the answer's setting) for known vs unknown,
-and the accuracy/rejection trade-off at the bundle's thresholds and around them. The zoo's held-out models have
+the pixel ground's open-set score (the kNN typicality of the features minus its threshold; beside it, the
+calibrated top probability's) for known vs unknown, and the accuracy/rejection trade-off at the bundle's
+thresholds and around them. The zoo's held-out models have
 tables no training photo had: where validation found that catalog originals always carry tables training saw,
 that alone answers `unknown` (the served default), which real cameras sharing a maker's tables would not
 trigger; the pixels-only figure is the one that says what the pixels can tell.
@@ -91,12 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                     signatures.append(header_facts(data)["jpeg_tables"])
                 pred = ensemble.predict_photos(crops, [False] * len(crops), signatures=signatures, jpeg_tables=tables)
                 counts = [len(c) for c in crops]
-                # the score against the threshold of each answer's own setting (patch or photo, tables or not)
-                cut = ensemble._fitted(ensemble.open_set["threshold"],
-                                       ensemble.setting_keys(["patch" if k == 1 else "photo" for k in counts],
-                                                             pred.tables_evidence == USED))
-                return (pred.probs, confidence(pred.probs) - np.array(cut), pred.tables_evidence,
-                        ensemble.is_unknown(pred.probs, counts, pred.tables_evidence))
+                # the pixel ground's score minus its threshold (kNN on the features where the bundle has a bank)
+                margin = ensemble.open_set_margin(pred.probs, counts, pred.tables_evidence, pred.features)
+                top = ensemble.open_set_margin(pred.probs, counts, pred.tables_evidence)  # the top probability's
+                return (pred.probs, margin, pred.tables_evidence,
+                        ensemble.is_unknown(pred.probs, counts, pred.tables_evidence, pred.features), top)
 
             truth = np.array([known.labels.index(label) for label in test.label])
             results = {tables: (scores(test.path, tables), scores(held_paths, tables)) for tables in (False, True)}
@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
           f"unknown: {len(held_paths)} photos of the held-out models")
     print(f"fitted on validation: thresholds accepting {rule['accept']:.0%} "
           + ", ".join(f"{k} {v:.4f}" for k, v in rule["threshold"].items())
+          + "".join(f", kNN {k} {v:.4f}" for k, v in rule.get("knn_threshold", {}).items())
           + f"; unseen JPEG tables count as unknown: {rule.get('unseen_tables', False)} "
             f"(validation originals whose tables training saw: {rule.get('val_tables_seen', float('nan')):.3f})")
-    for tables, ((known_probs, k, k_evidence, k_unknown), (_, u, u_evidence, u_unknown)) in results.items():
+    score = rule.get("score", "max_prob")
+    for tables, ((known_probs, k, k_evidence, k_unknown, k_top), (_, u, u_evidence, u_unknown, u_top)) in results.items():
         correct = known_probs.argmax(1) == truth
         right = (~k_unknown & correct).sum() + u_unknown.sum()
         title = ("the model's setting (served default): JPEG-table evidence where a training photo had the "
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{1 - k_unknown.mean():.3f} (accuracy on those {correct[~k_unknown].mean():.3f}), unknown rejected "
               f"{u_unknown.mean():.3f}, open-set accuracy {right / (len(k) + len(u)):.3f}")
         if not tables or not rule.get("unseen_tables"):
-            print(f"  AUROC known vs unknown (calibrated top probability minus its setting's threshold) "
-                  f"{auroc(k, u):.3f}; other thresholds (offset from the bundle's):")
+            print(f"  AUROC known vs unknown of the pixel ground ({score}): {auroc(k, u):.3f}; of the calibrated top "
+                  f"probability: {auroc(k_top, u_top):.3f}; other thresholds of the pixel ground (offset from the bundle's):")
             print(f"  {'offset':>8}{'known acc.':>12}{'acc. on acc.':>14}{'unk. rej.':>11}{'open-set acc.':>15}")
             grid = sorted({0.0, *np.quantile(k, [0.05, 0.2, 0.5]).tolist()})
             for row in tradeoff(k, correct, u, grid):

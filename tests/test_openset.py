@@ -155,11 +155,83 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     val = read_index(cache, "val").drop_duplicates("image")
     ensemble = Ensemble.load(tiny_model.bundle)
     knows_val = TablePrior.fit([signature_of_file(p) for p in val.path], val.label_index, tiny_model.labels)
-    _, rule = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
+    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 1.0 and rule["unseen_tables"]
     assert set(rule["threshold"]) == {"patch", "photo", "patch_pixels_only", "photo_pixels_only"}
     knows_nothing = TablePrior.fit([], [], tiny_model.labels)  # as if every camera picked new tables per photo
-    _, rule = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
+    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 0.0 and not rule["unseen_tables"]
-    _, rule = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
+    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
     assert set(rule["threshold"]) == {"patch", "photo"} and not rule["unseen_tables"]
+
+
+def test_knn_score_is_the_similarity_to_the_kth_nearest_training_feature():
+    from camid.inference.openset import fit_bank, knn_score, photo_features, unit
+
+    bank = unit(np.array([[1, 0], [0, 1], [1, 1], [-1, 0]], dtype=np.float32))
+    query = unit(np.array([[1, 0.1], [-1, -0.1]], dtype=np.float32))
+    sims = query @ bank.T
+    for k in (1, 2, 4):
+        np.testing.assert_allclose(knn_score(query, bank, k), np.sort(sims, axis=1)[:, ::-1][:, k - 1], rtol=1e-6)
+    np.testing.assert_allclose(knn_score(query, bank, 99), sims.min(axis=1), rtol=1e-6)  # k capped by the bank
+    feats = unit(np.random.default_rng(0).normal(size=(7, 3)))
+    photos = photo_features(feats, [3, 4])
+    np.testing.assert_allclose(photos, unit(np.stack([feats[:3].mean(0), feats[3:].mean(0)])), rtol=1e-6)
+    from camid.inference import openset
+
+    big = fit_bank(unit(np.random.default_rng(1).normal(size=(openset.PATCH_BANK_MAX + 10, 3))), [openset.PATCH_BANK_MAX + 10])
+    assert len(big["patch"]) == openset.PATCH_BANK_MAX and len(big["photo"]) == 1
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(tiny_model, tmp_path_factory):
+    """The tiny bundle with the training photos' feature bank and a kNN photo threshold at the median score of
+    its test photos."""
+    from camid.inference.openset import read_bank
+    from camid.inference.scoring import training_bank
+
+    bundle = tmp_path_factory.mktemp("knn") / "bundle"
+    shutil.copytree(tiny_model.bundle, bundle)
+    bank = training_bank(Ensemble.load(bundle), tiny_model.root / "cache")
+    Ensemble.set_confidence(bundle, {}, {"score": "knn_cosine", "accept": 0.5, "threshold": {"patch": 0.0, "photo": 0.0},
+                                         "knn_threshold": {"patch": 0.0, "photo": 0.0}}, bank)
+    stored = read_bank(bundle)
+    assert {k: v.shape for k, v in stored.items()} == {k: v.shape for k, v in bank.items()}
+    ensemble = Ensemble.load(bundle)
+    images = [open(p, "rb").read() for p in tiny_model.test.path]
+    probe = predict_frame(ensemble, pd.DataFrame({"image": images}), {"open_set": False})
+    from camid.core.imageio import decode_image
+    from camid.core.patches import grid_crops
+
+    crops = [grid_crops(decode_image(b), ensemble.patch, 0) for b in images]
+    pred = ensemble.predict_photos(crops)
+    margin = ensemble.open_set_margin(pred.probs, [len(c) for c in crops], pred.tables_evidence, pred.features)
+    cut = float(np.median(margin))
+    Ensemble.set_confidence(bundle, {}, {"score": "knn_cosine", "accept": 0.5, "threshold": {"patch": 0.0, "photo": 0.0},
+                                         "knn_threshold": {"patch": 0.0, "photo": cut}})
+    return bundle, images, probe, margin, cut
+
+
+def test_the_knn_ground_rejects_photos_whose_features_are_unlike_the_training_photos(knn_bundle, tiny_model, tmp_path):
+    bundle, images, probe, margin, cut = knn_bundle
+    ensemble = Ensemble.load(bundle)
+    assert ensemble.bank is not None and ensemble.open_set["score"] == "knn_cosine"
+    below = margin < cut
+    assert below.any() and not below.all()
+    out = predict_frame(ensemble, pd.DataFrame({"image": images}))
+    assert list(out.unknown) == list(below)  # the features decide, not the top probability
+    assert list(out.closest_camera) == list(probe.camera)
+    out_csv = tmp_path / "sub.csv"
+    assert main(["predict", *tiny_model.test.path, "--model", str(bundle), "--out", str(out_csv), "--full-image"]) == 0
+    probs = pd.read_csv(tmp_path / "sub.probs.csv", keep_default_na=False)
+    assert list(probs.unknown) == list(below)
+    # A training photo's own feature is in the bank: at k = 1 it is its own nearest neighbour.
+    from camid.inference.openset import knn_score
+
+    train = pd.read_csv(tiny_model.root / "split" / "train.csv", keep_default_na=False)
+    from camid.core.imageio import decode_image
+    from camid.core.patches import grid_crops
+
+    crops = [grid_crops(decode_image(open(p, "rb").read()), ensemble.patch, 0) for p in train.path[:4]]
+    feats = ensemble.predict_photos(crops, [False] * 4, tta=False).features
+    np.testing.assert_allclose(knn_score(feats, ensemble.bank["photo"], k=1), 1.0, atol=1e-4)

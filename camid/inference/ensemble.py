@@ -26,6 +26,7 @@ from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import BLENDS, UnknownMethodError
 from camid.inference.blending import blend as blend_probs
 from camid.inference.jpeg_tables import NONE, UNSEEN, USED, TablePrior
+from camid.inference.openset import photo_features, read_bank
 from camid.inference.options import BALANCE_CHOICES
 from camid.inference.tta import D4, d4_views, fold_views
 
@@ -46,6 +47,7 @@ class Prediction:
     member_views: np.ndarray | None  # (models, views, N, C) camera probabilities before blending
     views: tuple[int, ...]           # the D4 views scored (indices into D4)
     tables_evidence: np.ndarray | None = None  # (N,) USED / UNSEEN / NONE (jpeg_tables); None: all NONE
+    features: np.ndarray | None = None  # (N, D) unit-length penultimate features, first view (openset.features_of)
 
 
 # Validation fits a temperature and an open-set threshold per kind of answer: a single patch or a whole photo
@@ -71,6 +73,8 @@ class Ensemble:
     cameras: list[dict] = field(default_factory=list)  # catalog entries (label, make, models) for the EXIF check
     temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T, ...} fitted on val (KINDS, PIXELS_ONLY)
     open_set: dict = field(default_factory=dict)  # {"score", "accept", "threshold": {"patch": t, ...}} (openset.py)
+    bank: dict | None = None  # {"patch": (n, D), "photo": (m, D)} training features for the kNN open-set score
+    _heads: dict = field(default_factory=dict, repr=False, compare=False)  # model -> model with a features output
 
     # -- bundles -------------------------------------------------------------------------------------------
     @staticmethod
@@ -136,10 +140,10 @@ class Ensemble:
                    views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
                    tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
                    cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}),
-                   open_set=spec.get("open_set", {}))
+                   open_set=spec.get("open_set", {}), bank=read_bank(bundle))
 
     @staticmethod
-    def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None) -> None:
+    def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None) -> None:
         """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,
         "photo": T}, plus "patch_pixels_only" and "photo_pixels_only" where the bundle uses the JPEG tables) and
         the open-set rule ({"score", "accept", "threshold": {the same keys}})."""
@@ -148,6 +152,10 @@ class Ensemble:
         spec["temperature"] = {k: float(v) for k, v in temperature.items()}
         if open_set is not None:
             spec["open_set"] = open_set
+        if bank is not None:
+            from camid.inference.openset import write_bank
+
+            write_bank(Path(bundle), bank)
         write_json(spec_file, spec)
 
     def setting_keys(self, kinds: list[str], tables_used=False) -> list[str]:
@@ -178,21 +186,38 @@ class Ensemble:
             out[rows] = apply_temperature(probs[rows], t)
         return out
 
-    def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None) -> np.ndarray:
-        """(N,) True where a photo is unlike every catalog camera: its calibrated probabilities (N, C) fall below
-        the open-set threshold of its setting (a photo of one patch against the patch threshold, of many against
-        the photo one; with or without the JPEG-table evidence, `tables_evidence` per row, as in `calibrate`),
-        or, where validation found every catalog camera's originals carry tables training saw (the bundle's
-        `open_set.unseen_tables`), its JPEG tables are UNSEEN. All False for a bundle without a threshold."""
-        from camid.inference.openset import confidence
+    def open_set_margin(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
+        """(N,) the pixel ground's open-set score minus its threshold (below 0: unlike every catalog camera).
+        The score is the kNN typicality of the photo's features against the training photos' (`openset.
+        knn_score`) where the bundle holds a feature bank and `features` are given, else the calibrated top
+        probability of `probs` (N, C) against the threshold of its setting (as in `calibrate`: one patch or
+        many, with or without the JPEG tables, `tables_evidence` per row). NaN for a bundle without a rule."""
+        from camid.inference.openset import confidence, knn_score
 
+        kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
+        knn = self.open_set.get("knn_threshold")
+        if knn and self.bank is not None and features is not None:
+            margin = np.empty(len(kinds))
+            for kind in set(kinds):
+                rows = np.array([k == kind for k in kinds])
+                margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
+            return margin
         thresholds = self.open_set.get("threshold", {})
-        if not thresholds or not len(probs):
+        if not thresholds:
+            return np.full(len(kinds), np.nan)
+        evidence = np.asarray(tables_evidence if tables_evidence is not None else [None] * len(kinds), dtype=object)
+        cut = np.array(self._fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
+        return confidence(probs) - cut
+
+    def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
+        """(N,) True where a photo is unlike every catalog camera: by its pixels (`open_set_margin` below 0), or,
+        where validation found every catalog camera's originals carry tables training saw (the bundle's
+        `open_set.unseen_tables`), by its JPEG tables being UNSEEN. All False for a bundle without a rule."""
+        if not len(probs) or not (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
             return np.zeros(len(probs), dtype=bool)
         evidence = np.asarray(tables_evidence if tables_evidence is not None else [None] * len(probs), dtype=object)
-        kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
-        cut = np.array(self._fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
-        return (confidence(probs) < cut) | (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
+        return (self.open_set_margin(probs, patch_counts, evidence, features) < 0) | \
+            (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
 
     def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
         """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
@@ -229,26 +254,52 @@ class Ensemble:
         return self.views if tta else (0,)
 
     # -- inference -----------------------------------------------------------------------------------------
-    def _forward(self, model, views: np.ndarray, flags: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Both heads' outputs for uint8 views, `batch_size` at a time (converted to float32 per batch only)."""
-        camera, manipulation = [], []
+    def _with_features(self, model):
+        """`model` with a third output, `features`: the input of its camera layer (the penultimate features the
+        open-set kNN score compares; the same layers, so no extra pass). The model itself where it has no layer
+        named "camera"."""
+        if id(model) not in self._heads:
+            import keras
+
+            try:
+                head = model.get_layer("camera")
+                outputs = {"camera": head.output, "manipulation": model.get_layer("manipulation").output,
+                           "features": head.input}
+                self._heads[id(model)] = keras.Model(model.input, outputs, name=f"{model.name}_with_features")
+            except ValueError:
+                self._heads[id(model)] = model
+        return self._heads[id(model)]
+
+    def _forward(self, model, views: np.ndarray, flags: np.ndarray, batch_size: int):
+        """Both heads' outputs and the penultimate features (None without) for uint8 views, `batch_size` at a
+        time (converted to float32 per batch only)."""
+        camera, manipulation, features = [], [], []
+        model = self._with_features(model)
         for start in range(0, len(views), batch_size):
             out = model.predict_on_batch({"image": views[start:start + batch_size].astype("float32"),
                                           "manipulated": flags[start:start + batch_size].reshape(-1, 1).astype("float32")})
             camera.append(np.asarray(out["camera"], dtype=np.float64))
             manipulation.append(np.asarray(out["manipulation"], dtype=np.float64))
-        return np.concatenate(camera), np.concatenate(manipulation)
+            if "features" in out:
+                features.append(np.asarray(out["features"], dtype=np.float32))
+        return (np.concatenate(camera), np.concatenate(manipulation),
+                np.concatenate(features) if features else None)
 
     def _score(self, patches: np.ndarray, flags: np.ndarray, unknown: np.ndarray, views: tuple[int, ...],
                batch_size: int):
-        """(models, views, N, C) camera probabilities, (N, 9) manipulation probabilities and the estimated flags."""
+        """(models, views, N, C) camera probabilities, (N, 9) manipulation probabilities, the estimated flags and
+        (N, D) features of the first view with the flags as given (`openset.features_of`; None without)."""
+        from camid.inference.openset import features_of
+
         n_views = len(views)
         stacked = d4_views(patches, views)
-        camera, manip = [], []
+        camera, manip, feats = [], [], []
         for model in self.models:
-            cam, aux = self._forward(model, stacked, np.tile(flags, n_views), batch_size)
+            cam, aux, feat = self._forward(model, stacked, np.tile(flags, n_views), batch_size)
             camera.append(fold_views(cam, n_views))
             manip.append(fold_views(aux, n_views))
+            feats.append(None if feat is None else fold_views(feat, n_views)[0])
+        features = None if any(f is None for f in feats) else features_of(feats)
         manipulation_probs = np.concatenate(manip).mean(axis=0)
         # The auxiliary head does not see the flag, so one pass is enough to estimate it; only the rows it
         # calls manipulated are scored again, with the flag set.
@@ -257,9 +308,9 @@ class Ensemble:
             rows = np.flatnonzero(estimated)
             sub_views = d4_views(patches[rows], views)
             for m, model in enumerate(self.models):
-                cam, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
+                cam, _, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
                 camera[m][:, rows] = fold_views(cam, n_views)
-        return np.stack(camera), manipulation_probs, flags | estimated
+        return np.stack(camera), manipulation_probs, flags | estimated, features
 
     def predict(self, patches: np.ndarray, manipulated: np.ndarray | None = None, *, tta: bool = True,
                 views=None, blend: str | None = None, balance: str = "none", batch_size: int = 64,
@@ -289,9 +340,10 @@ class Ensemble:
         member_views = np.concatenate([p[0] for p in parts], axis=2)
         manipulation_probs = np.concatenate([p[1] for p in parts])
         flags = np.concatenate([p[2] for p in parts])
+        features = None if any(p[3] is None for p in parts) else np.concatenate([p[3] for p in parts])
         probs = self.calibrate(blend_probs(member_views.reshape(-1, n, member_views.shape[-1]), blend), "patch")
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
-        return Prediction(probs, labels, flags, unknown, manipulation_probs, member_views, views)
+        return Prediction(probs, labels, flags, unknown, manipulation_probs, member_views, views, None, features)
 
     def predict_photos(self, crops: list[np.ndarray], manipulated=None, *, signatures=None, tta: bool = True,
                        views=None, blend: str | None = None, jpeg_tables: bool = True, balance: str = "none",
@@ -331,7 +383,7 @@ class Ensemble:
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views,
-                          evidence)
+                          evidence, None if pred.features is None else photo_features(pred.features, counts))
 
 
 def load_ensemble(model: str) -> Ensemble:

@@ -68,9 +68,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            f"up to {MAX_PATCHES}"),
     Option("jpeg_tables", bool, True, "use the JPEG quantization tables as evidence where the model's evaluation "
            "kept them (false: pixels only)"),
-    Option("open_set", bool, True, "answer `unknown` for a photo whose calibrated top probability is below the "
-           "threshold the model's evaluation fitted on validation for its setting, or, where that validation "
-           "allowed it, whose JPEG tables no training photo had (false: always a catalog camera)"),
+    Option("open_set", bool, True, "answer `unknown` for a photo unlike every catalog camera: its features far "
+           "from the training photos' (below the kNN threshold the model's evaluation fitted on validation; "
+           "bundles without a feature bank: its calibrated top probability below that setting's threshold), or, "
+           "where that validation allowed it, its JPEG tables seen in no training photo (false: always a catalog "
+           "camera)"),
     Option("on_error", str, "fail", "fail: a bad row fails the whole request; row: that row gets an `error` "
            "value and the others are answered", ON_ERROR_CHOICES),
 )}

@@ -129,10 +129,12 @@ def calibration_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray
 
 @dataclass(frozen=True)
 class ValidationScores:
-    """The validation patches and every D4 view's (models, 8, N, C) probabilities for them, computed once."""
+    """The validation patches, every D4 view's (models, 8, N, C) probabilities for them and their (N, D)
+    features (None for members without a camera layer), computed once."""
     evalset: object
     member_views: np.ndarray
     signatures: list
+    features: np.ndarray | None = None
 
 
 def validation_scores(ensemble: Ensemble, cache: Path, settings: EvaluateParams) -> ValidationScores:
@@ -141,47 +143,53 @@ def validation_scores(ensemble: Ensemble, cache: Path, settings: EvaluateParams)
     evalset = eval_patches(cache, split="val", patch=ensemble.patch)
     if not len(evalset):
         raise CamidError(f"the cache at {cache} has no validation photos to choose test-time views on")
-    member_views = ensemble.predict(evalset.images, evalset.manipulation > 0, views=ALL_VIEWS,
-                                    blend=settings.blend).member_views
-    return ValidationScores(evalset, member_views, row_signatures(evalset))
+    pred = ensemble.predict(evalset.images, evalset.manipulation > 0, views=ALL_VIEWS, blend=settings.blend)
+    return ValidationScores(evalset, pred.member_views, row_signatures(evalset), pred.features)
 
 
-def open_set_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, crops, tables_evidence=None) -> dict:
-    """On photos of catalog cameras (calibrated `probs`; `tables_evidence` as in `Ensemble.is_unknown`): the
-    share the open-set rule accepts and the accuracy on those; without unknown cameras here, its power to reject
-    them is bench/open_set.py's to measure."""
+def open_set_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, crops, tables_evidence=None,
+                    features=None) -> dict:
+    """On photos of catalog cameras (calibrated `probs`; `tables_evidence`, `features` as in
+    `Ensemble.is_unknown`): the share the open-set rule accepts and the accuracy on those; without unknown
+    cameras here, its power to reject them is bench/open_set.py's to measure."""
     if not ensemble.open_set.get("threshold"):
         return {}
-    accepted = ~ensemble.is_unknown(probs, [len(c) for c in crops], tables_evidence)
+    accepted = ~ensemble.is_unknown(probs, [len(c) for c in crops], tables_evidence, features)
     correct = probs.argmax(1) == np.asarray(labels)
     used = np.asarray(tables_evidence if tables_evidence is not None else [], dtype=object) == USED
-    return {"threshold": _setting_value(ensemble, ensemble.open_set["threshold"], "photo", used),
+    knn = ensemble.open_set.get("knn_threshold") if ensemble.bank is not None and features is not None else None
+    return {"score": ensemble.open_set["score"] if knn else "max_prob",
+            "threshold": knn["photo"] if knn else _setting_value(ensemble, ensemble.open_set["threshold"], "photo", used),
             "known_accepted": float(accepted.mean()),
             "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else float("nan"),
             "accuracy_all": float(correct.mean())}
 
 
 def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
-                   val: ValidationScores | None = None) -> tuple[dict, dict]:
+                   val: ValidationScores | None = None) -> tuple[dict, dict, dict | None]:
     """What the probabilities need from the validation split, with the bundle's views: calibration
     temperatures and the open-set thresholds on the calibrated probabilities that accept
     `settings.open_set_accept` of the validation answers (`camid.inference.openset`), each fitted per setting
     (`camid.inference.ensemble.KINDS`): single patches (the cached centre crops, unaltered and manipulated) and
     whole photos (auto patches); where the bundle uses the JPEG tables, "patch" and "photo" are fitted on the
     answers the tables entered and "patch_pixels_only", "photo_pixels_only" on every answer from the pixels
-    alone; and whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of
-    validation originals whose tables training saw, `val_tables_seen`). `val`: the validation pass
-    `choose_settings` already made (computed here when not given)."""
+    alone; whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of
+    validation originals whose tables training saw, `val_tables_seen`); and the open-set feature bank of the
+    training photos with the kNN thresholds (`knn_threshold`, per kind) that accept the same share of the
+    validation answers (`camid.inference.openset`; no bank for members without a camera layer). Returns
+    (temperatures, open-set rule, bank). `val`: the validation pass `choose_settings` already made (computed here
+    when not given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
     from camid.inference.ensemble import PIXELS_ONLY
-    from camid.inference.openset import SCORE, confidence, fit_threshold
+    from camid.inference.openset import K_NEIGHBOURS, KNN_SCORE, SCORE, confidence, fit_threshold, knn_score
 
     val = val or validation_scores(ensemble, cache, settings)
     evalset, labels = val.evalset, np.asarray(val.evalset.labels)
     photos = load_photos(cache, "val", ensemble.patch)
+    val_photos = photo_answers(ensemble, photos, jpeg_tables=False)
     pixels = {"patch": (final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, False,
                                     settings.blend), labels),
-              "photo": (photo_probs(ensemble, photos, jpeg_tables=False), photos[2])}
+              "photo": (val_photos.probs, photos[2])}
     if ensemble.use_tables:
         originals, every = evalset.manipulation == 0, np.ones(len(photos[2]), bool)
         photo_evidence = ensemble.tables_evidence(photos[1], every)
@@ -204,7 +212,22 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         jpegs = photo_evidence != NONE
         seen = float(np.mean(photo_evidence[jpegs] == USED)) if jpegs.any() else float("nan")
         rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
-    return temperature, rule
+    bank = training_bank(ensemble, cache)
+    if bank is not None and val.features is not None and val_photos.features is not None:
+        rule.update(score=KNN_SCORE, k=K_NEIGHBOURS, knn_threshold={
+            "patch": fit_threshold(knn_score(val.features, bank["patch"]), settings.open_set_accept),
+            "photo": fit_threshold(knn_score(val_photos.features, bank["photo"]), settings.open_set_accept)})
+    return temperature, rule, bank
+
+
+def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:
+    """The open-set feature bank of the training photos (`openset.fit_bank`): their grid patches (auto, as
+    `--full-image` cuts them) scored once, identity view, as camera originals; None without features."""
+    from camid.inference.openset import fit_bank
+
+    crops, _, _ = load_photos(cache, "train", ensemble.patch)
+    pred = ensemble.predict(np.concatenate(crops), np.zeros(sum(len(c) for c in crops), bool), views=(0,))
+    return None if pred.features is None else fit_bank(pred.features, [len(c) for c in crops])
 
 
 def row_signatures(evalset) -> list[str | None]:
@@ -290,12 +313,13 @@ def load_photos(cache: Path, split: str, patch: int, patches: int = 0):
     return crops, signatures, photos["label_index"].to_numpy()
 
 
-def photo_probs(ensemble: Ensemble, photos, *, tta: bool = True, jpeg_tables: bool = True,
-                calibrated: bool = False) -> np.ndarray:
-    """(photos, C) answers for `load_photos` output, unaltered, each photo's patches blended into one."""
+def photo_answers(ensemble: Ensemble, photos, *, tta: bool = True, jpeg_tables: bool = True,
+                  calibrated: bool = False):
+    """The Prediction for `load_photos` output, unaltered: (photos, C) probabilities, each photo's patches
+    blended into one, and its features."""
     crops, signatures, _ = photos
     return ensemble.predict_photos(crops, [False] * len(crops), signatures=signatures, tta=tta,
-                                   jpeg_tables=jpeg_tables, calibrated=calibrated).probs
+                                   jpeg_tables=jpeg_tables, calibrated=calibrated)
 
 
 def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
@@ -316,7 +340,8 @@ def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", pa
                           accuracy_no_tta_pixels_only=result["accuracy_pixels_only"])
             break
         suffix = "" if tta else "_no_tta"
-        pixels = photo_probs(ensemble, photos, tta=tta, jpeg_tables=False)  # one forward pass per TTA setting;
+        answers = photo_answers(ensemble, photos, tta=tta, jpeg_tables=False)  # one forward pass per TTA setting;
+        pixels = answers.probs
         every = np.ones(len(y), bool)
         probs = ensemble.apply_tables(pixels, signatures, every)  # the tables come after it
         result[f"accuracy{suffix}_pixels_only"] = accuracy(y, pixels.argmax(1))
@@ -327,9 +352,9 @@ def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", pa
             evidence = ensemble.tables_evidence(signatures, every)
             result["calibration"] = calibration_report(ensemble, probs, y, "photo", evidence == USED)
             result["open_set"] = open_set_report(ensemble, ensemble.calibrate(probs, "photo", evidence == USED), y,
-                                                 photos[0], evidence)
+                                                 photos[0], evidence, answers.features)
             if ensemble.use_tables:  # the same photos answered from the pixels alone (`jpeg_tables: false`)
                 result["calibration_pixels_only"] = calibration_report(ensemble, pixels, y, "photo")
                 result["open_set_pixels_only"] = open_set_report(ensemble, ensemble.calibrate(pixels, "photo"), y,
-                                                                 photos[0])
+                                                                 photos[0], None, answers.features)
     return result

@@ -8,9 +8,10 @@ mean_square | arithmetic | geometric), `patches` (0, the default: auto, the phot
 `jpeg_tables` (true: use the JPEG-table evidence where the model's evaluation kept it, for rows not flagged
 `manipulated: true`; false: pixels only), `balance`
 (none | optimal | greedy: only for a request that is a closed set with equal class counts). Output: one row per
-input with `camera` (a catalog label, or `unknown` when the photo is unlike every catalog camera: its calibrated
-top probability is below the open-set threshold fitted on validation; param `open_set: false` never answers
-unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (that
+input with `camera` (a catalog label, or `unknown` when the photo is unlike every catalog camera: its features
+are far from the training photos', below the kNN threshold fitted on validation, or its JPEG tables are unseen
+where validation allowed that ground, `camid.inference.openset`; param `open_set: false` never answers
+unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (the
 calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
 `tables_evidence` (what the JPEG quantisation tables said: `used`, a catalog camera's firmware wrote them and the
 evidence entered the answer, whose `confidence` is then calibrated and `unknown` decided on that setting's own
@@ -173,7 +174,8 @@ def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None =
                                    blend=options.blend_for(settings["blend"]), jpeg_tables=settings["jpeg_tables"],
                                    balance=settings["balance"])
     cameras = np.asarray(ensemble.labels)[pred.labels]
-    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good], pred.tables_evidence) if settings["open_set"] \
+    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good], pred.tables_evidence,
+                                  pred.features) if settings["open_set"] \
         else np.zeros(len(good), dtype=bool)
     models = [facts[r]["model"] for r in good]
     named, consistent = ensemble.metadata_check(models, cameras)

@@ -47,13 +47,14 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     probabilities and an `error` that says why (good rows have error "")."""
     if patches_per_image < 0:
         raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
-    rows, failures = [], []
+    rows, failures, features = [], [], []
     pending: list[tuple[Path, np.ndarray, dict]] = []
 
     def flush() -> None:
         pred = ensemble.predict_photos([c for _, c, _ in pending], [flag_from_name(p) for p, _, _ in pending],
                                        signatures=[f["jpeg_tables"] for _, _, f in pending], tta=tta,
                                        blend=blend_method, jpeg_tables=jpeg_tables)
+        features.extend([None] * len(pending) if pred.features is None else list(pred.features))
         for i, (path, crops, facts) in enumerate(pending):
             rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
                          "tables_evidence": pred.tables_evidence[i],
@@ -86,7 +87,8 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     labels = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=table.manipulated.to_numpy(),
                                                                          method=balance)
     closest = np.asarray(ensemble.labels)[labels]
-    unknown = ensemble.is_unknown(probs, table.patches, table.tables_evidence.to_numpy(object)) if open_set \
+    unknown = ensemble.is_unknown(probs, table.patches, table.tables_evidence.to_numpy(object),
+                                  None if any(f is None for f in features) else np.stack(features)) if open_set \
         else np.zeros(len(table), dtype=bool)
     table.insert(1, "camera", np.where(unknown, UNKNOWN, closest))
     table.insert(2, "closest_camera", closest)
