@@ -57,3 +57,14 @@ def test_every_command_module_exists_and_stages_are_where_dvc_runs_them():
         assert hasattr(importlib.import_module(module), "run"), name
     for stage, command, _ in stages():
         assert COMMANDS[command][0].startswith("camid.stages."), f"dvc stage {stage} runs {COMMANDS[command][0]}"
+
+
+@pytest.mark.parametrize("file", sorted((ROOT / "bench").glob("*.py")), ids=lambda f: f.name)
+def test_benchmarks_use_the_package_not_the_tests(file):
+    """bench/ scripts run from a checkout without the test suite's helpers: they import camid, never tests."""
+    import ast
+
+    for node in ast.walk(ast.parse(file.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        assert not any(n.split(".")[0] == "tests" for n in names), f"{file.name} imports {names}"
