@@ -166,7 +166,7 @@ class Ensemble:
         return [kind if u or not self.use_tables else kind + PIXELS_ONLY for kind, u in zip(kinds, used)]
 
     @staticmethod
-    def _fitted(table: dict, keys: list[str]) -> list:
+    def fitted(table: dict, keys: list[str]) -> list:
         """Each key's value in `table`; a pixels-only key missing (bundles made before there were any) falls
         back to its kind's value, a kind missing to None."""
         return [table.get(key, table.get(key.removesuffix(PIXELS_ONLY))) for key in keys]
@@ -179,12 +179,17 @@ class Ensemble:
 
         probs = np.asarray(probs, dtype=np.float64)
         kinds = [kind] * len(probs) if isinstance(kind, str) else list(kind)
-        temperatures = self._fitted(self.temperature, self.setting_keys(kinds, tables_used))
+        temperatures = self.fitted(self.temperature, self.setting_keys(kinds, tables_used))
         out = probs.copy()
         for t in set(temperatures) - {None}:
             rows = np.array([u == t for u in temperatures])
             out[rows] = apply_temperature(probs[rows], t)
         return out
+
+    @staticmethod
+    def _evidence_rows(tables_evidence, n: int) -> np.ndarray:
+        """(n,) object array of `tables_evidence` (Prediction.tables_evidence); None: NONE for every row."""
+        return np.full(n, NONE, dtype=object) if tables_evidence is None else np.asarray(tables_evidence, dtype=object)
 
     def open_set_margin(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
         """(N,) the pixel ground's open-set score minus its threshold (below 0: unlike every catalog camera).
@@ -205,8 +210,8 @@ class Ensemble:
         thresholds = self.open_set.get("threshold", {})
         if not thresholds:
             return np.full(len(kinds), np.nan)
-        evidence = np.asarray(tables_evidence if tables_evidence is not None else [None] * len(kinds), dtype=object)
-        cut = np.array(self._fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
+        evidence = self._evidence_rows(tables_evidence, len(kinds))
+        cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
         return confidence(probs) - cut
 
     def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
@@ -215,7 +220,7 @@ class Ensemble:
         `open_set.unseen_tables`), by its JPEG tables being UNSEEN. All False for a bundle without a rule."""
         if not len(probs) or not (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
             return np.zeros(len(probs), dtype=bool)
-        evidence = np.asarray(tables_evidence if tables_evidence is not None else [None] * len(probs), dtype=object)
+        evidence = self._evidence_rows(tables_evidence, len(probs))
         return (self.open_set_margin(probs, patch_counts, evidence, features) < 0) | \
             (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
 
@@ -370,7 +375,7 @@ class Ensemble:
         probs = np.stack([blend_probs(pred.member_views[:, :, part].reshape(-1, 1, n_classes), blend)[0]
                           for part in parts])
         flags = np.array([pred.manipulated[part].mean() >= 0.5 for part in parts])
-        evidence = self.tables_evidence([None] * len(crops), np.zeros(len(crops), bool))
+        evidence = np.full(len(crops), NONE, dtype=object)
         if jpeg_tables and signatures is not None:
             # Only a caller's "manipulated" rules the evidence out: a JPEG whose tables some camera's firmware
             # wrote is that camera's own file, whatever the auxiliary head guesses (re-saved files carry their
@@ -379,7 +384,7 @@ class Ensemble:
             evidence = self.tables_evidence(signatures, ~said_manipulated)
             probs = self.apply_tables(probs, signatures, ~said_manipulated)
         if calibrated:  # a photo of one patch is calibrated as a patch, of many as a photo
-            probs = self.calibrate(probs, ["patch" if k == 1 else "photo" for k in counts], evidence == "used")
+            probs = self.calibrate(probs, ["patch" if k == 1 else "photo" for k in counts], evidence == USED)
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views,

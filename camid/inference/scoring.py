@@ -113,7 +113,7 @@ def final_probs(ensemble: Ensemble, evalset, member_views, signatures, views, ta
 def _setting_value(ensemble: Ensemble, table: dict, kind: str, tables_used) -> float | None:
     """The fitted value a report names: the bundle's own setting's if the tables entered any row, else the
     pixels-only one (`Ensemble.setting_keys`)."""
-    return ensemble._fitted(table, ensemble.setting_keys([kind], bool(np.any(tables_used))))[0]
+    return ensemble.fitted(table, ensemble.setting_keys([kind], bool(np.any(tables_used))))[0]
 
 
 def calibration_report(ensemble: Ensemble, probs: np.ndarray, labels: np.ndarray, kind: str,
