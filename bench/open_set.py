@@ -45,14 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from camid.config import Catalog, load_params
-    from camid.core.imageio import decode_image
-    from camid.core.patches import grid_crops
     from camid.data.cache import prepare
     from camid.data.synth import synthesize
-    from camid.forensics.inspect import header_facts
+    from camid.inference.answers import answers, evidence_and_probs, kinds, score_photos
     from camid.inference.ensemble import Ensemble
     from camid.inference.jpeg_tables import UNSEEN, USED
-    from camid.inference.openset import auroc, confidence, tradeoff
+    from camid.inference.openset import auroc, tradeoff
     from camid.stages.evaluate import evaluate
     from camid.stages.split import split
     from camid.stages.train import train
@@ -85,18 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             held_paths = [root / "raw" / f for f in held.file]
 
             def scores(paths, tables: bool):
-                crops, signatures = [], []
-                for path in paths:
-                    data = Path(path).read_bytes()
-                    crops.append(grid_crops(decode_image(data), ensemble.patch, 0))
-                    signatures.append(header_facts(data)["jpeg_tables"])
-                pred = ensemble.predict_photos(crops, [False] * len(crops), signatures=signatures, jpeg_tables=tables)
-                counts = [len(c) for c in crops]
-                # the pixel ground's score minus its threshold (kNN on the features where the bundle has a bank)
-                margin = ensemble.open_set_margin(pred.probs, counts, pred.tables_evidence, pred.features)
-                top = ensemble.open_set_margin(pred.probs, counts, pred.tables_evidence)  # the top probability's
-                return (pred.probs, margin, pred.tables_evidence,
-                        ensemble.is_unknown(pred.probs, counts, pred.tables_evidence, pred.features), top)
+                """Scored as served (the one photo-scoring path): the calibrated probabilities, the pixel ground's
+                score minus its threshold (kNN on the features where the bundle has a bank), the tables' evidence,
+                the served `unknown`, and the calibrated top probability's margin."""
+                photos = score_photos(ensemble, [str(p) for p in paths])
+                served = answers(ensemble, photos, {"jpeg_tables": tables})
+                evidence, probs = evidence_and_probs(ensemble, photos, tables)
+                probs = ensemble.calibrate(probs, kinds(photos.patches), evidence == USED)
+                margin = ensemble.open_set_margin(probs, photos.patches, evidence, photos.features)
+                top = ensemble.open_set_margin(probs, photos.patches, evidence)
+                return probs, margin, evidence, served["unknown"].to_numpy(bool), top
 
             truth = np.array([known.labels.index(label) for label in test.label])
             results = {tables: (scores(test.path, tables), scores(held_paths, tables)) for tables in (False, True)}

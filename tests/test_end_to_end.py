@@ -204,3 +204,32 @@ def test_dvc_reruns_exactly_the_stages_that_read_an_edited_key(project):
     assert changed_after(lambda p: p["evaluate"].update(blend="geometric")) == {"evaluate"}
     assert changed_after(lambda p: p["train"]["archs"].append("mobilenet")) == {"train@mobilenet", "evaluate"}
     assert "up to date" in run(["dvc", "status"], root, env).stdout.lower()
+
+
+def test_evaluate_predict_and_serving_give_every_test_photo_one_answer(project, server):
+    """What is measured is what is served: the evaluate stage's whole-photo answers (plots/test_photos.csv),
+    `camid predict --full-image` and /invocations agree on every test photo, verdict and probabilities."""
+    import pandas as pd
+
+    root, env = project
+    evaluated = pd.read_csv(root / "plots/test_photos.csv", keep_default_na=False)
+    labels = [c["label"] for c in yaml.safe_load((root / "params.yaml").read_text())["catalog"]["virtual"]]
+    paths = [str(root / p) if not Path(p).is_absolute() else p for p in evaluated.path]
+    run([str(BIN / "camid"), "predict", *paths, "--model", "models:/camid@champion", "--full-image",
+         "--out", str(root / "answers.csv")], root, env)
+    predicted = pd.read_csv(root / "answers.probs.csv", keep_default_na=False)
+    r = invoke(server, {"dataframe_split": {"columns": ["image"],
+                                            "data": [[base64.b64encode(Path(p).read_bytes()).decode()] for p in paths]}})
+    assert r.status_code == 200, r.text
+    served = pd.DataFrame(r.json()["predictions"])
+    assert len(evaluated) == len(predicted) == len(served) > 0
+    for column in ("camera", "closest_camera", "tables_evidence", "patches"):
+        assert list(evaluated[column].astype(str)) == list(predicted[column].astype(str)) \
+            == list(served[column].astype(str)), column
+    for column in ("unknown", "manipulated", "manipulated_estimated"):
+        as_bool = [list(t[column].astype(str).str.lower() == "true") for t in (evaluated, predicted, served)]
+        assert as_bool[0] == as_bool[1] == as_bool[2], column
+    for table in (predicted, served):
+        np.testing.assert_allclose(table[labels].to_numpy(float), evaluated[labels].to_numpy(float), atol=1e-6)
+        np.testing.assert_allclose(table["confidence"].to_numpy(float), evaluated["confidence"].to_numpy(float),
+                                   atol=1e-6)

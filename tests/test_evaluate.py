@@ -77,7 +77,7 @@ def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluat
 def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(tiny_model, evaluated):
     import dataclasses
 
-    from camid.inference.scoring import fit_confidence
+    from camid.stages.evaluate import fit_confidence
     from camid.inference.ensemble import Ensemble
 
     metrics, out, settings = evaluated

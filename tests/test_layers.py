@@ -68,3 +68,17 @@ def test_benchmarks_use_the_package_not_the_tests(file):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         assert not any(n.split(".")[0] == "tests" for n in names), f"{file.name} imports {names}"
+
+
+# The layers in order, one way: stages -> tools and serving -> inference -> data, forensics, models -> core. A
+# module imports only from its own layer's package or a lower layer.
+RANK = {"core": 0, "data": 1, "forensics": 1, "models": 1, "inference": 2, "serving": 3, "tools": 3, "stages": 4}
+
+
+@pytest.mark.parametrize("file", files_in(*RANK), ids=lambda f: module_name(f))
+def test_layers_point_one_way(file):
+    own = module_name(file).split(".")[1]
+    upward = sorted(m for m in imports_of(file)
+                    if m.split(".")[:1] == ["camid"] and len(m.split(".")) > 1 and m.split(".")[1] in RANK
+                    and m.split(".")[1] != own and RANK[m.split(".")[1]] >= RANK[own])
+    assert not upward, f"{module_name(file)} ({own}) imports {upward}, a layer at or above its own"

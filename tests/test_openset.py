@@ -148,7 +148,7 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     from camid.config import load_params
     from camid.data.cache import read_index
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
-    from camid.inference.scoring import fit_confidence
+    from camid.stages.evaluate import fit_confidence
     from camid.tiny import ROOT
 
     cache, settings = tiny_model.root / "cache", load_params(ROOT / "params.yaml").evaluate
@@ -188,7 +188,7 @@ def knn_bundle(tiny_model, tmp_path_factory):
     """The tiny bundle with the training photos' feature bank and a kNN photo threshold at the median score of
     its test photos."""
     from camid.inference.openset import read_bank
-    from camid.inference.scoring import training_bank
+    from camid.stages.evaluate import training_bank
 
     bundle = tmp_path_factory.mktemp("knn") / "bundle"
     shutil.copytree(tiny_model.bundle, bundle)

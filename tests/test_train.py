@@ -1,5 +1,6 @@
-"""The train stage for real on a tiny virtual zoo: MLflow tracking, resume after a SIGKILL, the `train:` overrides
-and their errors, and every registry backbone (in process, one step; mobilenet also through `mlflow run`)."""
+"""The train stage for real on a tiny virtual zoo: MLflow tracking, an exact resume after a SIGKILL, identical bytes
+from identical runs, the `train:` overrides and their errors, and every registry backbone (in process, one step;
+mobilenet also through `mlflow run`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,17 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from camid.cli import build_parser
 from camid.cli import main as camid_main
 from camid.config import Catalog, TrainParams
+from camid.core.fileio import TRACKING_FILE, ZIP_EPOCH
 from camid.errors import CamidError
 from camid.models import get_backbone, list_backbones
+from camid.models.callbacks import FIXED_DATE_SAVED, latest_backup, read_backup_state
 from camid.stages.train import resolve_train_params, train
 from tests.conftest import ROOT
 from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, tracking_env, use_tracking,
@@ -73,73 +78,125 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
         artifact_paths(client, run.info.run_id)
 
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "history.csv", "model.keras", "run.json",
-                                                     "training_curves.png"]
-    assert json.loads((out / "run.json").read_text())["run_id"] == summary["run_id"]
+                                                     "tracking.json", "training_curves.png"]
+    # the run id sits beside run.json, in the file .dvcignore keeps out of the output's hash
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == summary["run_id"]
+    assert "run_id" not in json.loads((out / "run.json").read_text())
     assert list(pd.read_csv(out / "history.csv")["epoch"]) == [0, 1]
     assert [p.name for p in out.parent.iterdir()] == ["smallcnn"], "temporary folders left beside the output"
     assert list((tmp_path / "ckpt").iterdir()) == [], "the work folder outlived a finished run"
 
 
 def backup_epochs(checkpoints: Path) -> int:
-    """Epochs BackupAndRestore has backed up under any work folder (0 while none)."""
-    for meta in checkpoints.glob("*/backup/training_metadata.json"):
-        try:
-            return json.loads(meta.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            return 0  # being written
-    return 0
+    """Epochs backed up under any work folder (0 while none): a backup folder appears whole, by a rename."""
+    return max((read_backup_state(b)["epoch"] for b in map(latest_backup, checkpoints.glob("*/backup")) if b),
+               default=0)
 
 
-def test_training_resumes_after_sigkill(zoo, tmp_path):
-    epochs = 3
-    env = subprocess_env({"CAMID_PARAMS": str(write_params(tmp_path / "params.yaml", epochs=epochs)),
-                          **tracking_env(tmp_path)})
-    out = tmp_path / "models" / "smallcnn"
+def metric_histories(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow.MlflowClient(tracking_uri)
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in client.get_run(run_id).data.metrics}
+
+
+def model_weights(path: Path) -> list:
+    import keras
+
+    import camid.models  # noqa: F401  (registers camid's layers)
+
+    return keras.models.load_model(path).get_weights()
+
+
+def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, caplog):
+    """SIGKILLed after an epoch's backup (so somewhere in the next epoch), then run again: the same best model (bytes
+    and weights), history and MLflow metrics as a run that was never interrupted. lr_patience=1 lets
+    ReduceLROnPlateau act within the run; dropout makes the layers' random state matter."""
+    epochs, kill_after = 3, 1
+    overrides = {"epochs": epochs, "lr_patience": 1, "dropout": [0.3]}
+    settings = tiny_train(params.train, **overrides)
+    # One tracking store (making one costs seconds), an experiment per run; the checkpoints apart.
+    tracking = use_tracking(monkeypatch, tmp_path, "camid", "killed")
+    expected_out = tmp_path / "reference" / "smallcnn"
+    expected = train("smallcnn", zoo.cache, expected_out, settings, params.catalog.labels, params.catalog)
+
+    folder = tmp_path / "killed"
+    env = subprocess_env({"CAMID_PARAMS": str(write_params(tmp_path / "params.yaml", **overrides)),
+                          **tracking, "CAMID_CHECKPOINTS": str(folder / "ckpt"), "MLFLOW_EXPERIMENT_NAME": "killed"})
+    out = folder / "models" / "smallcnn"
     command = [sys.executable, "-m", "camid", "train", "--arch", "smallcnn", "--cache", str(zoo.cache), "--out", str(out)]
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        # However fast or slow the machine: wait (no deadline; training ends by itself) for the first backup,
-        # freeze the process at once, then kill it. Epochs after the first can land before the freeze; `done`
-        # is read afterwards, so the test holds whichever epoch it was stopped in.
-        while backup_epochs(tmp_path / "ckpt") < 1:
+        # However fast or slow the machine: wait (no deadline; training ends by itself) for the backup, freeze the
+        # process at once, then kill it. A later epoch's backup can land before the freeze; `done` is read after.
+        while backup_epochs(folder / "ckpt") < kill_after:
             assert first.poll() is None, f"training ended before it was interrupted:\n{log.read_text()[-3000:]}"
             time.sleep(0.005)
         first.send_signal(signal.SIGSTOP)
         first.send_signal(signal.SIGKILL)
         first.wait()
-    done = backup_epochs(tmp_path / "ckpt")
-    assert 1 <= done < epochs
-    # A kill between CSVLogger's row and the backup of the same epoch leaves a row for an epoch that runs again.
-    (history_file,) = (tmp_path / "ckpt").glob("*/history.csv")
-    rows = pd.read_csv(history_file)
-    if len(rows) == done:
-        pd.concat([rows, rows.tail(1).assign(epoch=done)]).to_csv(history_file, index=False)
-    assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
+    done = backup_epochs(folder / "ckpt")
+    assert kill_after <= done < epochs
+    assert not out.exists()
+    # What a kill can leave beyond the backup: CSVLogger's row of the epoch that was running, and a best checkpoint
+    # ModelCheckpoint was writing. Both go back to what the backup holds.
+    (work,) = (folder / "ckpt").iterdir()
+    with open(work / "history.csv", "a") as history:
+        history.write(f"{done},0.5,1.0,0.001,1.0,0.5,1.0,0.5\r\n")
+    (work / "best.keras").write_bytes(b"PK half a zip")
 
-    second = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=300)
-    assert second.returncode == 0, second.stdout[-5000:]
-    assert "resuming" in second.stdout
-    trained = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    assert trained[0] == f"Epoch {done + 1}/{epochs}" and len(trained) == epochs - done, trained
+    # The rerun, in this process (the settings are the subprocess's: the same work folder).
+    for name in ("CAMID_CHECKPOINTS", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(name, env[name])
+    caplog.set_level("INFO", logger="camid.stages.train")
+    summary = train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog)
+    assert f"resuming smallcnn after epoch {done}" in caplog.text
 
-    history = pd.read_csv(out / "history.csv")
-    assert list(history["epoch"]) == list(range(epochs))
-    assert json.loads((out / "run.json").read_text())["patch"] == PATCH
+    assert (out / "history.csv").read_bytes() == (expected_out / "history.csv").read_bytes()
+    got, want = model_weights(out / "model.keras"), model_weights(expected_out / "model.keras")
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert (out / "model.keras").read_bytes() == (expected_out / "model.keras").read_bytes()
+    assert {k: v for k, v in summary.items() if k != "run_id"} == {k: v for k, v in expected.items() if k != "run_id"}
+    assert json.loads((out / "run.json").read_text()) == {k: v for k, v in summary.items() if k != "run_id"}
+    assert json.loads((out / TRACKING_FILE).read_text()) == {"run_id": summary["run_id"]}
     assert [p.name for p in out.parent.iterdir()] == ["smallcnn"]
-    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert list((folder / "ckpt").iterdir()) == [], "the work folder outlived a finished run"
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("camid").experiment_id
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("killed").experiment_id
     finished = client.search_runs([experiment], "attributes.status = 'FINISHED'")
-    assert len(finished) == 1
-    for metric in EPOCH_METRICS:
-        steps = [m.step for m in client.get_metric_history(finished[0].info.run_id, metric)]
-        assert sorted(steps) == list(range(epochs)), (metric, steps)
+    assert len(finished) == 1 and finished[0].info.run_id == summary["run_id"]
+    resumed = metric_histories(env["MLFLOW_TRACKING_URI"], summary["run_id"])
+    assert set(EPOCH_METRICS) <= set(resumed)
+    assert all([step for step, _ in resumed[name]] == list(range(epochs)) for name in EPOCH_METRICS), resumed
+    assert resumed == metric_histories(env["MLFLOW_TRACKING_URI"], expected["run_id"])
     interrupted = [r for r in client.search_runs([experiment]) if r.info.run_id != finished[0].info.run_id]
     assert [r.info.status for r in interrupted] == ["KILLED"]
+    assert finished[0].data.tags["resumed_from"] == interrupted[0].info.run_id
+
+
+def test_identical_runs_write_identical_bytes(zoo, params, tmp_path, monkeypatch):
+    """Two runs with the same settings: the same bytes in every output DVC hashes (dvc.lock's hashes do not move);
+    the MLflow run id lives in tracking.json, which .dvcignore keeps out of the hash; the .keras file carries no
+    save date."""
+    use_tracking(monkeypatch, tmp_path)
+    settings = tiny_train(params.train, epochs=1, dropout=[0.3])
+    outs = [tmp_path / "first", tmp_path / "second"]
+    summaries = [train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog) for out in outs]
+    assert summaries[0]["run_id"] != summaries[1]["run_id"]
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    for name in names:
+        first, second = (out / name for out in outs)
+        if name == TRACKING_FILE:
+            assert first.read_bytes() != second.read_bytes()  # the run ids
+        else:
+            assert first.read_bytes() == second.read_bytes(), name
+    assert TRACKING_FILE in (ROOT / ".dvcignore").read_text().split()
+    with zipfile.ZipFile(outs[0] / "model.keras") as archive:
+        assert {m.date_time for m in archive.infolist()} == {ZIP_EPOCH}
+        assert json.loads(archive.read("metadata.json"))["date_saved"] == FIXED_DATE_SAVED
+    assert all(np.array_equal(a, b) for a, b in zip(*(model_weights(out / "model.keras") for out in outs)))
 
 
 def parse(*argv: str):

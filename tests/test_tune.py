@@ -76,7 +76,7 @@ def test_two_trials_are_nested_runs_and_the_best_values_train(zoo, tmp_path, mon
                        "--params-file", str(best_file), "--steps-per-epoch", "1"])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert json.loads((out / "run.json").read_text())["patch"] == best["patch"]
-    trained = client.get_run(json.loads((out / "run.json").read_text())["run_id"]).data.params
+    trained = client.get_run(json.loads((out / "tracking.json").read_text())["run_id"]).data.params
     assert trained["train.dense"] == str(tuple(best["dense"])) and float(trained["train.learning_rate"]) == \
         best["learning_rate"]
 

@@ -6,10 +6,18 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 from camid.errors import CamidError
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+# The earliest date a zip entry can hold: what a reproducible archive stamps on every member.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+# A stage output's tracking record (MLflow run ids, store paths): what differs between two identical runs. It lives
+# beside the output's own files under this name, which .dvcignore lists, so it never enters an output's hash.
+TRACKING_FILE = "tracking.json"
 
 
 def _current_umask() -> int:
@@ -69,6 +77,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_reproducible_zip(src: str | os.PathLike, dst: str | os.PathLike,
+                           rewrite: dict[str, Callable[[bytes], bytes]] | None = None) -> None:
+    """Copy the zip archive `src` to `dst` (atomically) so that equal contents give equal bytes.
+
+    The members keep their order, names, compression and permission bits; their dates become ZIP_EPOCH and the
+    archive comment goes. `rewrite` maps a member name to a function of its bytes (e.g. one dropping a save date).
+    `src` and `dst` may be the same file.
+    """
+    rewrite = rewrite or {}
+    with zipfile.ZipFile(src) as source, atomic_path(dst) as tmp:
+        with zipfile.ZipFile(tmp, "w") as target:
+            for member in source.infolist():
+                data = source.read(member)
+                if member.filename in rewrite:
+                    data = rewrite[member.filename](data)
+                info = zipfile.ZipInfo(member.filename, date_time=ZIP_EPOCH)
+                info.compress_type, info.external_attr = member.compress_type, member.external_attr
+                info.create_system = 3  # unix, whichever system wrote `src`
+                target.writestr(info, data)
 
 
 def iter_files(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -60,6 +60,24 @@ def read_index(cache_dir: str | os.PathLike, split: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def split_photos(cache_dir: str | os.PathLike, split: str) -> pd.DataFrame:
+    """One row per photo of a cached split (the index's first crop of each): image, path, label, label_index."""
+    return read_index(cache_dir, split).drop_duplicates("image").reset_index(drop=True)
+
+
+def split_fingerprint(cache_dir: str | os.PathLike, split: str, labels: list[str]) -> str:
+    """What a score was measured on, for comparing scores (the champion alias): the photos of the split (path,
+    size, label) and the catalog's labels, hashed."""
+    import hashlib
+
+    photos = split_photos(cache_dir, split)
+    digest = hashlib.sha256(json.dumps(labels).encode())
+    for path, label in sorted(zip(photos["path"], photos["label"])):
+        size = Path(path).stat().st_size if Path(path).exists() else -1
+        digest.update(f"{path}\0{size}\0{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def check_labels(meta: dict, catalog: Catalog, cache_dir) -> None:
     if list(meta["labels"]) != catalog.labels:
         raise CamidError(f"the cache at {cache_dir} was made for cameras {meta['labels']}, but the active catalog "

@@ -14,10 +14,13 @@ exact: native sizes are even, so rot90 of an even-offset crop is an even-offset 
 A flip mirrors the layout (and the lens and demosaicing asymmetries) into something no camera produces.
 Rotation comes before the manipulation, as the photo's orientation came before the test set's processing.
 
-Batches are deterministic per (seed, epoch, batch index), so they do not depend on Keras' worker count,
-threads or processes, nor on the order batches are requested in. `epoch` counts Keras' `on_epoch_end` calls;
-`fit` makes one when it starts, so Keras epoch e draws stream e + 1. To resume at `initial_epoch=E` with the
-stream an uninterrupted run would have drawn, set `dataset.epoch = E` before calling `fit`.
+Batches are a pure function of (seed, epoch, batch index): every batch draws from its own generator seeded with
+the three, never from a running one, so they do not depend on Keras' worker count, threads or processes, on the
+order batches are requested in, nor on whether the run was interrupted. `epoch` counts Keras' `on_epoch_end`
+calls; `fit` makes one when it starts, so Keras epoch e draws stream e + 1. To resume at `initial_epoch=E` with
+the stream an uninterrupted run would have drawn, set `dataset.epoch = E` before calling `fit`. The train stage
+also sets `epoch = e + 1` at the beginning of Keras epoch e (camid.models.callbacks.exact_resume), so the stream
+cannot drift from the epoch whatever Keras does between epochs.
 """
 from __future__ import annotations
 
@@ -142,18 +145,21 @@ class EvalSet:
 
 
 def eval_patches(cache_dir, split: str = "val", patch: int | None = None, catalog: Catalog | None = None,
-                 workers: int | None = None) -> EvalSet:
+                 workers: int | None = None, start: int = 0, stop: int | None = None) -> EvalSet:
     """The split's crops as the test set would show them (see EvalSet). `patch` defaults to the cache's.
+    `start`, `stop`: only the index rows in that range (a chunk of the split's photos, one crop each in val and
+    test), for scoring a split chunk by chunk (`camid.inference.scoring.scored_split`).
 
-    Memory: N * 9 * P * P * 3 bytes (about 7 MB per photo at P=512).
+    Memory: N * 9 * P * P * 3 bytes for the N crops read (about 7 MB per photo at P=512).
     """
     meta = read_meta(cache_dir)
     if catalog is not None:
         check_labels(meta, catalog, cache_dir)
     patch = patch or meta["patch"]
     _check_crop(meta, patch, cache_dir)
-    index = read_index(cache_dir, split)
-    shards = _open_shards(cache_dir, split, int(index["shard"].max()) + 1 if len(index) else 0)
+    full = read_index(cache_dir, split)
+    shards = _open_shards(cache_dir, split, int(full["shard"].max()) + 1 if len(full) else 0)
+    index = full.iloc[start:stop]
     names = (None, *MANIPULATIONS)
     views = len(names)
     images = np.empty((len(index) * views, patch, patch, 3), dtype=np.uint8)

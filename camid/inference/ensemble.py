@@ -1,34 +1,31 @@
-"""An ensemble of trained backbones with its post-processing: the one inference path.
+"""An ensemble of trained backbones and the rules on its probabilities, in pieces a newcomer finds by name:
 
-Evaluation, batch prediction and the served MLflow model all call `Ensemble.predict`, so test-time
-augmentation, blending and balancing exist once. A bundle on disk is a folder:
-
-    ensemble.json            labels, patch, members (arch, file, run_id, weighted_accuracy), and the settings
-                             evaluation chose and scored: views (D4 indices for TTA) and blend; the
-                             calibration temperatures and open-set thresholds fitted on validation
-    jpeg_tables.json         the training photos' JPEG-table counts per camera (firmware evidence)
-    members/<arch>.keras     self-contained Keras models (preprocessing inside)
+    camid.inference.bundle     the bundle folder on disk: written, settings recorded, read (`Ensemble.load`)
+    camid.inference.network    the members' forward pass: both heads and the open-set features, in batches
+    camid.inference.metadata   the EXIF camera against the pixels' camera
+    camid.inference.ensemble   this: `Ensemble.predict` (patches) and `predict_photos` (photos as their patches):
+                               TTA views, blending, the estimated flag, the JPEG tables, calibration and the
+                               open-set rule of the bundle's settings
+    camid.inference.answers    the one photo-scoring path every consumer calls, built on `predict_photos`
 
 `tta=True` means the bundle's views, so the served model averages exactly the views that were evaluated.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from camid.errors import CamidError
-from camid.core.fileio import atomic_dir, write_json
+from camid.inference import bundle as bundle_io
 from camid.inference.balancing import balance_to_quota
-from camid.inference.blending import BLENDS, UnknownMethodError
 from camid.inference.blending import blend as blend_probs
 from camid.inference.jpeg_tables import NONE, UNSEEN, USED, TablePrior
-from camid.inference.openset import photo_features, read_bank
+from camid.inference.metadata import metadata_check
+from camid.inference.network import score_members
+from camid.inference.openset import photo_features
 from camid.inference.options import BALANCE_CHOICES
-from camid.inference.tta import D4, d4_views, fold_views
 
 
 
@@ -47,7 +44,8 @@ class Prediction:
     member_views: np.ndarray | None  # (models, views, N, C) camera probabilities before blending
     views: tuple[int, ...]           # the D4 views scored (indices into D4)
     tables_evidence: np.ndarray | None = None  # (N,) USED / UNSEEN / NONE (jpeg_tables); None: all NONE
-    features: np.ndarray | None = None  # (N, D) unit-length penultimate features, first view (openset.features_of)
+    features: np.ndarray | None = None  # (N, D) unit-length pooled backbone features, first view (openset.features_of)
+    patch_features: np.ndarray | None = None  # predict_photos: (patches, D) the patches' own features
 
 
 # Validation fits a temperature and an open-set threshold per kind of answer: a single patch or a whole photo
@@ -76,87 +74,20 @@ class Ensemble:
     bank: dict | None = None  # {"patch": (n, D), "photo": (m, D)} training features for the kNN open-set score
     _heads: dict = field(default_factory=dict, repr=False, compare=False)  # model -> model with a features output
 
-    # -- bundles -------------------------------------------------------------------------------------------
-    @staticmethod
-    def write_bundle(model_dirs: list[Path], out: Path) -> Path:
-        """Gather trained models (each a train-stage folder with model.keras and run.json) into a bundle."""
-        if not model_dirs:
-            raise CamidError("no trained models given for the ensemble")
-        members, labels, patch = [], None, None
-        with atomic_dir(out) as tmp:
-            (tmp / "members").mkdir()
-            for model_dir in model_dirs:
-                model_dir = Path(model_dir)
-                run_file, model_file = model_dir / "run.json", model_dir / "model.keras"
-                if not (run_file.is_file() and model_file.is_file()):
-                    raise CamidError(f"{model_dir} is not a trained model folder (needs model.keras and run.json); "
-                                     "train it first: camid train --arch NAME")
-                run = json.loads(run_file.read_text())
-                if labels is not None and (run["labels"] != labels or run["patch"] != patch):
-                    raise CamidError(f"{model_dir} was trained on other cameras or patch size than the other members")
-                labels, patch = run["labels"], run["patch"]
-                name = run["arch"] if run["arch"] not in {m["arch"] for m in members} else f"{run['arch']}-{len(members)}"
-                shutil.copy2(model_file, tmp / "members" / f"{name}.keras")
-                members.append({"arch": name, "file": f"members/{name}.keras", "run_id": run.get("run_id"),
-                                "weighted_accuracy": run.get("weighted_accuracy")})
-            write_json(tmp / "ensemble.json", {"labels": labels, "patch": patch, "members": members, "views": [0],
-                                               "blend": "mean_square"})
-        return out
-
-    @staticmethod
-    def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict | None = None, *,
-                     tables: TablePrior | None = None, use_tables: bool = False, catalog=None) -> None:
-        """Record in a bundle the TTA views, blend and JPEG-table evidence that were chosen and scored (and,
-        optionally, the scores)."""
-        if blend not in BLENDS:
-            raise UnknownMethodError(f"unknown blend {blend!r}; valid blends: {', '.join(BLENDS)}")
-        if not views or views[0] != 0 or any(not 0 <= v < len(D4) for v in views):
-            raise CamidError(f"TTA views must start with the identity and index D4 (0..{len(D4) - 1}), got {views}")
-        spec_file = Path(bundle) / "ensemble.json"
-        spec = json.loads(spec_file.read_text())
-        spec.update(views=[int(v) for v in views], blend=blend, view_names=[D4[v] for v in views],
-                    jpeg_tables=bool(use_tables and tables is not None))
-        if scores is not None:
-            spec["selection"] = scores
-        if tables is not None:
-            tables.write(bundle)
-        if catalog is not None:
-            spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
-        write_json(spec_file, spec)
+    # -- the bundle on disk (camid.inference.bundle) -------------------------------------------------------
+    write_bundle = staticmethod(bundle_io.write_bundle)
+    set_settings = staticmethod(bundle_io.set_settings)
+    set_confidence = staticmethod(bundle_io.set_confidence)
 
     @classmethod
     def load(cls, bundle: Path) -> "Ensemble":
-        import keras
+        return cls(**bundle_io.read(bundle))
 
-        import camid.models  # noqa: F401  (registers camid's custom layers for deserialisation)
+    def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
+        """`camid.inference.metadata.metadata_check` against the bundle's catalog."""
+        return metadata_check(self.cameras, models, predicted)
 
-        bundle = Path(bundle)
-        spec_file = bundle / "ensemble.json"
-        if not spec_file.is_file():
-            raise CamidError(f"{spec_file} not found: {bundle} is not an ensemble bundle (make one with camid evaluate)")
-        spec = json.loads(spec_file.read_text())
-        models = [keras.models.load_model(bundle / m["file"]) for m in spec["members"]]
-        return cls(models, [m["arch"] for m in spec["members"]], spec["labels"], spec["patch"], spec["members"],
-                   views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
-                   tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
-                   cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}),
-                   open_set=spec.get("open_set", {}), bank=read_bank(bundle))
-
-    @staticmethod
-    def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None) -> None:
-        """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,
-        "photo": T}, plus "patch_pixels_only" and "photo_pixels_only" where the bundle uses the JPEG tables) and
-        the open-set rule ({"score", "accept", "threshold": {the same keys}})."""
-        spec_file = Path(bundle) / "ensemble.json"
-        spec = json.loads(spec_file.read_text())
-        spec["temperature"] = {k: float(v) for k, v in temperature.items()}
-        if open_set is not None:
-            spec["open_set"] = open_set
-        if bank is not None:
-            from camid.inference.openset import write_bank
-
-            write_bank(Path(bundle), bank)
-        write_json(spec_file, spec)
+    # -- calibration and the open-set rule -----------------------------------------------------------------
 
     def setting_keys(self, kinds: list[str], tables_used=False) -> list[str]:
         """For each row, the key its temperature and threshold were fitted under: its kind ("patch" or "photo")
@@ -224,20 +155,6 @@ class Ensemble:
         return (self.open_set_margin(probs, patch_counts, evidence, features) < 0) | \
             (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
 
-    def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
-        """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
-        label: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether that is
-        the predicted camera (None when the photo has no EXIF Model, or the bundle no catalog to match with)."""
-        from camid.config import Camera
-
-        cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in self.cameras]
-        named, consistent = [], []
-        for model, label in zip(models, predicted):
-            match = next((c.label for c in cameras if model and c.matches_model(model)), "")
-            named.append(match)
-            consistent.append(None if not model or not cameras else match == label)
-        return named, consistent
-
     def apply_tables(self, probs: np.ndarray, signatures, usable, force: bool = False) -> np.ndarray:
         """The JPEG-table evidence multiplied into (N, C) probabilities where `usable` (see jpeg_tables), if the
         bundle uses it (or `force`); unchanged otherwise."""
@@ -259,64 +176,6 @@ class Ensemble:
         return self.views if tta else (0,)
 
     # -- inference -----------------------------------------------------------------------------------------
-    def _with_features(self, model):
-        """`model` with a third output, `features`: the input of its camera layer (the penultimate features the
-        open-set kNN score compares; the same layers, so no extra pass). The model itself where it has no layer
-        named "camera"."""
-        if id(model) not in self._heads:
-            import keras
-
-            try:
-                head = model.get_layer("camera")
-                outputs = {"camera": head.output, "manipulation": model.get_layer("manipulation").output,
-                           "features": head.input}
-                self._heads[id(model)] = keras.Model(model.input, outputs, name=f"{model.name}_with_features")
-            except ValueError:
-                self._heads[id(model)] = model
-        return self._heads[id(model)]
-
-    def _forward(self, model, views: np.ndarray, flags: np.ndarray, batch_size: int):
-        """Both heads' outputs and the penultimate features (None without) for uint8 views, `batch_size` at a
-        time (converted to float32 per batch only)."""
-        camera, manipulation, features = [], [], []
-        model = self._with_features(model)
-        for start in range(0, len(views), batch_size):
-            out = model.predict_on_batch({"image": views[start:start + batch_size].astype("float32"),
-                                          "manipulated": flags[start:start + batch_size].reshape(-1, 1).astype("float32")})
-            camera.append(np.asarray(out["camera"], dtype=np.float64))
-            manipulation.append(np.asarray(out["manipulation"], dtype=np.float64))
-            if "features" in out:
-                features.append(np.asarray(out["features"], dtype=np.float32))
-        return (np.concatenate(camera), np.concatenate(manipulation),
-                np.concatenate(features) if features else None)
-
-    def _score(self, patches: np.ndarray, flags: np.ndarray, unknown: np.ndarray, views: tuple[int, ...],
-               batch_size: int):
-        """(models, views, N, C) camera probabilities, (N, 9) manipulation probabilities, the estimated flags and
-        (N, D) features of the first view with the flags as given (`openset.features_of`; None without)."""
-        from camid.inference.openset import features_of
-
-        n_views = len(views)
-        stacked = d4_views(patches, views)
-        camera, manip, feats = [], [], []
-        for model in self.models:
-            cam, aux, feat = self._forward(model, stacked, np.tile(flags, n_views), batch_size)
-            camera.append(fold_views(cam, n_views))
-            manip.append(fold_views(aux, n_views))
-            feats.append(None if feat is None else fold_views(feat, n_views)[0])
-        features = None if any(f is None for f in feats) else features_of(feats)
-        manipulation_probs = np.concatenate(manip).mean(axis=0)
-        # The auxiliary head does not see the flag, so one pass is enough to estimate it; only the rows it
-        # calls manipulated are scored again, with the flag set.
-        estimated = unknown & (manipulation_probs[:, 0] < 0.5)
-        if estimated.any():
-            rows = np.flatnonzero(estimated)
-            sub_views = d4_views(patches[rows], views)
-            for m, model in enumerate(self.models):
-                cam, _, _ = self._forward(model, sub_views, np.ones(len(sub_views), bool), batch_size)
-                camera[m][:, rows] = fold_views(cam, n_views)
-        return np.stack(camera), manipulation_probs, flags | estimated, features
-
     def predict(self, patches: np.ndarray, manipulated: np.ndarray | None = None, *, tta: bool = True,
                 views=None, blend: str | None = None, balance: str = "none", batch_size: int = 64,
                 chunk: int = 256) -> Prediction:
@@ -340,7 +199,8 @@ class Ensemble:
         flags = np.where(unknown, False, given).astype(bool)
         views = self.resolve_views(tta, views)
         blend = blend or self.blend
-        parts = [self._score(patches[i:i + chunk], flags[i:i + chunk], unknown[i:i + chunk], views, batch_size)
+        parts = [score_members(self.models, patches[i:i + chunk], flags[i:i + chunk], unknown[i:i + chunk], views,
+                               batch_size, self._heads)
                  for i in range(0, n, chunk)]
         member_views = np.concatenate([p[0] for p in parts], axis=2)
         manipulation_probs = np.concatenate([p[1] for p in parts])
@@ -388,7 +248,8 @@ class Ensemble:
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views,
-                          evidence, None if pred.features is None else photo_features(pred.features, counts))
+                          evidence, None if pred.features is None else photo_features(pred.features, counts),
+                          pred.features)
 
 
 def load_ensemble(model: str) -> Ensemble:

@@ -1,8 +1,9 @@
 """Why this camera: per-patch camera probabilities over a whole photo, and Grad-CAM inside one patch.
 
 `patch_map` scores CFA-aligned patches on a grid over the photo (`camid.core.patches.grid_offsets`, the grid
-`camid predict --full-image` uses) with `Ensemble.predict`, and the same patches as one photo with
-`Ensemble.predict_photos`, so the photo answer is exactly the one batch prediction gives for those patches.
+`camid predict --full-image` uses) with `Ensemble.predict`, and the same patches as one photo through the one
+photo-scoring path (`camid.inference.answers`), so the photo answer is exactly the one batch prediction and the
+served model give for those patches.
 `grad_cam` weighs the last spatial (4-D) feature map feeding the camera head of one member by the gradient
 of log P(camera), as in Selvaraju et al. 2017; the gradients need the TensorFlow, JAX or PyTorch backend.
 `save_figure` draws both (matplotlib, Agg, no pyplot state) and writes the PNG atomically.
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from camid.core.fileio import atomic_path
 from camid.core.patches import auto_patch_count, grid_crops, grid_offsets
 from camid.errors import CamidError
+from camid.inference.answers import Cut, answers, score_photos
 from camid.inference.options import MAX_PATCHES
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class PatchMap:
     requested: int = 0               # patches the stride (or tiling) asked for, before the cap
     capped: bool = False             # True when `requested` was over the cap and K is the cap
     notes: list[str] = field(default_factory=list)
+    answer: dict = field(default_factory=dict)  # the photo's row of the answer table (`camid.inference.answers`)
 
     @property
     def photo_index(self) -> int:
@@ -88,8 +92,20 @@ class PatchMap:
                       "probs": dict(zip(self.labels, self.photo_probs.astype(float).tolist())),
                       "manipulated": bool(self.manipulated), "runner_up": runner, "runner_up_probability": runner_p,
                       "agreement": self.agreement},
+            "answer": {key: _plain(self.answer.get(key)) for key in VERDICT_KEYS if key in self.answer},
             "notes": list(self.notes),
         }
+
+
+VERDICT_KEYS = ("camera", "closest_camera", "confidence", "unknown", "tables_evidence", "exif_model", "exif_camera",
+                "consistent")
+
+
+def _plain(value):
+    """A pandas/numpy scalar as a JSON value (NA: None)."""
+    if value is None or value is pd.NA:
+        return None
+    return value.item() if hasattr(value, "item") else value
 
 
 def grid_count(shape: tuple[int, ...], patch: int, stride: int | None) -> int:
@@ -107,7 +123,7 @@ def grid_count(shape: tuple[int, ...], patch: int, stride: int | None) -> int:
 
 
 def patch_map(ensemble, pixels: np.ndarray, *, stride: int | None = None, max_patches: int = MAX_PATCHES,
-              tta: bool = True, manipulated: bool | None = None, signature=None) -> PatchMap:
+              tta: bool = True, manipulated: bool | None = None, signature=None, exif_model=None) -> PatchMap:
     """Score uint8 RGB `pixels` (H, W, 3) patch by patch on a CFA-aligned grid, and as one photo.
 
     `stride` spaces the grid (None: tiled without overlap); the grid is `camid.core.patches.grid_offsets`, so
@@ -133,12 +149,13 @@ def patch_map(ensemble, pixels: np.ndarray, *, stride: int | None = None, max_pa
     crops = grid_crops(pixels, size, len(offsets))
     pred = ensemble.predict(crops, None if manipulated is None else np.full(len(crops), bool(manipulated), object),
                             tta=tta)
-    photo = ensemble.predict_photos([crops], None if manipulated is None else [manipulated],
-                                    signatures=None if signature is None else [signature], tta=tta)
+    # The photo answer through the one photo-scoring path, as `camid predict --full-image` answers these patches.
+    answer = answers(ensemble, score_photos(ensemble, [Cut(crops, signature, exif_model)], flags=[manipulated],
+                                            tta=tta), {"tta": tta}).iloc[0]
     return PatchMap(shape=tuple(pixels.shape[:2]), patch=size, offsets=offsets, probs=pred.probs,
-                    labels=list(ensemble.labels), photo_probs=photo.probs[0], manipulated=bool(photo.manipulated[0]),
-                    views=tuple(pred.views), stride=stride, requested=requested, capped=requested > max_patches,
-                    notes=notes)
+                    labels=list(ensemble.labels), photo_probs=answer[list(ensemble.labels)].to_numpy(np.float64),
+                    manipulated=bool(answer.manipulated), views=tuple(pred.views), stride=stride, requested=requested,
+                    capped=requested > max_patches, notes=notes, answer=answer.to_dict())
 
 
 # -- Grad-CAM -------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ KNN_SCORE = "knn_cosine"  # the kNN typicality of the features, where the bundle
 UNKNOWN = "unknown"  # the answer for a rejected photo
 K_NEIGHBOURS = 5     # the k of the kNN score (Sun et al. use k small against the bank's size; not tuned here)
 PATCH_BANK_MAX = 20000  # training patches kept for single-patch answers (a seeded random subset beyond that)
+PATCH_BANK_BYTES = 64 * 2**20  # and at most this much float32 (ResNet-50's 2048-d features: 8192 patches)
 BANK_FILE = "open_set_bank.npz"
 
 
@@ -54,6 +55,12 @@ def photo_features(patch_features: np.ndarray, counts) -> np.ndarray:
     return unit(np.stack([patch_features[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
+def patch_bank_rows(dim: int) -> int:
+    """How many training patches the bank keeps for features of `dim` values: PATCH_BANK_MAX, fewer where that
+    would pass PATCH_BANK_BYTES."""
+    return int(max(1, min(PATCH_BANK_MAX, PATCH_BANK_BYTES // (4 * max(1, dim)))))
+
+
 def knn_score(features: np.ndarray, bank: np.ndarray, k: int = K_NEIGHBOURS) -> np.ndarray:
     """(N,) the cosine similarity of each unit-length feature row to its k-th nearest bank row (higher: more like
     the training photos); k is capped by the bank's size."""
@@ -73,8 +80,9 @@ def fit_bank(patch_features: np.ndarray, counts, seed: int = 0) -> dict:
     feature, and the patches' (a seeded random PATCH_BANK_MAX of them where there are more)."""
     photos = photo_features(patch_features, counts)
     patches = np.asarray(patch_features, dtype=np.float32)
-    if len(patches) > PATCH_BANK_MAX:
-        patches = patches[np.sort(np.random.default_rng(seed).choice(len(patches), PATCH_BANK_MAX, replace=False))]
+    size = patch_bank_rows(patches.shape[1])
+    if len(patches) > size:
+        patches = patches[np.sort(np.random.default_rng(seed).choice(len(patches), size, replace=False))]
     return {"patch": patches, "photo": photos}
 
 

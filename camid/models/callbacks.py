@@ -2,7 +2,14 @@
 the validation patches (unaltered and manipulated), written into the Keras epoch logs and logged to MLflow."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
+
+from camid.core.fileio import atomic_dir, atomic_path, write_reproducible_zip
 
 MONITOR = "val_weighted_accuracy"
 
@@ -35,3 +42,192 @@ def scoring_callbacks(evalset, batch_size: int) -> list:
             mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
 
     return [ValidationScore(), MlflowEpochLogger()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume. A run killed at any point and run again must end with the same weights and metrics as one that was
+# never interrupted, so everything an epoch depends on is either a pure function of (seed, epoch) or in the backup:
+# - the training batches: TrainPatches draws stream (seed, epoch + 1) in Keras epoch `epoch` (set at epoch begin);
+# - the layers' random state (dropout masks): every SeedGenerator of the model is re-seeded from (seed, epoch, its
+#   index) at epoch begin, as are Python's, NumPy's and TensorFlow's global generators (keras.utils.set_random_seed);
+# - the weights and the optimizer (its step count and learning rate): model.save_weights;
+# - ReduceLROnPlateau, EarlyStopping and ModelCheckpoint: their counters and best values (RESUMABLE), EarlyStopping's
+#   best weights when it restores them, the best checkpoint file itself and the CSV history up to that epoch.
+# A backup is one folder `<backup>/epoch-<n>` (n epochs finished), written under a temporary name and renamed whole
+# (camid.core.fileio.atomic_dir), so a kill leaves either the previous backup or the new one, never half of one.
+BACKUP_PREFIX = "epoch-"
+STATE_FILE, WEIGHTS_FILE, BEST_FILE, HISTORY_FILE = "state.json", "model.weights.h5", "best.keras", "history.csv"
+EARLY_STOPPING_WEIGHTS = "early_stopping_best.npz"
+# The attributes each callback carries from epoch to epoch (Keras resets them in on_train_begin).
+RESUMABLE = {
+    "ReduceLROnPlateau": ("best", "wait", "cooldown_counter"),
+    "EarlyStopping": ("best", "wait", "best_epoch", "stopped_epoch"),
+    "ModelCheckpoint": ("best",),
+}
+# What a reproducible .keras file says for its save date (Keras writes the wall-clock time of the save).
+FIXED_DATE_SAVED = "1980-01-01@00:00:00"
+
+
+def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
+    """A 31-bit seed that depends only on (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0] >> 1)
+
+
+def reseed(model, seed: int, epoch: int) -> None:
+    """Make the random draws of epoch `epoch` a function of (seed, epoch) alone, however the process got there.
+
+    keras.utils.set_random_seed only reaches generators made afterwards; a layer's SeedGenerator (Dropout's) keeps
+    its own state variable, which the weights file does not hold. Both are set here.
+    """
+    import keras
+
+    keras.utils.set_random_seed(epoch_seed(seed, epoch))
+    states = [v for v in model.variables if v.path.rsplit("/", 1)[-1] == "seed_generator_state"]
+    for index, state in enumerate(states):
+        state.assign(np.array([epoch_seed(seed, epoch, index + 1), 0], dtype=state.dtype))
+
+
+def latest_backup(folder: Path) -> Path | None:
+    """The backup of the most epochs in `folder` (None: nothing to resume from)."""
+    backups = sorted((p for p in Path(folder).glob(f"{BACKUP_PREFIX}*") if (p / STATE_FILE).is_file()),
+                     key=lambda p: int(p.name[len(BACKUP_PREFIX):]))
+    return backups[-1] if backups else None
+
+
+def read_backup_state(backup: Path) -> dict:
+    return json.loads((backup / STATE_FILE).read_text())
+
+
+def restore_backup_files(backup: Path, best_file: Path, history_file: Path) -> None:
+    """Put the best checkpoint and the CSV history back as they were when `backup` was taken.
+
+    Call before `fit`: CSVLogger opens the history when training begins.
+    """
+    for name, target in ((BEST_FILE, best_file), (HISTORY_FILE, history_file)):
+        if (backup / name).is_file():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(backup / name, tmp)
+        else:
+            Path(target).unlink(missing_ok=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one (a backup's files are never rewritten), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _plain(value):
+    """A JSON value for a callback attribute (numpy scalars become Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def exact_resume(folder: Path, *, seed: int, dataset, callbacks: list, best_file: Path, history_file: Path,
+                 resume_from: Path | None = None):
+    """The Keras callback that takes the backups and restores one (see the comment above RESUMABLE).
+
+    List it last, after the callbacks whose state it saves and after CSVLogger: it backs up what they have written
+    for the epoch, and restores their state after their own on_train_begin has reset it. `dataset` is the
+    TrainPatches being fitted. Before `fit`, call restore_backup_files and pass `initial_epoch` = the backup's
+    epoch; `resume_from` is that backup.
+    """
+    import keras
+
+    folder, best_file, history_file = Path(folder), Path(best_file), Path(history_file)
+    tracked = {f"{i}-{type(c).__name__}": c for i, c in enumerate(callbacks) if type(c).__name__ in RESUMABLE}
+
+    class ExactResume(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self._best_saved: Path | None = None  # the best checkpoint file already in a backup, and its state
+            self._best_value = None
+
+        def on_train_begin(self, logs=None):
+            if resume_from is None:
+                return
+            state = read_backup_state(resume_from)
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(resume_from / WEIGHTS_FILE)
+            for key, callback in tracked.items():
+                for name, value in state["callbacks"].get(key, {}).items():
+                    setattr(callback, name, value)
+                if getattr(callback, "restore_best_weights", False) and (resume_from / EARLY_STOPPING_WEIGHTS).is_file():
+                    with np.load(resume_from / EARLY_STOPPING_WEIGHTS) as saved:
+                        callback.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+            if (resume_from / BEST_FILE).is_file():
+                self._best_saved, self._best_value = resume_from / BEST_FILE, self._checkpoint_best()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            # Stream e + 1 in Keras epoch e, as TrainPatches counts (its docstring); set, not counted, so that the
+            # stream cannot drift from the epoch.
+            dataset.epoch = epoch + 1
+            reseed(self.model, seed, epoch)
+
+        def _checkpoint_best(self):
+            return [_plain(getattr(c, "best", None)) for c in tracked.values() if type(c).__name__ == "ModelCheckpoint"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
+            state = {"epoch": done, "stopped": bool(self.model.stop_training),
+                     "callbacks": {key: {name: _plain(getattr(c, name, None)) for name in RESUMABLE[type(c).__name__]}
+                                   for key, c in tracked.items()}}
+            with atomic_dir(folder / f"{BACKUP_PREFIX}{done:05d}") as tmp:
+                self.model.save_weights(tmp / WEIGHTS_FILE)
+                if history_file.is_file():
+                    shutil.copyfile(history_file, tmp / HISTORY_FILE)  # CSVLogger flushes every row
+                if best_file.is_file():
+                    best_value = self._checkpoint_best()
+                    if self._best_saved is not None and best_value == self._best_value:
+                        _link_or_copy(self._best_saved, tmp / BEST_FILE)  # unchanged since the last backup
+                    else:
+                        shutil.copyfile(best_file, tmp / BEST_FILE)
+                for key, c in tracked.items():
+                    if getattr(c, "restore_best_weights", False) and getattr(c, "best_weights", None) is not None:
+                        np.savez(tmp / EARLY_STOPPING_WEIGHTS, **{f"w{i}": w for i, w in enumerate(c.best_weights)})
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+            latest = folder / f"{BACKUP_PREFIX}{done:05d}"
+            if best_file.is_file():
+                self._best_saved, self._best_value = latest / BEST_FILE, self._checkpoint_best()
+            for old in folder.glob(f"{BACKUP_PREFIX}*"):
+                if old != latest:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return ExactResume()
+
+
+def _canonical_shared_ids(node, ids: dict) -> None:
+    """Renumber the `shared_object_id`s of a Keras config 1, 2, ... in order of appearance (in place): Keras writes
+    the objects' memory addresses, which change from process to process; loading only matches them up."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "shared_object_id" and isinstance(value, int):
+                node[key] = ids.setdefault(value, len(ids) + 1)
+            else:
+                _canonical_shared_ids(value, ids)
+    elif isinstance(node, list):
+        for value in node:
+            _canonical_shared_ids(value, ids)
+
+
+def save_reproducible_keras(src: Path, dst: Path) -> None:
+    """Copy the .keras file `src` to `dst` (atomically) so that the same model always gives the same bytes: fixed
+    zip dates, a fixed `date_saved` in metadata.json (Keras stamps the wall-clock time on both) and the shared
+    objects of config.json numbered in order, not by memory address.
+
+    The layer and optimizer names are in the file too: build the model in a fresh Keras session
+    (keras.backend.clear_session) so that they do not depend on what the process built before."""
+    def fixed_date(data: bytes) -> bytes:
+        metadata = json.loads(data)
+        if "date_saved" in metadata:
+            metadata["date_saved"] = FIXED_DATE_SAVED
+        return json.dumps(metadata).encode()
+
+    def fixed_ids(data: bytes) -> bytes:
+        config = json.loads(data)
+        _canonical_shared_ids(config, {})
+        return json.dumps(config).encode()
+
+    write_reproducible_zip(src, dst, rewrite={"metadata.json": fixed_date, "config.json": fixed_ids})

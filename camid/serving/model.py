@@ -1,4 +1,4 @@
-"""The registered MLflow pyfunc model: image bytes in, camera out, through `Ensemble.predict`.
+"""The registered MLflow pyfunc model: image bytes in, camera out, through `camid.inference.answers`.
 
 Input: a DataFrame with an `image` column (JPEG, PNG or TIFF bytes; base64 in JSON requests) and an optional
 `manipulated` column (bool; missing or null -> estimated by the model). Params: `tta` (bool: the D4 views the
@@ -47,15 +47,12 @@ try:
 except ImportError:  # pragma: no cover - mlflow is a hard dependency; this keeps the module importable for docs
     raise
 
-from camid.core.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from camid.core.patches import grid_crops
-from camid.forensics.inspect import header_facts
+from camid.core.imageio import DEFAULT_MAX_PIXELS, ImageError
 from camid.inference import options
+from camid.inference.answers import ANSWER_COLUMNS, answer_photos
 from camid.inference.ensemble import Ensemble
-from camid.inference.openset import UNKNOWN, confidence
 
-STATUS_COLUMNS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated", "patches",
-                  "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
+STATUS_COLUMNS = ANSWER_COLUMNS  # the served answer's columns before one probability column per camera
 
 
 def signature(labels: list[str]):
@@ -92,29 +89,6 @@ def image_bytes(value) -> bytes:
     raise ImageError(f"expected image bytes or a base64 string, got {type(value).__name__}")
 
 
-def row_patches(images, patch: int, count: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[np.ndarray | None], list[dict | None], list[str]]:
-    """Decode each row's bytes and cut its `count` grid patches (`camid.core.patches.grid_crops`; 0: auto) at once,
-    so only the patches stay in memory; also what each row's header says (`header_facts`). A bad row's patches
-    and facts are None and its error says why ("" for a good row)."""
-    patches, facts, errors = [], [], []
-    for value in images:
-        try:
-            data = image_bytes(value)
-            pixels = decode_image(data, max_pixels)
-            if min(pixels.shape[:2]) < patch:
-                raise ImageError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's "
-                                 f"{patch}x{patch} patch")
-            patches.append(grid_crops(pixels, patch, count))
-            facts.append(header_facts(data))
-            errors.append("")
-        except ImageError as exc:
-            patches.append(None)
-            facts.append(None)
-            errors.append(str(exc))
-    return patches, facts, errors
-
-
 def row_flags(values) -> tuple[np.ndarray, list[str]]:
     """The `manipulated` column as True/False/None (None: estimate it), and each row's error ("" if none)."""
     flags, errors = [], []
@@ -139,61 +113,35 @@ def resolve_params(params: dict | None) -> dict:
 
 
 def predict_frame(ensemble: Ensemble, frame: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-    """The whole served prediction, callable without MLflow."""
+    """The whole served prediction, callable without MLflow: the request's rows through the one photo-scoring
+    path (`camid.inference.answers`, as `camid predict` and the evaluate stage), streamed in bounded batches."""
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     if "image" not in frame.columns:
         raise bad_request(f"the request has no 'image' column (columns: {list(frame.columns)}); send base64 image bytes "
                           "in a column named 'image'")
     settings = resolve_params(params)
-    patches, facts, errors = row_patches(frame["image"].tolist(), ensemble.patch, settings["patches"])
+    images, errors = [], []
+    for value in frame["image"].tolist():
+        try:
+            images.append(image_bytes(value))
+            errors.append("")
+        except ImageError as exc:
+            images.append(b"")
+            errors.append(str(exc))
     flags = np.full(len(frame), None, dtype=object)
     if "manipulated" in frame.columns:
         flags, flag_errors = row_flags(frame["manipulated"].tolist())
         errors = [e or f for e, f in zip(errors, flag_errors)]
-    if settings["on_error"] == "fail" and any(errors):
-        raise bad_request("; ".join(f"row {row}: {e}" for row, e in enumerate(errors) if e)
-                          + " (param on_error=row answers the other rows and gives each bad row its error)")
-    columns = STATUS_COLUMNS + list(ensemble.labels)
-    good = [row for row, e in enumerate(errors) if not e]
-    out = pd.DataFrame({"camera": [""] * len(frame), "closest_camera": [""] * len(frame),
-                        "confidence": np.full(len(frame), np.nan),
-                        "unknown": pd.array([None] * len(frame), dtype="boolean"),
-                        "manipulated": pd.array([None] * len(frame), dtype="boolean"),
-                        "manipulated_estimated": pd.array([None] * len(frame), dtype="boolean"),
-                        "patches": np.zeros(len(frame), dtype=np.int64),
-                        "tables_evidence": [""] * len(frame),
-                        "exif_model": [""] * len(frame), "exif_camera": [""] * len(frame),
-                        "consistent": pd.array([None] * len(frame), dtype="boolean"),
-                        "error": errors,
-                        **{label: np.full(len(frame), np.nan) for label in ensemble.labels}}, columns=columns)
-    if not good:
-        return out
-    pred = ensemble.predict_photos([patches[r] for r in good], list(flags[good]),
-                                   signatures=[facts[r]["jpeg_tables"] for r in good], tta=settings["tta"],
-                                   blend=options.blend_for(settings["blend"]), jpeg_tables=settings["jpeg_tables"],
-                                   balance=settings["balance"])
-    cameras = np.asarray(ensemble.labels)[pred.labels]
-    unknown = ensemble.is_unknown(pred.probs, [len(patches[r]) for r in good], pred.tables_evidence,
-                                  pred.features) if settings["open_set"] \
-        else np.zeros(len(good), dtype=bool)
-    models = [facts[r]["model"] for r in good]
-    named, consistent = ensemble.metadata_check(models, cameras)
-    out.loc[good, "camera"] = np.where(unknown, UNKNOWN, cameras)
-    out.loc[good, "closest_camera"] = cameras
-    out.loc[good, "confidence"] = confidence(pred.probs)
-    out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
-    out.loc[good, "manipulated"] = pred.manipulated.astype(bool)
-    out.loc[good, "manipulated_estimated"] = pred.manipulated_estimated.astype(bool)
-    out.loc[good, "patches"] = [len(patches[r]) for r in good]
-    out.loc[good, "tables_evidence"] = list(pred.tables_evidence)
-    out.loc[good, "exif_model"] = [m or "" for m in models]
-    out.loc[good, "exif_camera"] = named
-    out.loc[good, "consistent"] = pd.array(consistent, dtype="boolean")
-    out.loc[good, ensemble.labels] = pred.probs
-    if len(good) == len(frame):  # all good: the plain types an all-good answer always had
-        out = out.astype({"manipulated": bool, "manipulated_estimated": bool, "unknown": bool})
+    out = answer_photos(ensemble, images, settings, flags=list(flags), errors=errors, max_pixels=DEFAULT_MAX_PIXELS)
+    if settings["on_error"] == "fail" and (out.error != "").any():  # every bad row named at once
+        raise _bad_rows(list(out.error))
     return out
+
+
+def _bad_rows(errors: list[str]) -> MlflowException:
+    return bad_request("; ".join(f"row {row}: {e}" for row, e in enumerate(errors) if e)
+                       + " (param on_error=row answers the other rows and gives each bad row its error)")
 
 
 class CamidModel(mlflow.pyfunc.PythonModel):

@@ -20,20 +20,223 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
 from camid.config import EvaluateParams, load_params, optional
 from camid.core.fileio import atomic_path, write_json
+from camid.data.cache import split_photos
 from camid.errors import CamidError
-from camid.inference.ensemble import Ensemble, load_ensemble
-from camid.inference.blending import BLENDS
+from camid.inference.answers import PhotoScores, answers, evidence_and_probs, flag_from_name, score_photos
+from camid.inference.blending import BLENDS, blend
+from camid.inference.ensemble import PIXELS_ONLY, Ensemble, load_ensemble
+from camid.inference.jpeg_tables import NONE, USED
 from camid.inference.options import BALANCE_CHOICES, check_stage_choices
-from camid.inference.scoring import (choose_settings, fit_confidence, fit_tables, full_image_accuracy, score,
-                                     validation_scores)
+from camid.inference.scoring import (ALL_VIEWS, ValidationScores, _blended, _setting_value, calibration_report,
+                                     final_probs, score, validation_scores)
+from camid.inference.tta import D4
 
 log = logging.getLogger(__name__)
 
 
+def _bar(desc: str):
+    return lambda photos: tqdm(photos, desc=desc, unit="photo", leave=False)
+
+
+def fit_tables(cache: Path, labels: list[str]):
+    """The JPEG-table evidence of the training photos (camid.inference.jpeg_tables)."""
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+
+    photos = split_photos(cache, "train")
+    return TablePrior.fit([signature_of_file(p) for p in photos["path"]], photos["label_index"], labels)
+
+
+def choose_settings(ensemble: Ensemble, val: ValidationScores, settings: EvaluateParams,
+                    tables) -> tuple[tuple[int, ...], bool, dict]:
+    """On the validation pass: the TTA views (the identity alone when `settings.tta` is off), then whether
+    the JPEG-table evidence is kept (`settings.jpeg_tables`, and it does not lower the validation score)."""
+    from camid.core.metrics import weighted_accuracy
+    from camid.inference.tta import select_views
+
+    evalset, member_views = val.evalset, val.member_views
+    manipulated = evalset.manipulation > 0
+
+    def rate(probs):
+        return weighted_accuracy(evalset.labels, probs.argmax(1), manipulated)
+
+    identity = rate(_blended(member_views, (0,), settings.blend))
+    views, best = select_views(member_views, rate, lambda p: blend(p, settings.blend)) if settings.tta else ((0,), identity)
+    with_tables = rate(tables.apply(_blended(member_views, views, settings.blend), val.signatures,
+                                    evalset.manipulation == 0))
+    use_tables = bool(settings.jpeg_tables and tables.counts and with_tables >= best)
+    return views, use_tables, {
+        "val_weighted_accuracy": with_tables if use_tables else best,
+        "val_weighted_accuracy_pixels_only": best, "val_weighted_accuracy_pixels_only_no_tta": identity,
+        "val_weighted_accuracy_with_jpeg_tables": with_tables,
+        "val_weighted_accuracy_per_view": {D4[v]: rate(_blended(member_views, (v,), settings.blend))
+                                           for v in ALL_VIEWS}}
+
+
+def score_split_photos(ensemble: Ensemble, cache: Path, split: str, *, tta: bool = True, patches: int = 0,
+                       **kwargs) -> tuple[pd.DataFrame, PhotoScores]:
+    """The split's whole photos through the one photo-scoring path, as `camid predict --full-image` scores the
+    same files (flag from the name, else estimated): (the photos, their scores)."""
+    photos = split_photos(cache, split)
+    scores = score_photos(ensemble, list(photos["path"]), flags=[flag_from_name(p) for p in photos["path"]],
+                          tta=tta, patches=patches, progress=_bar(f"{split} photos"), **kwargs)
+    return photos, scores
+
+
+def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
+                   val: ValidationScores | None = None) -> tuple[dict, dict, dict | None]:
+    """What the probabilities need from the validation split, with the bundle's views, each fitted on the
+    population its setting serves (`camid.inference.ensemble.KINDS`): single patches on the validation camera
+    originals' cached centre crops (a served `patches: 1` request is a photo, not one of the test set's
+    manipulated copies), whole photos on the validation photos scored exactly as they are served
+    (`camid.inference.answers`: auto patches, flag estimated). Where the bundle uses the JPEG tables, "patch" and
+    "photo" are fitted on the answers the tables entered and "patch_pixels_only", "photo_pixels_only" on every
+    answer from the pixels alone. Fitted: the calibration temperatures; the open-set thresholds on the calibrated
+    probabilities that accept `settings.open_set_accept` of the validation answers (`camid.inference.openset`);
+    whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of validation
+    originals whose tables training saw, `val_tables_seen`); the open-set feature bank of the training photos and
+    the kNN thresholds (`knn_threshold`, per kind) that accept the same share. Returns (temperatures, open-set
+    rule, bank). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
+    from camid.inference.calibration import apply_temperature, fit_temperature
+    from camid.inference.openset import K_NEIGHBOURS, KNN_SCORE, SCORE, confidence, fit_threshold, knn_score
+
+    val = val or validation_scores(ensemble, cache, settings)
+    evalset, labels = val.evalset, np.asarray(val.evalset.labels)
+    originals = evalset.manipulation == 0
+    photos, scores = score_split_photos(ensemble, cache, "val")
+    ok = scores.ok
+    y = photos["label_index"].to_numpy()[ok]
+    pixels = {"patch": (final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, False,
+                                    settings.blend)[originals], labels[originals]),
+              "photo": (scores.pixels[ok], y)}
+    photo_evidence = np.full(int(ok.sum()), NONE, dtype=object)
+    if ensemble.use_tables:
+        evidence, with_tables = evidence_and_probs(ensemble, scores)
+        photo_evidence = evidence[ok]
+        used = {"patch": ensemble.tables_evidence(val.signatures, originals)[originals] == USED,
+                "photo": photo_evidence == USED}
+        tabled = {"patch": final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, True,
+                                       settings.blend)[originals],
+                  "photo": with_tables[ok]}
+        fits = {kind: (tabled[kind][used[kind]], pixels[kind][1][used[kind]]) for kind in pixels}
+        fits.update({kind + PIXELS_ONLY: pair for kind, pair in pixels.items()})
+    else:
+        fits = pixels
+    temperature = {key: fit_temperature(probs, y_) for key, (probs, y_) in fits.items()}
+    threshold = {key: fit_threshold(confidence(apply_temperature(probs, temperature[key])), settings.open_set_accept)
+                 for key, (probs, _) in fits.items()}
+    rule = {"score": SCORE, "accept": settings.open_set_accept, "threshold": threshold, "unseen_tables": False,
+            "fitted_on": {"patch": int(originals.sum()), "photo": int(ok.sum())}}
+    if ensemble.use_tables:
+        # Tables no training photo had are another camera's firmware, or a re-save; they count as "unknown" only
+        # if the validation devices' originals (catalog cameras, unseen devices) almost never show any, i.e. the
+        # rule costs known cameras no more than the threshold does. Phones that pick tables per scene fail this.
+        jpegs = photo_evidence != NONE
+        seen = float(np.mean(photo_evidence[jpegs] == USED)) if jpegs.any() else float("nan")
+        rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
+    bank = training_bank(ensemble, cache)
+    if bank is not None and val.features is not None and scores.features is not None:
+        rule.update(score=KNN_SCORE, k=K_NEIGHBOURS, bank_size={k: int(len(v)) for k, v in bank.items()},
+                    knn_threshold={
+                        "patch": fit_threshold(knn_score(val.features[originals], bank["patch"]),
+                                               settings.open_set_accept),
+                        "photo": fit_threshold(knn_score(scores.features[ok], bank["photo"]),
+                                               settings.open_set_accept)})
+    return temperature, rule, bank
+
+
+def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:
+    """The open-set feature bank of the training photos, streamed through the one photo-scoring path (auto
+    patches, as `--full-image` cuts them, identity view): every photo's feature and a seeded sample of their
+    patches' (`openset.patch_bank_rows`, bounded whatever the number of photos); None without features."""
+    from camid.inference.openset import patch_bank_rows
+
+    photos = split_photos(cache, "train")
+    probe = ensemble.predict(np.zeros((1, ensemble.patch, ensemble.patch, 3), np.uint8), [False], views=(0,))
+    if probe.features is None:
+        return None
+    scores = score_photos(ensemble, list(photos["path"]), flags=[False] * len(photos), tta=False,
+                          patch_sample=patch_bank_rows(probe.features.shape[1]), seed=0,
+                          progress=_bar("open-set bank (train photos)"))
+    return {"patch": scores.patch_features, "photo": scores.features[scores.ok]}
+
+
+def _open_set_figures(ensemble: Ensemble, table: pd.DataFrame, actual: np.ndarray, kind: str = "photo",
+                      tables_used=False) -> dict:
+    """On photos of catalog cameras (an answer table): the share the open-set rule accepts and the accuracy on
+    those; its power to reject unknown cameras is bench/open_set.py's to measure."""
+    if not (ensemble.open_set.get("threshold") or ensemble.open_set.get("knn_threshold")):
+        return {}
+    accepted = ~table["unknown"].to_numpy(bool)
+    correct = table["closest_camera"].to_numpy(object) == actual
+    knn = ensemble.open_set.get("knn_threshold") if ensemble.bank is not None else None
+    return {"score": ensemble.open_set["score"] if knn else "max_prob",
+            "threshold": knn[kind] if knn else _setting_value(ensemble, ensemble.open_set["threshold"], kind,
+                                                              tables_used),
+            "known_accepted": float(accepted.mean()),
+            "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+            "accuracy_all": float(correct.mean())}
+
+
+def full_image_report(ensemble: Ensemble, cache: Path, split: str = "test",
+                      patches: int = 0) -> tuple[dict, pd.DataFrame]:
+    """The split's whole photos answered exactly as `camid predict --full-image` and the served model answer
+    them (`camid.inference.answers`; flag from the name, else estimated): accuracy of the closest camera with the
+    bundle's settings, without TTA and from the pixels alone; the photo-level calibration error before and after
+    the temperature; the share of these known-camera photos the open-set rule accepts. Also the served answers,
+    one row per photo (path, actual, and the answer table's columns)."""
+    from camid.core.metrics import accuracy, per_camera_accuracy
+
+    labels = np.asarray(ensemble.labels)
+    photos, scores = score_split_photos(ensemble, cache, split, patches=patches)
+    ok = scores.ok
+    actual = labels[photos["label_index"].to_numpy()]
+    options = {"patches": patches}
+    served = answers(ensemble, scores, options)
+    pixels = answers(ensemble, scores, {**options, "jpeg_tables": False})
+    y = photos["label_index"].to_numpy()[ok]
+
+    def acc(table) -> float:
+        return accuracy(y, table["closest_camera"].map(list(labels).index).to_numpy()[ok])
+
+    result = {"patches": "auto" if patches == 0 else patches, "photos": int(ok.sum()), "errors": int((~ok).sum()),
+              "patches_per_photo_mean": float(scores.patches[ok].mean()) if ok.any() else 0.0,
+              "accuracy": acc(served), "accuracy_pixels_only": acc(pixels)}
+    if ensemble.views == (0,):  # no TTA is the same as the bundle's views
+        result.update(accuracy_no_tta=result["accuracy"], accuracy_no_tta_pixels_only=result["accuracy_pixels_only"])
+    else:  # one forward pass per TTA setting; the tables come after it
+        _, plain = score_split_photos(ensemble, cache, split, tta=False, patches=patches)
+        result.update(accuracy_no_tta=acc(answers(ensemble, plain, {**options, "tta": False})),
+                      accuracy_no_tta_pixels_only=acc(answers(ensemble, plain, {**options, "tta": False,
+                                                                                 "jpeg_tables": False})))
+    result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(
+        y, served["closest_camera"].map(list(labels).index).to_numpy()[ok], len(labels))))
+    evidence, tabled = evidence_and_probs(ensemble, scores)
+    result["calibration"] = calibration_report(ensemble, tabled[ok], y, "photo", evidence[ok] == USED)
+    result["open_set"] = _open_set_figures(ensemble, served[ok], actual[ok], "photo", evidence[ok] == USED)
+    if ensemble.use_tables:  # the same photos answered from the pixels alone (`jpeg_tables: false`)
+        result["calibration_pixels_only"] = calibration_report(ensemble, scores.pixels[ok], y, "photo")
+        result["open_set_pixels_only"] = _open_set_figures(ensemble, pixels[ok], actual[ok])
+    table = served.copy()
+    table.insert(0, "fname", [Path(p).name for p in photos["path"]])
+    table.insert(1, "path", list(photos["path"]))
+    table.insert(2, "actual", actual)
+    return result, table
+
+
+def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
+    """The figures of `full_image_report` alone."""
+    return full_image_report(ensemble, cache, split, patches)[0]
+
+
 def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: EvaluateParams, *,
-             metrics_file: Path, plots_file: Path, figure_file: Path | None = None, catalog=None) -> dict:
+             metrics_file: Path, plots_file: Path, figure_file: Path | None = None, catalog=None,
+             answers_file: Path | None = None) -> dict:
     import mlflow
 
     from camid import tracking
@@ -56,7 +259,7 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         ensemble = Ensemble.load(bundle)
         metrics, table, _ = score(ensemble, cache, settings)
         metrics.update(selection)
-        metrics["full_image"] = full_image_accuracy(ensemble, cache)
+        metrics["full_image"], photo_answers = full_image_report(ensemble, cache)
         metrics["split_summary"] = read_meta(cache).get("split", {})
         metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))
         tracking.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,
@@ -77,6 +280,9 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
     write_json(metrics_file, metrics)
     with atomic_path(plots_file) as tmp:
         table[["actual", "predicted"]].to_csv(tmp, index=False)
+    if answers_file is not None:  # every test photo's served answer, for comparing with predict and serving
+        with atomic_path(answers_file) as tmp:
+            photo_answers.to_csv(tmp, index=False)
     log.info("ensemble %s on the test devices: weighted accuracy %.4f with TTA views %s, %.4f without, %.4f with all "
              "8 D4 views (unaltered %.4f, manipulated %.4f; chance %.3f)", "+".join(ensemble.names),
              metrics["weighted_accuracy"], "+".join(metrics["views"]), metrics["weighted_accuracy_no_tta"],
@@ -151,6 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/confusion.csv"))
     parser.add_argument("--figure", type=Path, default=Path("plots/confusion.png"))
+    parser.add_argument("--answers", type=optional(Path), default=Path("plots/test_photos.csv"),
+                        help="every test photo's whole-photo answer, as predict and serving give it (CSV)")
     parser.add_argument("--no-tta", dest="tta", action="store_false", default=None, help="score the identity view only")
     parser.add_argument("--blend", type=optional(str), default=None, help=f"{' | '.join(BLENDS)} (default: evaluate.blend)")
     parser.add_argument("--balance", type=optional(str), default=None,
@@ -173,5 +381,5 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise CamidError(f"no trained model in {', '.join(missing)}: train first (dvc repro, or camid train --arch NAME)")
     evaluate(models, args.cache, args.bundle, settings, metrics_file=args.metrics, plots_file=args.plots,
-             figure_file=args.figure, catalog=params.catalog)
+             figure_file=args.figure, catalog=params.catalog, answers_file=args.answers)
     return 0

@@ -14,96 +14,47 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from camid.errors import CamidError
 from camid.core.fileio import atomic_path
-from camid.core.imageio import ImageError, decode_image, list_images
+from camid.core.imageio import list_images
+from camid.core.patches import AUTO_MAX_PATCHES
+from camid.errors import CamidError
+from camid.inference.answers import BATCH_PATCHES, answer_photos, flag_from_name
 from camid.inference.ensemble import Ensemble, load_ensemble
-from camid.inference.options import BALANCE_CHOICES, BLEND_CHOICES, OPTIONS, blend_for
-from camid.forensics.inspect import header_facts
-from camid.inference.balancing import balance_to_quota
-from camid.inference.openset import UNKNOWN, confidence
-from camid.core.patches import AUTO_MAX_PATCHES, grid_crops
+from camid.inference.options import (BALANCE_CHOICES, BLEND_CHOICES, DEFAULTS, MODEL_BLEND, OPTIONS,
+                                     blend_for)
 
 log = logging.getLogger(__name__)
-
-
-def flag_from_name(path: Path) -> bool | None:
-    stem = path.stem.lower()
-    return True if "_manip" in stem else False if "_unalt" in stem else None
 
 
 def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: int = 1,
                   tta: bool = OPTIONS["tta"].default, blend_method: str | None = None,
                   jpeg_tables: bool = OPTIONS["jpeg_tables"].default, balance: str = OPTIONS["balance"].default,
-                  open_set: bool = OPTIONS["open_set"].default, batch_patches: int = 256) -> pd.DataFrame:
-    """Score files, about `batch_patches` patches at a time; each photo on `patches_per_image` grid patches
+                  open_set: bool = OPTIONS["open_set"].default, batch_patches: int = BATCH_PATCHES) -> pd.DataFrame:
+    """Score files through the one photo-scoring path (`camid.inference.answers`, as the served model and the
+    evaluate stage do), about `batch_patches` patches at a time; each photo on `patches_per_image` grid patches
     (0: auto, `camid.core.patches.auto_patch_count`), with the bundle's TTA views, blend and JPEG-table evidence
-    unless told otherwise. A photo unlike every catalog camera (`camid.inference.openset`) is answered
-    `unknown`, its `closest_camera` beside it, unless `open_set` is off. A file that cannot be read or decoded is a row of its own: camera "", NaN
-    probabilities and an `error` that says why (good rows have error "")."""
+    unless told otherwise, its manipulated flag from its name (`flag_from_name`) or estimated. A photo unlike
+    every catalog camera (`camid.inference.openset`) is answered `unknown`, its `closest_camera` beside it, unless
+    `open_set` is off. A file that cannot be read or decoded is a row of its own: camera "", NaN probabilities and
+    an `error` that says why (good rows have error "")."""
     if patches_per_image < 0:
         raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
-    rows, failures, features = [], [], []
-    pending: list[tuple[Path, np.ndarray, dict]] = []
-
-    def flush() -> None:
-        pred = ensemble.predict_photos([c for _, c, _ in pending], [flag_from_name(p) for p, _, _ in pending],
-                                       signatures=[f["jpeg_tables"] for _, _, f in pending], tta=tta,
-                                       blend=blend_method, jpeg_tables=jpeg_tables)
-        features.extend([None] * len(pending) if pred.features is None else list(pred.features))
-        for i, (path, crops, facts) in enumerate(pending):
-            rows.append({"fname": path.name, "path": str(path), "patches": len(crops),
-                         "tables_evidence": pred.tables_evidence[i],
-                         "manipulated": bool(pred.manipulated[i]),
-                         "manipulated_estimated": bool(pred.manipulated_estimated[i]),
-                         "exif_model": facts["model"] or "", "error": "",
-                         **dict(zip(ensemble.labels, pred.probs[i]))})
-        pending.clear()
-
-    for path in tqdm(files, desc="predict", unit="photo"):
-        try:
-            data = path.read_bytes()
-            pixels = decode_image(data)
-            if min(pixels.shape[:2]) < ensemble.patch:
-                raise ImageError(f"{pixels.shape[1]}x{pixels.shape[0]} is smaller than the model's patch {ensemble.patch}")
-        except (ImageError, OSError) as exc:
-            failures.append((path, str(exc)))
-            continue
-        pending.append((path, grid_crops(pixels, ensemble.patch, patches_per_image), header_facts(data)))
-        if sum(len(c) for _, c, _ in pending) >= batch_patches:
-            flush()
-    if pending:
-        flush()
-    for path, reason in failures:
-        log.warning("cannot score %s: %s", path, reason)
-    if not rows:
+    options = {**DEFAULTS, "patches": patches_per_image, "tta": tta, "blend": blend_method or MODEL_BLEND,
+               "jpeg_tables": jpeg_tables, "balance": balance, "open_set": open_set}
+    files = list(files)
+    table = answer_photos(ensemble, files, options, flags=[flag_from_name(p) for p in files],
+                          batch_patches=batch_patches,
+                          progress=lambda photos: tqdm(photos, desc="predict", unit="photo"))
+    table.insert(0, "fname", [p.name for p in files])
+    table.insert(1, "path", [str(p) for p in files])
+    for path, reason in zip(files, table.error):
+        if reason:
+            log.warning("cannot score %s: %s", path, reason)
+    if (table.error != "").all():
         raise CamidError("none of the images could be scored; see the warnings above")
-    table = pd.DataFrame(rows)
-    probs = table[ensemble.labels].to_numpy()
-    labels = probs.argmax(1) if balance == "none" else balance_to_quota(probs, groups=table.manipulated.to_numpy(),
-                                                                         method=balance)
-    closest = np.asarray(ensemble.labels)[labels]
-    unknown = ensemble.is_unknown(probs, table.patches, table.tables_evidence.to_numpy(object),
-                                  None if any(f is None for f in features) else np.stack(features)) if open_set \
-        else np.zeros(len(table), dtype=bool)
-    table.insert(1, "camera", np.where(unknown, UNKNOWN, closest))
-    table.insert(2, "closest_camera", closest)
-    table.insert(3, "confidence", confidence(probs))
-    table.insert(4, "unknown", unknown)
-    named, consistent = ensemble.metadata_check([m or None for m in table.exif_model], closest)
-    at = table.columns.get_loc("exif_model") + 1
-    table.insert(at, "exif_camera", named)
-    table.insert(at + 1, "consistent", pd.array(consistent, dtype="boolean"))
-    if failures:
-        bad = pd.DataFrame({"fname": [p.name for p, _ in failures], "path": [str(p) for p, _ in failures],
-                            "camera": "", "closest_camera": "", "error": [reason for _, reason in failures]})
-        table = pd.concat([table, bad], ignore_index=True)
-        order = {str(f): i for i, f in enumerate(files)}
-        table = table.iloc[table.path.map(order).argsort(kind="stable")].reset_index(drop=True)
     return table
 
 

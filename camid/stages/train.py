@@ -4,16 +4,30 @@ The model sees a patch and the `manipulated` flag and predicts the camera, plus 
 eight test-set manipulations was applied. Validation scores every held-out photo unaltered and under each
 manipulation, and the competition's weighted accuracy (0.7 unaltered + 0.3 manipulated) drives the
 checkpoint, the learning-rate schedule and early stopping.
+
+A run killed at any point (an epoch boundary or mid-epoch) and run again with the same settings resumes from the
+last finished epoch and ends exactly as an uninterrupted run: the same weights, metrics and files (the backup
+holds the model, the optimizer and the callbacks' state; the batches and the layers' random draws are functions
+of (seed, epoch); see camid.models.callbacks). Identical runs write identical bytes, model.keras included, apart
+from the MLflow run id in run.json.
+
+On several machines (TF_CONFIG names a cluster, see camid.models.devices) every machine runs the same command. The
+chief writes everything: the checkpoints and backups, `out`, the metrics and plots, the MLflow run. Every worker
+resumes from the chief's backup, so CAMID_CHECKPOINTS must be one folder all machines share (the default,
+.camid/checkpoints, is when the project folder is on a shared file system); the other workers write into a
+scratch folder of their own, with a throwaway MLflow store, and return once training is done.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +35,35 @@ import pandas as pd
 
 from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
-from camid.core.fileio import atomic_dir, atomic_path, write_json
-from camid.models.callbacks import MONITOR, predict_cameras, scoring_callbacks
+from camid.core.fileio import TRACKING_FILE, atomic_dir, atomic_path, write_json, write_text
+from camid.models.callbacks import (MONITOR, exact_resume, latest_backup, predict_cameras, read_backup_state,
+                                    restore_backup_files, save_reproducible_keras, scoring_callbacks)
 
 log = logging.getLogger(__name__)
 
 
-def make_callbacks(evalset, train: TrainParams, work: Path, best_so_far: float | None) -> list:
+def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: Path | None = None) -> list:
+    """The training callbacks, `exact_resume` last: it backs up, and on a resume restores, the state of the others
+    (camid.models.callbacks), so a run killed anywhere and run again ends as an uninterrupted one."""
     import keras
 
-    return scoring_callbacks(evalset, train.batch_size) + [
+    stateful = [
         keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train.lr_factor,
                                           patience=train.lr_patience, min_lr=1e-7, verbose=0),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train.early_stopping_patience),
-        keras.callbacks.ModelCheckpoint(str(work / "best.keras"), monitor=MONITOR, mode="max", save_best_only=True,
-                                        initial_value_threshold=best_so_far),
+        keras.callbacks.ModelCheckpoint(str(work / "best.keras"), monitor=MONITOR, mode="max", save_best_only=True),
+    ]
+    return scoring_callbacks(evalset, train.batch_size) + stateful + [
         keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
-        # Survives an interruption: a re-run with the same settings resumes from the last finished epoch.
-        # double_checkpoint: a kill while the backup is being written falls back to the one before it.
-        keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=False, double_checkpoint=True),
+        exact_resume(work / "backup", seed=train.seed, dataset=data, callbacks=stateful, best_file=work / "best.keras",
+                     history_file=work / "history.csv", resume_from=resume_from),
     ]
 
 
 def backed_up_epochs(work: Path) -> int:
-    """Epochs finished and backed up by BackupAndRestore in `work` (0: nothing to resume from)."""
-    meta = work / "backup" / "training_metadata.json"
-    try:
-        return int(json.loads(meta.read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    """Epochs finished and backed up in `work` (0: nothing to resume from)."""
+    backup = latest_backup(work / "backup")
+    return read_backup_state(backup)["epoch"] if backup else 0
 
 
 def continue_run(run_id_file: Path, done: pd.DataFrame) -> None:
@@ -68,6 +82,29 @@ def continue_run(run_id_file: Path, done: pd.DataFrame) -> None:
             client.set_terminated(interrupted, "KILLED")
 
 
+@contextlib.contextmanager
+def worker_scratch(scratch: Path | None):
+    """For a worker that is not the chief (`scratch` set): MLflow writes into a throwaway store in `scratch`, which
+    is deleted afterwards with everything the worker wrote. Nothing changes for the chief (`scratch` None)."""
+    if scratch is None:
+        yield
+        return
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.pop("MLFLOW_RUN_ID", None)  # the chief's run (`mlflow run`) is not in the throwaway store
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_key(arch: str, train: TrainParams, meta: dict) -> str:
     blob = json.dumps({"arch": arch, "train": dataclasses.asdict(train), "cache": meta}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -83,43 +120,65 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     from camid.data.dataset import TrainPatches, eval_patches
     from camid.core.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
     from camid.models import compile_model, configure_devices, create_model
+    from camid.models.devices import cluster_from_env, same_on_all_workers
     from camid.core.plots import confusion_figure, history_figure
-    from camid.data.cache import check_labels, read_meta
+    from camid.data.cache import check_labels, read_meta, split_fingerprint
 
     meta = read_meta(cache)
     check_labels(meta, catalog, cache)
     if train.patch > meta["patch"]:
         raise CamidError(f"train.patch={train.patch} but the cache {cache} holds crops for patch {meta['patch']}: "
                          "re-run the prepare stage with this patch size")
+    # A fresh Keras session: the layer and optimizer names saved in model.keras do not depend on what this process
+    # built before (they are numbered per session), so identical runs write identical files.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(train.seed)
+    # Before anything runs a TensorFlow op: on several machines (TF_CONFIG) the strategy sets up TensorFlow's
+    # collective ops, which TensorFlow allows only at program start.
+    strategy = configure_devices()
+    if train.batch_size < strategy.num_replicas_in_sync:
+        raise CamidError(f"train.batch_size={train.batch_size} is the global batch, split across "
+                         f"{strategy.num_replicas_in_sync} replicas: raise it to at least that (a multiple of it)")
+    cluster = cluster_from_env()
+    chief = cluster is None or cluster.workers < 2 or cluster.is_chief
     # Work in progress lives under .camid/checkpoints, keyed by every setting, so an interrupted run resumes
     # only with the same settings; `out` appears whole, and only once training has finished.
     work = Path(os.environ.get("CAMID_CHECKPOINTS", ".camid/checkpoints")) / f"{arch}-{run_key(arch, train, meta)}"
-    finished = backed_up_epochs(work) if (work / "history.csv").is_file() else 0
-    if not finished:
+    backup = latest_backup(work / "backup")
+    scratch = None
+    if not chief:
+        # Read the chief's backup (above) to resume where it does; write into a scratch folder of this worker's own.
+        scratch = Path(tempfile.mkdtemp(prefix=f"camid-train-{arch}-worker{cluster.rank}-"))
+        work = scratch / "work"
+    elif backup is None:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    done, best_so_far = None, None
+    state = read_backup_state(backup) if backup else {"epoch": 0, "stopped": False}
+    finished, done = state["epoch"], None
+    if not same_on_all_workers(strategy, finished):  # a collective: every worker asks, at this same point
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise CamidError(f"the workers of the TF_CONFIG cluster found different backups to resume from (this one: "
+                         f"{finished} epochs in {work if chief else backup or 'none'}): every worker resumes from "
+                         "the chief's, so set CAMID_CHECKPOINTS to the same folder on a file system all machines "
+                         "share (or delete the checkpoints folder on every machine to start afresh)")
     if finished:
-        # CSVLogger writes an epoch's row before BackupAndRestore backs it up: a row past the backup is an epoch
-        # that will run again, so it goes.
-        done = pd.read_csv(work / "history.csv")
-        done = done[done["epoch"] < finished]
-        with atomic_path(work / "history.csv") as tmp:
-            done.to_csv(tmp, index=False)
-        best_so_far = float(done[MONITOR].max())
-        log.info("resuming %s after epoch %d from %s (best %s so far %.4f)", arch, finished, work, MONITOR,
-                 best_so_far)
+        # The history and the best checkpoint as they were at the backup: rows CSVLogger wrote after it are epochs
+        # that run again, and ModelCheckpoint may have been killed half-way through a save.
+        restore_backup_files(backup, work / "best.keras", work / "history.csv")
+        done = pd.read_csv(work / "history.csv", float_precision="round_trip")
+        log.info("resuming %s after epoch %d from %s (best %s so far %.4f)", arch, finished, backup, MONITOR,
+                 float(done[MONITOR].max()))
 
     data = TrainPatches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
                         steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
                         seed=train.seed)
-    data.epoch = finished  # draw the same patches an uninterrupted run would have drawn from here on
+    data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
     evalset = eval_patches(cache, split="val", patch=train.patch)
-    strategy = configure_devices()
 
-    tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache), **(extra_tags or {})}
-    with tracking.run(run_name=f"train-{arch}", tags=tags) as active:
+    tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache),
+            "train_data": split_fingerprint(cache, "train", labels), **(extra_tags or {})}
+    with worker_scratch(scratch), tracking.run(run_name=f"train-{arch}", tags=tags) as active:
         # The settings in use under their params.yaml keys (as `dvc params diff` names them), apart from the
         # bare names `mlflow run` logs for its entry point's parameters ('' when unset).
         settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
@@ -127,14 +186,19 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
                            "train_crops": meta["splits"]["train"]["crops"], "val_images": len(np.unique(evalset.image_id))})
         if finished:
             continue_run(work / "mlflow_run_id", done)
-        (work / "mlflow_run_id").write_text(active.info.run_id)
+        write_text(work / "mlflow_run_id", active.info.run_id)
         with strategy.scope():
             model = create_model(arch, num_classes=len(labels), patch=train.patch, weights=train.weights,
                                  dense=train.dense, dropout=train.dropout)
             compile_model(model, learning_rate=train.learning_rate, aux_weight=train.aux_weight)
         log.info("training %s (%s parameters) for up to %d epochs of %d steps", arch,
                  f"{model.count_params():,}", train.epochs, train.steps_per_epoch)
-        model.fit(data, epochs=train.epochs, verbose=2, callbacks=make_callbacks(evalset, train, work, best_so_far))
+        if finished < train.epochs and not state["stopped"]:
+            model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2,
+                      callbacks=make_callbacks(evalset, train, work, data, backup))
+        if not chief:  # the chief scores the best checkpoint and writes the outputs
+            log.info("%s: worker %d of %d done; the chief writes the model", arch, cluster.rank, cluster.workers)
+            return {"arch": arch, "worker": cluster.rank, "workers": cluster.workers}
 
         # Score the best checkpoint, not the last epoch.
         best = keras.models.load_model(work / "best.keras")
@@ -143,7 +207,6 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         matrix = confusion_matrix(evalset.labels, pred, len(labels))
         summary = {
             "arch": arch,
-            "run_id": active.info.run_id,
             "patch": train.patch,
             "labels": labels,
             "weighted_accuracy": weighted_accuracy(evalset.labels, pred, manipulated),
@@ -156,9 +219,12 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
                             if k in ("weighted_accuracy", "accuracy_unaltered", "accuracy_manipulated")})
         history = pd.read_csv(work / "history.csv")
         with atomic_dir(out) as tmp:
-            shutil.copy2(work / "best.keras", tmp / "model.keras")
+            save_reproducible_keras(work / "best.keras", tmp / "model.keras")  # same model, same bytes
             shutil.copy2(work / "history.csv", tmp / "history.csv")
             write_json(tmp / "run.json", summary)
+            # The MLflow run id differs on every fresh run with the same result: it goes beside run.json, in a
+            # file DVC ignores (.dvcignore), so identical runs leave identical outputs and dvc.lock.
+            write_json(tmp / TRACKING_FILE, {"run_id": active.info.run_id})
             tracking.log_figure(confusion_figure(matrix, labels, f"{arch}: validation (unaltered + manipulated)"),
                                 "confusion_matrix.png", tmp / "confusion_matrix.png")
             tracking.log_figure(history_figure(history, f"{arch} training"), "training_curves.png",
@@ -171,6 +237,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     if plots_file:
         with atomic_path(plots_file) as tmp:
             history.to_csv(tmp, index=False)
+    summary["run_id"] = active.info.run_id
     log.info("%s: validation weighted accuracy %.4f (chance %.3f); MLflow run %s", arch,
              summary["weighted_accuracy"], summary["chance"], summary["run_id"])
     return summary

@@ -50,7 +50,7 @@ def _load_model(uri: str):
 def run(args: argparse.Namespace) -> int:
     from camid.forensics.inspect import header_facts
     from camid.inference import explain
-    from camid.stages.predict import flag_from_name
+    from camid.inference.answers import flag_from_name
 
     path: Path = args.image
     if not path.is_file():
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise CamidError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's "
                          f"{ensemble.patch}x{ensemble.patch} patch: explain a larger photo")
     pm = explain.patch_map(ensemble, pixels, stride=args.stride, tta=args.tta, manipulated=flag_from_name(path),
-                           signature=header_facts(data)["jpeg_tables"])
+                           signature=header_facts(data)["jpeg_tables"], exif_model=header_facts(data)["model"])
     cam, note, gradcam = None, "Grad-CAM off (--no-gradcam)", None
     if args.gradcam:
         top, left = pm.offsets[pm.most_confident]
@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CamidError(f"cannot write the results: {exc}; check that --out and --json name writable files") from None
     runner, runner_p = pm.runner_up
-    print(f"{path.name}: {pm.camera} (p={pm.probability:.3f}); {pm.agreement:.0%} of {len(pm.offsets)} patches "
-          f"agree; runner-up {runner} (p={runner_p:.3f})")
+    verdict = pm.answer.get("camera", pm.camera)
+    answer = pm.camera if verdict == pm.camera else f"{verdict} (closest {pm.camera})"
+    print(f"{path.name}: {answer} (p={pm.probability:.3f}); {pm.agreement:.0%} of {len(pm.offsets)} patches agree; "
+          f"runner-up {runner} (p={runner_p:.3f})")
     for line in pm.notes:
         print(f"note: {line}")
     print(f"figure: {args.out}" + (f"; numbers: {args.json}" if args.json else ""))
