@@ -104,3 +104,73 @@ def test_bad_settings_and_too_few_photos_are_clear_errors(tmp_path):
     with pytest.raises(CamidError, match="leave some photos for training"):
         device_split(files, 0.5, 0.5, seed=0)
     assert main(["split", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+
+
+# -- device identity from the raw folder's manifest ------------------------------------------------------------
+
+def raw_and_filtered(tmp_path: Path, photos: dict[str, str | None]) -> tuple[Path, Path]:
+    """raw/train/<key> photos (key -> EXIF serial or None) and filtered/<key> hard links to them, as the filter
+    stage makes them."""
+    raw, filtered = tmp_path / "raw", tmp_path / "filtered"
+    for seed, (key, serial) in enumerate(sorted(photos.items())):
+        source = photo(raw / "train" / key, serial=serial, seed=seed)
+        (filtered / key).parent.mkdir(parents=True, exist_ok=True)
+        (filtered / key).hardlink_to(source)
+    return raw, filtered
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def device_of(out: Path) -> dict[str, str]:
+    table = pd.concat(read_sets(out).values())
+    return {Path(p).name: d for p, d in zip(table.path, table.device)}
+
+
+def test_flickr_owners_are_devices_and_never_in_two_sets(tmp_path):
+    keys = {f"{label}/{label}-{o}-{i}.jpg": None for label in LABELS for o in range(4) for i in range(3)}
+    raw, filtered = raw_and_filtered(tmp_path, keys)
+    write_jsonl(raw / "manifest.jsonl", [{"id": k, "camera": k.split("/")[0], "file": f"train/{k}",
+                                          "owner": f"{k.split('-')[-2]}@N0{k.split('-')[1]}", "owner_name": "x"}
+                                         for k in keys])
+    summary = split(filtered, tmp_path / "split", LABELS, val_fraction=0.25, test_fraction=0.25, seed=2,
+                    metrics_file=tmp_path / "split.json", raw=raw)
+    sets = read_sets(tmp_path / "split")
+    for label in LABELS:
+        where = {}
+        for name, table in sets.items():
+            for device in table.loc[table.label == label, "device"]:
+                assert device.startswith("owner:")
+                assert where.setdefault(device, name) == name, f"{device} is in {where[device]} and {name}"
+        assert set(where.values()) == {"train", "val", "test"}
+    assert summary["device_disjoint"]
+    assert summary["device_sources"] == {"folder": 0, "manifest": 0, "owner": 36, "serial": 0, "unknown": 0}
+    assert json.loads((tmp_path / "split.json").read_text())["device_sources"]["owner"] == 36
+
+
+def test_a_manifest_device_beats_owner_and_serial_and_a_folder_beats_all(tmp_path):
+    keys = {"Cam-A/dev.jpg": "SN1", "Cam-A/owner.jpg": "SN2", "Cam-A/serial.jpg": "SN3", "Cam-A/none.jpg": None,
+            "Cam-A/box/folder.jpg": "SN4", "Cam-A/other.jpg": "SN5"}
+    raw, filtered = raw_and_filtered(tmp_path, keys)
+    pd.DataFrame({"file": ["Cam-A/dev.jpg", "train/Cam-A/owner.jpg", "Cam-A/box/folder.jpg", "Cam-A/other.jpg"],
+                  "device": ["body-7", "", "body-9", "body-5"], "owner": ["o1", "o2", "o3", ""]}
+                 ).to_csv(raw / "manifest.csv", index=False)
+    (raw / "train" / "Cam-A" / "other.jpg").unlink()  # its row is of another data set's photo
+    (raw / "train" / "Cam-A" / "other.jpg").write_bytes(b"not the filtered photo")
+    summary = split(filtered, tmp_path / "split", ["Cam-A"], val_fraction=0.25, test_fraction=0.25, seed=0, raw=raw)
+    assert device_of(tmp_path / "split") == {"dev.jpg": "manifest:body-7", "owner.jpg": "owner:o2",
+                                             "serial.jpg": "serial:SN3", "none.jpg": "", "folder.jpg": "folder:box",
+                                             "other.jpg": "serial:SN5"}
+    assert summary["device_sources"] == {"folder": 1, "manifest": 1, "owner": 1, "serial": 2, "unknown": 1}
+
+
+def test_without_a_manifest_devices_are_folders_and_serials_as_before(tmp_path):
+    keys = {f"Cam-A/{i}.jpg": f"SN{i % 3}" for i in range(6)} | {"Cam-A/d/x.jpg": None, "Cam-A/y.jpg": None}
+    raw, filtered = raw_and_filtered(tmp_path, keys)
+    with_raw = split(filtered, tmp_path / "a", ["Cam-A"], val_fraction=0.25, test_fraction=0.25, seed=4, raw=raw)
+    without = split(filtered, tmp_path / "b", ["Cam-A"], val_fraction=0.25, test_fraction=0.25, seed=4)
+    assert with_raw == without
+    assert without["device_sources"] == {"folder": 1, "manifest": 0, "owner": 0, "serial": 6, "unknown": 1}
+    for name in ("train", "val", "test"):
+        assert (tmp_path / "a" / f"{name}.csv").read_bytes() == (tmp_path / "b" / f"{name}.csv").read_bytes()

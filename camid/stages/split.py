@@ -8,22 +8,35 @@ sets, so no device appears in two of them:
 - validation drives every training decision (checkpoint, learning rate, early stopping, tuning, the choice of
   test-time views and blend); test is scored once, by the evaluate stage, for the reported figures and the
   champion alias;
-- a photo's device is the `<label>/<device>/<file>` folder it sits in, else its EXIF serial number
-  (BodySerialNumber, or DNG's CameraSerialNumber); photos of no known device go to training only, where
-  they cannot leak into a score;
+- a photo's device is, first found: the `<label>/<device>/<file>` folder it sits in (`folder:`); else the
+  `device` column of the raw folder's manifest (`manifest:`); else the Flickr `owner` in that manifest
+  (`owner:`; one owner's photos of one camera are taken as one device, a conservative grouping: an owner with
+  two bodies of a model only makes the split stricter); else its EXIF serial number (BodySerialNumber, or DNG's
+  CameraSerialNumber; `serial:`); photos of no known device go to training only, where they cannot leak into a
+  score. How many photos each source covered is `device_sources` in the summary;
+- the manifest is `manifest.jsonl` (one JSON object a line, as the Flickr crawler writes and `camid ingest`
+  links beside train/) or else `manifest.csv`, in the raw folder (`--raw`, default `data/raw`, the folder the
+  filter stage read). A row is keyed by its `file` (or else `path`) column: the photo's path relative to the
+  raw folder's train/ (`<label>/<file>`, which is also its path in the filtered folder); a leading `train/`,
+  as the crawler writes it, is dropped. A row counts only where `<raw>/train/<key>` is a file of the same size
+  as the filtered photo, so a manifest of another data set cannot group these photos. No manifest (the zoo,
+  a Kaggle folder) is normal: folders and serials alone, as before;
 - a camera with three devices or more gets at least one in each set (`test_fraction` and `val_fraction` of
   them, rounded, at least one each); with two, one device is the test set and validation is a photo split of
   the other; with one (or none known), all three are photo splits. Those fallbacks are named per camera in
   the summary and in `metrics/split.json`, since their test figure then measures device identification.
 
-Input is the filter stage's output (`<filtered>/<label>/...`, read recursively); output is `train.csv`,
+Input is the filter stage's output (`<filtered>/<label>/...`, read recursively) and the raw folder's manifest
+where there is one; output is `train.csv`,
 `val.csv`, `test.csv` (columns `path,label,device`) and `summary.json` (per camera: devices and photos per
 set, and the mode used).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +57,82 @@ MODES = {
 }
 
 
-def devices(files: pd.DataFrame) -> pd.Series:
-    """Each photo's device: its device folder, else its EXIF serial number, else "" (unknown)."""
+# Sources of device identity, in the order they are tried; a device id is "<source>:<id>" ("" is unknown).
+DEVICE_SOURCES = ("folder", "manifest", "owner", "serial")
+MANIFESTS = ("manifest.jsonl", "manifest.csv")  # in the raw folder, the first found is read
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+
+
+def read_manifest(raw: Path | None) -> dict[str, dict[str, str]]:
+    """{key: {"device": ..., "owner": ...}} from the raw folder's manifest, keyed by the path relative to train/
+    (`<label>/<file>`); {} where there is none."""
+    if raw is None:
+        return {}
+    path = next((Path(raw) / name for name in MANIFESTS if (Path(raw) / name).is_file()), None)
+    if path is None:
+        return {}
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    except (OSError, ValueError) as exc:
+        raise CamidError(f"{path}: cannot read the manifest ({exc})") from exc
+    found = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        key = (_text(row.get("file")) or _text(row.get("path"))).removeprefix("train/")
+        if key:
+            found[key] = {"device": _text(row.get("device")), "owner": _text(row.get("owner"))}
+    log.info("%s: %d rows", path, len(found))
+    return found
+
+
+def _manifest_row(path: str, filtered: Path | None, raw: Path | None, manifest: dict) -> dict[str, str]:
+    """The manifest row of a filtered photo, where its key names a raw photo of the same size."""
+    if not manifest or filtered is None:
+        return {}
+    key = Path(os.path.relpath(path, filtered)).as_posix()
+    row = manifest.get(key)
+    if not row:
+        return {}
+    source = Path(raw) / "train" / key
+    try:
+        return row if source.is_file() and source.stat().st_size == Path(path).stat().st_size else {}
+    except OSError:
+        return {}
+
+
+def devices(files: pd.DataFrame, filtered: Path | None = None, raw: Path | None = None) -> pd.Series:
+    """Each photo's device (see DEVICE_SOURCES): its device folder, else the manifest's device, else its owner,
+    else its EXIF serial number, else "" (unknown). `filtered` is the folder `files` were listed from."""
     from camid.forensics.inspect import inspect_file
+
+    manifest = read_manifest(raw)
 
     def device(path: str, folder: str) -> str:
         if folder:
             return f"folder:{folder}"
+        row = _manifest_row(path, filtered, raw, manifest)
+        if row.get("device"):
+            return f"manifest:{row['device']}"
+        if row.get("owner"):
+            return f"owner:{row['owner']}"
         serial = inspect_file(path, hashes=False)["serial"]
         return f"serial:{serial}" if serial else ""
 
     return pd.Series([device(p, f) for p, f in zip(files["path"], files["folder"])], index=files.index, dtype=str)
+
+
+def device_sources(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
+    """Photos per source of device identity, over all sets ("unknown": none found)."""
+    ids = pd.concat([table["device"] for table in tables.values()])
+    source = ids.str.split(":", n=1).str[0].where(ids != "", "unknown")
+    return {name: int((source == name).sum()) for name in (*DEVICE_SOURCES, "unknown")}
 
 
 def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -134,15 +212,17 @@ def summarize(tables: dict[str, pd.DataFrame], modes: dict[str, str]) -> dict:
                                       for name in SETS}}
     fallback = sorted(label for label, mode in modes.items() if mode != "devices")
     return {"device_disjoint": not fallback, "fallback_cameras": fallback,
-            "photos": {name: len(table) for name, table in tables.items()}, "cameras": cameras}
+            "photos": {name: len(table) for name, table in tables.items()},
+            "device_sources": device_sources(tables), "cameras": cameras}
 
 
 def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, test_fraction: float, seed: int,
-          metrics_file: Path | None = None) -> dict:
+          metrics_file: Path | None = None, raw: Path | None = None) -> dict:
+    """Split the photos under `filtered`; `raw` is the raw folder whose manifest (if any) names devices."""
     files = list_labelled(Path(filtered), labels)
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
-    files["device"] = devices(files)
+    files["device"] = devices(files, Path(filtered), raw)
     tables, modes = device_split(files, val_fraction, test_fraction, seed)
     summary = summarize(tables, modes)
     with atomic_dir(out) as tmp:
@@ -155,7 +235,9 @@ def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, 
         log.warning("%s: %s, so its test figure measures device identification, not model identification; add "
                     "photos of more devices (a <label>/<device>/ folder each) for an honest figure",
                     label, MODES[modes[label]])
-    log.info("split %d photos: %s", len(files), ", ".join(f"{n} {name}" for name, n in summary["photos"].items()))
+    log.info("split %d photos: %s; devices from %s", len(files),
+             ", ".join(f"{n} {name}" for name, n in summary["photos"].items()),
+             ", ".join(f"{source} {n}" for source, n in summary["device_sources"].items() if n))
     return summary
 
 
@@ -163,12 +245,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("filtered", type=Path, help="the filter stage's output folder (<label>/<files>)")
     parser.add_argument("--out", type=Path, default=Path("data/split"), help="output folder (train/val/test.csv)")
     parser.add_argument("--metrics", type=Path, help="also write the summary here (DVC metrics)")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"),
+                        help="the raw folder the filter stage read: its manifest.jsonl / manifest.csv, where there "
+                             "is one, gives devices (`device` column) or Flickr owners (default: data/raw)")
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params()
     summary = split(args.filtered, args.out, params.catalog.labels, val_fraction=params.split.val_fraction,
-                    test_fraction=params.split.test_fraction, seed=params.split.seed, metrics_file=args.metrics)
+                    test_fraction=params.split.test_fraction, seed=params.split.seed, metrics_file=args.metrics,
+                    raw=args.raw)
     print(f"split: {', '.join(f'{n} {name}' for name, n in summary['photos'].items())} photos; "
           + ("no device in two sets" if summary["device_disjoint"] else
              f"photo-split fallback for {', '.join(summary['fallback_cameras'])} (too few devices)"))
