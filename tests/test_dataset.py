@@ -130,3 +130,33 @@ def test_eval_set_holds_every_crop_unaltered_and_manipulated(cache, catalog):
     for m, name in enumerate(MANIPULATIONS, start=1):
         assert np.array_equal(evaluation.images[9 + m], apply(crop, name, PATCH))
     assert eval_patches(cache, split="train", patch=32).images.shape == (12 * 9, 32, 32, 3)
+
+
+def test_eval_stream_builds_the_same_rows_chunk_by_chunk(cache, catalog):
+    """The training stage's validation rows: the pixels of `eval_patches`, built a few whole batches at a time,
+    with every row's label, manipulation, id and path held without its pixels."""
+    from camid.data.dataset import eval_stream
+
+    whole = eval_patches(cache, split="train", patch=32, catalog=catalog)
+    # 2 batches of 5 rows per chunk: chunks cut photos (9 rows each) in the middle
+    stream = eval_stream(cache, split="train", patch=32, batch_size=5, catalog=catalog, chunk_bytes=2 * 5 * 32 * 32 * 3)
+    assert stream.rows_per_chunk == 10 and len(stream) == len(whole)
+    for name in ("labels", "manipulation", "image_id", "path"):
+        assert np.array_equal(getattr(stream, name), getattr(whole, name)), name
+    chunks = list(stream.chunks())
+    assert [start for start, _ in chunks] == list(range(0, len(whole), 10))
+    assert max(len(pixels) for _, pixels in chunks) == 10
+    assert np.array_equal(np.concatenate([pixels for _, pixels in chunks]), whole.images)
+
+
+def test_scoring_a_stream_gives_the_answers_of_the_whole_array(cache, catalog):
+    from camid.data.dataset import eval_stream
+    from camid.models import create_model
+    from camid.models.callbacks import predict_cameras
+
+    whole = eval_patches(cache, split="val", patch=32, catalog=catalog)
+    stream = eval_stream(cache, split="val", patch=32, batch_size=4, catalog=catalog, chunk_bytes=3 * 4 * 32 * 32 * 3)
+    model = create_model("smallcnn", num_classes=len(catalog.labels), patch=32)
+    expected = predict_cameras(model, whole.images, whole.manipulation > 0, 4)
+    assert np.array_equal(predict_cameras(model, stream, stream.manipulation > 0, 4), expected)
+    assert np.array_equal(predict_cameras(model, whole, whole.manipulation > 0, 4), expected)

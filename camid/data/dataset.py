@@ -143,6 +143,10 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def chunks(self):
+        """(0, every row's pixels): the one chunk of a set already in memory (as EvalStream.chunks)."""
+        yield 0, self.images
+
 
 def eval_patches(cache_dir, split: str = "val", patch: int | None = None, catalog: Catalog | None = None,
                  workers: int | None = None, start: int = 0, stop: int | None = None) -> EvalSet:
@@ -181,3 +185,63 @@ def eval_patches(cache_dir, split: str = "val", patch: int | None = None, catalo
                    manipulation=np.tile(np.arange(views, dtype=np.int32), len(index)),
                    image_id=repeat("image", np.int32), path=repeat("path", object),
                    camera_labels=tuple(meta["labels"]))
+
+
+CHUNK_BYTES = 2**27  # uint8 pixels of one chunk of an EvalStream (128 MB; float32 copies are made per batch)
+
+
+@dataclass
+class EvalStream:
+    """A split's EvalSet rows (photo-major, 9 per photo: unaltered, then each manipulation), with the labels,
+    manipulations, ids and paths of every row in memory but the pixels built `rows_per_chunk` rows at a time
+    (`chunks`), so scoring a split needs memory for one chunk, not for the split. `rows_per_chunk` is a multiple
+    of the batch size it was made for, so a model sees exactly the batches it would see on the whole array."""
+    cache_dir: object
+    split: str
+    patch: int
+    rows_per_chunk: int
+    labels: np.ndarray
+    manipulation: np.ndarray
+    image_id: np.ndarray
+    path: np.ndarray
+    camera_labels: tuple[str, ...]
+
+    @property
+    def manipulated(self) -> np.ndarray:
+        return self.manipulation > 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self):
+        """(start row, uint8 (rows, P, P, 3)) for consecutive chunks of rows."""
+        views = 1 + len(MANIPULATIONS)
+        for start in range(0, len(self), self.rows_per_chunk):
+            stop = min(start + self.rows_per_chunk, len(self))
+            first, last = start // views, -(-stop // views)
+            chunk = eval_patches(self.cache_dir, self.split, self.patch, start=first, stop=last)
+            offset = start - first * views
+            yield start, chunk.images[offset:offset + stop - start]
+
+
+def eval_stream(cache_dir, split: str = "val", patch: int | None = None, batch_size: int = 64,
+                catalog: Catalog | None = None, chunk_bytes: int = CHUNK_BYTES) -> EvalStream:
+    """The rows `eval_patches` would build, as an EvalStream: chunks of about `chunk_bytes` of pixels, a whole
+    number of `batch_size` batches each."""
+    meta = read_meta(cache_dir)
+    if catalog is not None:
+        check_labels(meta, catalog, cache_dir)
+    patch = patch or meta["patch"]
+    _check_crop(meta, patch, cache_dir)
+    index = read_index(cache_dir, split)
+    views = 1 + len(MANIPULATIONS)
+    batches = max(1, chunk_bytes // (batch_size * patch * patch * 3))
+
+    def repeat(column: str, dtype) -> np.ndarray:
+        return np.repeat(index[column].to_numpy(dtype), views)
+
+    return EvalStream(cache_dir, split, patch, batches * batch_size, labels=repeat("label_index", np.int32),
+                      manipulation=np.tile(np.arange(views, dtype=np.int32), len(index)),
+                      image_id=repeat("image", np.int32), path=repeat("path", object),
+                      camera_labels=tuple(meta["labels"]))
+

@@ -14,11 +14,19 @@ from camid.core.fileio import atomic_dir, atomic_path, write_reproducible_zip
 MONITOR = "val_weighted_accuracy"
 
 
-def predict_cameras(model, images: np.ndarray, manipulated: np.ndarray, batch_size: int) -> np.ndarray:
-    """Camera probabilities for uint8 patches (no TTA: the per-epoch check must be cheap)."""
-    out = model.predict({"image": images.astype("float32"), "manipulated": manipulated.reshape(-1, 1).astype("float32")},
-                        batch_size=batch_size, verbose=0)
-    return np.asarray(out["camera"])
+def predict_cameras(model, images, manipulated: np.ndarray, batch_size: int) -> np.ndarray:
+    """Camera probabilities for uint8 patches (no TTA: the per-epoch check must be cheap): an array, or an
+    EvalSet / EvalStream (camid.data.dataset), scored chunk by chunk so only one chunk's pixels are in memory; an
+    EvalStream's chunks are whole batches, so the answers are those of the whole array."""
+    def score(pixels: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        out = model.predict({"image": pixels.astype("float32"), "manipulated": flags.reshape(-1, 1).astype("float32")},
+                            batch_size=batch_size, verbose=0)
+        return np.asarray(out["camera"])
+
+    if isinstance(images, np.ndarray):
+        return score(images, manipulated)
+    parts = [score(pixels, manipulated[start:start + len(pixels)]) for start, pixels in images.chunks()]
+    return np.concatenate(parts) if parts else np.zeros((0, len(images.camera_labels)), np.float32)
 
 
 def scoring_callbacks(evalset, batch_size: int) -> list:
@@ -33,7 +41,7 @@ def scoring_callbacks(evalset, batch_size: int) -> list:
 
     class ValidationScore(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            probs = predict_cameras(self.model, evalset.images, evalset.manipulation > 0, batch_size)
+            probs = predict_cameras(self.model, evalset, evalset.manipulation > 0, batch_size)
             logs[MONITOR] = weighted_accuracy(evalset.labels, probs.argmax(1), evalset.manipulation > 0)
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 

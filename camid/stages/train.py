@@ -8,8 +8,8 @@ checkpoint, the learning-rate schedule and early stopping.
 A run killed at any point (an epoch boundary or mid-epoch) and run again with the same settings resumes from the
 last finished epoch and ends exactly as an uninterrupted run: the same weights, metrics and files (the backup
 holds the model, the optimizer and the callbacks' state; the batches and the layers' random draws are functions
-of (seed, epoch); see camid.models.callbacks). Identical runs write identical bytes, model.keras included, apart
-from the MLflow run id in run.json.
+of (seed, epoch); see camid.models.callbacks). Identical runs write identical bytes, model.keras included; the
+MLflow run id goes to tracking.json beside them, which .dvcignore keeps out of the output's hash.
 
 On several machines (TF_CONFIG names a cluster, see camid.models.devices) every machine runs the same command. The
 chief writes everything: the checkpoints and backups, `out`, the metrics and plots, the MLflow run. Every worker
@@ -117,7 +117,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     import mlflow
 
     from camid import tracking
-    from camid.data.dataset import TrainPatches, eval_patches
+    from camid.data.dataset import TrainPatches, eval_stream
     from camid.core.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
     from camid.models import compile_model, configure_devices, create_model
     from camid.models.devices import cluster_from_env, same_on_all_workers
@@ -174,7 +174,8 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
                         steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
                         seed=train.seed)
     data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
-    evalset = eval_patches(cache, split="val", patch=train.patch)
+    # The validation rows, their pixels built chunk by chunk at each scoring: memory for one chunk, not the split.
+    evalset = eval_stream(cache, split="val", patch=train.patch, batch_size=train.batch_size)
 
     tags = {"arch": arch, "stage": "train", "data_version": tracking.data_version(cache),
             "train_data": split_fingerprint(cache, "train", labels), **(extra_tags or {})}
@@ -203,7 +204,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         # Score the best checkpoint, not the last epoch.
         best = keras.models.load_model(work / "best.keras")
         manipulated = evalset.manipulation > 0
-        pred = predict_cameras(best, evalset.images, manipulated, train.batch_size).argmax(1)
+        pred = predict_cameras(best, evalset, manipulated, train.batch_size).argmax(1)
         matrix = confusion_matrix(evalset.labels, pred, len(labels))
         summary = {
             "arch": arch,

@@ -34,7 +34,7 @@ def patch_choices(cache_patch: int, min_size: int) -> list[int]:
 def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: list[str]):
     import keras_tuner as kt
 
-    from camid.data.dataset import TrainPatches, eval_patches
+    from camid.data.dataset import TrainPatches, eval_stream
     from camid.models import compile_model, create_model, get_backbone
     from camid.data.cache import read_meta
 
@@ -59,7 +59,7 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
             data = TrainPatches(cache, catalog, patch=patch, batch_size=base.batch_size,
                                 steps_per_epoch=base.steps_per_epoch,
                                 manipulation_prob=hp.get("manipulation_prob"), seed=base.seed)
-            evalset = eval_patches(cache, split="val", patch=patch)
+            evalset = eval_stream(cache, split="val", patch=patch, batch_size=base.batch_size)
             callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
 
