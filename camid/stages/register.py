@@ -374,6 +374,9 @@ def run(args: argparse.Namespace) -> int:
 
         evaluation, _, _ = score(Ensemble.load(bundle), args.cache, params.evaluate)
     record = register(bundle, evaluation, params.register.model_name, params.register.alias, promote=args.promote)
-    write_json(args.out, record)
+    # The MLflow run id differs on every run with the same result: it goes beside the record, which stays a DVC
+    # output (a fresh clone's first `dvc repro` must run this stage) that identical runs write identically.
+    write_json(args.out.with_name(TRACKING_FILE), {"run_id": record["run_id"]})
+    write_json(args.out, {k: v for k, v in record.items() if k != "run_id"})
     print(summary_text(args.out))
     return 0
