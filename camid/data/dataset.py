@@ -187,7 +187,7 @@ def eval_patches(cache_dir, split: str = "val", patch: int | None = None, catalo
                    camera_labels=tuple(meta["labels"]))
 
 
-CHUNK_BYTES = 2**27  # uint8 pixels of one chunk of an EvalStream (128 MB; float32 copies are made per batch)
+CHUNK_BYTES = 2**24  # uint8 pixels of one chunk of an EvalStream (16 MB; its float32 copy is 64 MB)
 
 
 @dataclass
