@@ -11,7 +11,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow imagemagick bench clean
+.PHONY: install run test test-slow imagemagick chromium bench clean
 
 # The C extension (camid/forensics/_dcscan.c) is compiled by this install: rebuild when it changes.
 $(STAMP): pyproject.toml requirements.lock camid/forensics/_dcscan.c
@@ -34,17 +34,24 @@ imagemagick:
 	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq imagemagick >/dev/null; }
 
+# Headless Chromium runs the browser tests of `camid ui` (Playwright drives it; it downloads no browser of its own).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Chromium (headless browser for the camid ui tests)"; \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 run: install
 	source $(BIN)/activate && dvc repro
 	@source $(BIN)/activate && camid register --summary
 
-test: $(TEST_STAMP) imagemagick
+test: $(TEST_STAMP) imagemagick chromium
 	source $(BIN)/activate && python -m pytest
 
 test-slow: $(TEST_STAMP) imagemagick
 	source $(BIN)/activate && python -m pytest -m slow
 
-bench: $(TEST_STAMP) imagemagick
+bench: $(TEST_STAMP) imagemagick chromium
 	source $(BIN)/activate && for b in bench/*.py; do python $$b; done
 
 clean:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             photos = held_out(args.photos or Path("data/split/test.csv"))
             source = f"bundle {args.bundle}"
         else:
-            model = build_tiny_model(Path(tmp), images_per_device=args.images_per_device, crops_per_image=4,
+            model = build_tiny_model(Path(tmp), images_per_device=args.images_per_device,
                                      epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=16,
                                      register=False)
             ensemble = Ensemble.load(model.bundle)

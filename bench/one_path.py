@@ -24,7 +24,7 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
-COLUMNS = ("camera", "closest_camera", "unknown", "tables_evidence", "manipulated", "patches")
+COLUMNS = ("camera", "closest_camera", "camera_group", "unknown", "tables_evidence", "consistent", "manipulated", "patches")
 
 
 def _as_text(values) -> list[str]:

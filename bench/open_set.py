@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = synthesize(root / "raw", params.catalog, synth, progress=False)
             split(root / "raw" / "train", root / "split", known.labels, val_fraction=params.split.val_fraction,
                   test_fraction=params.split.test_fraction, seed=params.split.seed)
-            prepare(root / "split", root / "cache", known, patch=params.train.patch,
-                    crops_per_image=params.prepare.crops_per_image, shard_size=params.prepare.shard_size,
-                    seed=params.prepare.seed)
+            prepare(root / "split", root / "cache", known, patch=params.train.patch)
             settings = dataclasses.replace(params.train, archs=("smallcnn",), epochs=args.epochs,
                                            steps_per_epoch=args.steps)
             train("smallcnn", root / "cache", root / "model", settings, known.labels, known)

@@ -9,10 +9,10 @@ peak RSS grew by more than 1.25x (issue 19's bound: peak memory must not grow wi
 
 Part 2, `--real DIR` (a `<label>/<device>/<photos>` folder of real full-size camera JPEGs): a copy gets a
 catalog read off DIR (`camid catalog from-folder`) and the Kaggle profile's data settings (`profiles.kaggle`:
-train.patch 512, prepare.crops_per_image 16, batch size, head), but `train.weights: none`, one backbone
+train.patch 512, train.crops_per_decode 16, batch size, head), but `train.weights: none`, one backbone
 (`--real-arch`, default smallcnn: the data path is what is measured, not a 2-core ResNet50) and a single epoch
 of `--real-steps` steps; acquire, filter and split set the photos up, then prepare, train and evaluate run. It
-prints the same per-stage figures and the crop store (`data/cache`) against the photos' own bytes.
+prints the same per-stage figures and what prepare wrote (`data/cache`) against the photos' own bytes.
 
 How it measures. Each stage's command is resolved by DVC from dvc.yaml (`dvc.repo.Repo(...).index.stages`:
 `${item}` and params interpolated), ordered by its deps and outs, and run by this script as a child process
@@ -38,6 +38,8 @@ as links). Time per photo divides by the photos acquired (data/raw), for every s
     python bench/scale.py --images-per-device 4 --factor 4 --epochs 1 --steps 5      # quick: ~8 min on 2 cores
     python bench/scale.py --images-per-device 16 --factor 4 --epochs 1 --steps 5     # 640 vs 2560: ~15 min
     python bench/scale.py --skip-zoo --real ../shared/samples/real-devices    # Kaggle patch, 79 photos: ~13 min
+    python bench/scale.py --skip-zoo --dvc --real DIR --real-arch profile --real-no-tta --real-steps 2
+                                       # the Kaggle profile's dvc repro, all four backbones, on real photos
     python bench/scale.py ... --keep /tmp/camid-scale     # keep the copies (zoo-<N>/, zoo-<4N>/, real/)
 """
 from __future__ import annotations
@@ -63,8 +65,8 @@ from camid.tools.profile import set_params
 ROOT = Path(__file__).resolve().parents[1]
 BOUND = 1.25  # issue 19: FACTOR x the photos may cost at most this much more peak RSS in any stage
 MB = 1 << 20
-# the real part runs the pipeline up to evaluate: register is the zoo's
-REAL_STAGES = ("acquire", "filter", "split", "prepare", "train", "evaluate")
+# the real part runs the whole pipeline, register included
+REAL_STAGES = ("acquire", "filter", "split", "prepare", "train", "evaluate", "register")
 
 
 @dataclass
@@ -328,9 +330,12 @@ def real(base: Path, folder: Path, args) -> tuple[list[str], list[Measure], int]
     if not kaggle:
         raise SystemExit("params.yaml has no profiles.kaggle")
     # the profile's data and head settings; the catalog and source are the folder's, the training a dry run
-    updates = {k: v for k, v in kaggle.items() if k.split(".")[0] in ("train", "prepare")}
-    updates.update({"train.archs": [args.real_arch], "train.weights": "none", "train.epochs": 1,
+    updates = {k: v for k, v in kaggle.items() if k.split(".")[0] == "train"}
+    archs = list(kaggle["train.archs"]) if args.real_arch == "profile" else args.real_arch.split(",")
+    updates.update({"train.archs": archs, "train.weights": "none", "train.epochs": 1,
                     "train.steps_per_epoch": args.real_steps})
+    if args.real_no_tta:
+        updates["evaluate.tta"] = False
     set_params(updates, str(copy / "params.yaml"))
     measures = run_stages(copy, REAL_STAGES, interval=args.interval, via_dvc=args.dvc, label="real")
     photos_in, photo_bytes, megapixels = split_photo_bytes(copy)
@@ -338,9 +343,10 @@ def real(base: Path, folder: Path, args) -> tuple[list[str], list[Measure], int]
     params = load_raw(str(copy / "params.yaml"))
     notes = [(f"photos: {photo_count(copy / 'data' / 'raw')} acquired, {photos_in} through filter and split "
              f"({megapixels:.1f} MP mean, {photo_bytes / MB:.1f} MB); patch {params['train']['patch']}, "
-             f"{params['prepare']['crops_per_image']} training crops per photo, arch {args.real_arch}, weights none, "
+             f"{params['train']['crops_per_decode']} patches per decode, archs {', '.join(archs)}, weights none, "
+             f"evaluate.tta {params['evaluate']['tta']}, "
              f"{args.real_steps} step(s) of batch {params['train']['batch_size']}"),
-             (f"crop store (data/cache): {cache.written / MB:.1f} MB = {cache.written / max(photo_bytes, 1):.2f}x the "
+             (f"what prepare wrote (data/cache): {cache.written / MB:.1f} MB = {cache.written / max(photo_bytes, 1):.2f}x the "
              f"{photo_bytes / MB:.1f} MB of the photos prepare read (issue 19's bound: 1.5x)")]
     return notes, measures, photo_count(copy / "data" / "raw")
 
@@ -354,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="train.steps_per_epoch (default: params.yaml's)")
     parser.add_argument("--real", type=Path, default=None, help="also run the Kaggle patch size on the real "
                                                                  "photos of DIR/<label>/<device>/<photos>")
-    parser.add_argument("--real-arch", default="smallcnn", help="the backbone of the real part's training step")
+    parser.add_argument("--real-arch", default="smallcnn", help="the backbones of the real part's training step "
+                        "(comma-separated; `profile`: the Kaggle profile's four)")
+    parser.add_argument("--real-no-tta", action="store_true", help="the real part's evaluate without test-time "
+                        "views (8x less scoring: for the four ImageNet backbones on a CPU)")
     parser.add_argument("--real-steps", type=int, default=1, help="training steps of the real part")
     parser.add_argument("--skip-zoo", action="store_true", help="only the --real part")
     parser.add_argument("--dvc", action="store_true", help="run each stage as `dvc repro --single-item STAGE` "

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("camid.tools.profile", "switch params.yaml to a named profile (e.g. kaggle)"),
     "catalog": ("camid.tools.catalog", "write a camera catalog into params.yaml from a folder of your own labelled photos"),
     "explain": ("camid.tools.explain", "why this camera: per-patch camera probabilities over the photo as a heat map, and Grad-CAM"),
+    "ui": ("camid.tools.ui", "a local web page for an analyst: drop photos, read each one's card of verdict and evidence, export a case report"),
+    "report": ("camid.tools.report", "a self-contained HTML case report of photos: answers, evidence, sha256, the model and its test figures"),
 }
 
 

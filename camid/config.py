@@ -115,13 +115,6 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
-class PrepareParams:
-    crops_per_image: int = 8
-    shard_size: int = 256
-    seed: int = 11
-
-
-@dataclass(frozen=True)
 class TrainParams:
     archs: tuple[str, ...] = ("smallcnn",)
     patch: int = 64
@@ -133,6 +126,7 @@ class TrainParams:
     dense: tuple[int, ...] = (128,)
     dropout: tuple[float, ...] = (0.3,)
     manipulation_prob: float = 0.5
+    crops_per_decode: int = 8
     aux_weight: float = 0.2
     lr_factor: float = 0.5
     lr_patience: int = 3
@@ -169,7 +163,6 @@ class Params:
     acquire: AcquireParams
     filter: FilterParams
     split: SplitParams
-    prepare: PrepareParams
     train: TrainParams
     tune: TuneParams
     evaluate: EvaluateParams
@@ -282,13 +275,16 @@ def dump_yaml(data) -> str:
 def load_params(path: str | os.PathLike | None = None) -> Params:
     """Load params.yaml (or $CAMID_PARAMS) into typed sections."""
     raw = load_raw(path)
+    if raw.get("prepare"):
+        raise ConfigError("params.yaml has a `prepare` block (crops_per_image, shard_size, seed): the prepare stage "
+                          "no longer caches crops, training cuts them from the photos as it decodes them. Delete "
+                          "the block; train.crops_per_decode sets how many patches each decode yields")
     return Params(
         catalog=_catalog(raw.get("catalog") or {}),
         synth=_build(SynthParams, "synth", raw.get("synth")),
         acquire=_build(AcquireParams, "acquire", raw.get("acquire")),
         filter=_build(FilterParams, "filter", raw.get("filter")),
         split=_build(SplitParams, "split", raw.get("split")),
-        prepare=_build(PrepareParams, "prepare", raw.get("prepare")),
         train=_build(TrainParams, "train", raw.get("train")),
         tune=_build(TuneParams, "tune", raw.get("tune")),
         evaluate=_build(EvaluateParams, "evaluate", raw.get("evaluate")),

@@ -56,7 +56,7 @@ def inside(root: Path, **env: str):
 
 
 def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[str, ...] = ("smallcnn",),
-                     images_per_device: int = 2, crops_per_image: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
+                     images_per_device: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
                      batch_size: int = 8, register: bool = True) -> TinyModel:
     """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register."""
     from camid.config import load_params
@@ -78,8 +78,7 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
         photos = root / "raw" / "train"
         split(photos, root / "split", labels, val_fraction=params.split.val_fraction,
               test_fraction=params.split.test_fraction, seed=params.split.seed)
-        prepare(root / "split", root / "cache", catalog, patch=params.train.patch, crops_per_image=crops_per_image,
-                shard_size=params.prepare.shard_size, seed=params.prepare.seed, workers=1)
+        prepare(root / "split", root / "cache", catalog, patch=params.train.patch, workers=1)
         members, scores = [], []
         for arch in archs:
             for seed in seeds:

@@ -42,8 +42,7 @@ def build_zoo(root: Path, catalog) -> Zoo:
     synthesize(root / "raw", catalog, SynthParams(devices_per_model=3, images_per_device=2, bad_fraction=0.0),
                progress=False)
     split(root / "raw" / "train", root / "split", catalog.labels, val_fraction=0.25, test_fraction=0.25, seed=7)
-    prepare(root / "split", root / "cache", catalog, patch=CACHE_PATCH, crops_per_image=2, shard_size=64, seed=11,
-            workers=1)
+    prepare(root / "split", root / "cache", catalog, patch=CACHE_PATCH, workers=1)
     return Zoo(root, root / "split", root / "cache")
 
 

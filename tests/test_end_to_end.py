@@ -25,7 +25,7 @@ TINY = {
     ("train", "epochs"): 2,
     ("train", "steps_per_epoch"): 4,
     ("train", "batch_size"): 8,
-    ("prepare", "crops_per_image"): 2,
+    ("train", "crops_per_decode"): 2,
 }
 
 
@@ -143,7 +143,10 @@ def test_serve_answers_split_and_records(server, project):
     assert row["camera"] == ("unknown" if row["unknown"] else row["closest_camera"])
     assert row["patches"] > 1  # the whole photo, tiled (the default `patches`: auto)
     assert row["exif_camera"] == real_file.parent.name and row["exif_model"]  # the zoo writes EXIF Models
-    assert row["consistent"] == (row["closest_camera"] == real_file.parent.name)  # the pixels against the EXIF
+    # the pixels against the EXIF: contradicted only where they give its camera under 5%, outside the group
+    exif = real_file.parent.name
+    assert row["consistent"] == (exif in row["camera_group"].split(" or ") or probs[exif] >= 0.05)
+    assert row["camera_group"].split(" or ")[0] == row["closest_camera"]
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -223,10 +226,10 @@ def test_evaluate_predict_and_serving_give_every_test_photo_one_answer(project, 
     assert r.status_code == 200, r.text
     served = pd.DataFrame(r.json()["predictions"])
     assert len(evaluated) == len(predicted) == len(served) > 0
-    for column in ("camera", "closest_camera", "tables_evidence", "patches"):
+    for column in ("camera", "closest_camera", "camera_group", "tables_evidence", "patches"):
         assert list(evaluated[column].astype(str)) == list(predicted[column].astype(str)) \
             == list(served[column].astype(str)), column
-    for column in ("unknown", "manipulated", "manipulated_estimated"):
+    for column in ("unknown", "manipulated", "manipulated_estimated", "consistent"):
         as_bool = [list(t[column].astype(str).str.lower() == "true") for t in (evaluated, predicted, served)]
         assert as_bool[0] == as_bool[1] == as_bool[2], column
     for table in (predicted, served):

@@ -89,7 +89,7 @@ def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(
         == metrics["jpeg_tables"]
     ensemble = Ensemble.load(out / "bundle")
     uncalibrated = dataclasses.replace(ensemble, temperature={})
-    refit, open_set, _ = fit_confidence(uncalibrated, tiny_model.root / "cache", settings)
+    refit, open_set, _, _ = fit_confidence(uncalibrated, tiny_model.root / "cache", settings)
     assert refit == pytest.approx(spec["temperature"], rel=1e-6)  # the validation optimum, nothing else
     assert open_set["threshold"] == pytest.approx(spec["open_set"]["threshold"], rel=1e-6)
     assert metrics["calibration"]["temperature"] == pytest.approx(spec["temperature"]["patch"])

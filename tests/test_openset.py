@@ -155,13 +155,13 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     val = read_index(cache, "val").drop_duplicates("image")
     ensemble = Ensemble.load(tiny_model.bundle)
     knows_val = TablePrior.fit([signature_of_file(p) for p in val.path], val.label_index, tiny_model.labels)
-    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 1.0 and rule["unseen_tables"]
     assert set(rule["threshold"]) == {"patch", "photo", "patch_pixels_only", "photo_pixels_only"}
     knows_nothing = TablePrior.fit([], [], tiny_model.labels)  # as if every camera picked new tables per photo
-    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 0.0 and not rule["unseen_tables"]
-    _, rule, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
     assert set(rule["threshold"]) == {"patch", "photo"} and not rule["unseen_tables"]
 
 

@@ -1,6 +1,7 @@
-"""The prepare stage: tiny JPEGs made here, cached into shards whose every crop is checked against the photo."""
+"""The prepare stage: tiny JPEGs made here, checked and indexed (no pixels are cached)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from camid import cli
 from camid.errors import CamidError
-from camid.data.cache import SPLITS, prepare, read_index, read_meta, shard_path
+from camid.data.cache import SPLITS, prepare, read_index, read_meta
 
 PATCH = 64          # crops are 2 * PATCH = 128
 SIZE = (144, 176)   # even, as native sizes are
@@ -47,51 +48,76 @@ def split_dir(tmp_path, catalog):
                                            "val": [labels[0], labels[2]]})
 
 
-def run_prepare(split_dir, out, catalog, workers=1, crops=3, shard_size=4):
-    return prepare(split_dir, out, catalog, patch=PATCH, crops_per_image=crops, shard_size=shard_size, seed=5,
-                   workers=workers)
+def run_prepare(split_dir, out, catalog, workers=1):
+    return prepare(split_dir, out, catalog, patch=PATCH, workers=workers)
 
 
-def load_all(out, split):
-    index = read_index(out, split)
-    shards = [np.load(shard_path(out, split, k), mmap_mode="r") for k in range(index["shard"].max() + 1)]
-    return index, np.stack([shards[s][r] for s, r in zip(index["shard"], index["row"])])
-
-
-def test_shards_index_and_meta(split_dir, tmp_path, catalog):
+def test_index_and_meta_hold_every_photo_and_no_pixels(split_dir, tmp_path, catalog):
     out = tmp_path / "cache"
     meta = run_prepare(split_dir, out, catalog)
     assert read_meta(out) == json.loads(json.dumps(meta))
     assert meta["patch"] == PATCH and meta["crop"] == 2 * PATCH and meta["labels"] == catalog.labels
-    assert meta["splits"]["train"] == {"photos": 4, "crops": 12, "skipped": 0, "shards": 3}
-    assert meta["splits"]["val"] == {"photos": 2, "crops": 2, "skipped": 0, "shards": 1}
+    photo_bytes = sum(Path(p).stat().st_size for p in split_dir.glob("train-*.jpg"))
+    assert meta["splits"]["train"] == {"photos": 4, "skipped": 0, "pixels": 4 * 144 * 176, "bytes": photo_bytes}
+    assert meta["splits"]["val"]["photos"] == 2
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["index.parquet"]  # an index, no crops
 
-    shard = np.load(shard_path(out, "train", 2), mmap_mode="r")
-    assert isinstance(shard, np.memmap) and shard.dtype == np.uint8 and shard.shape == (4, 128, 128, 3)
-
-    index, crops = load_all(out, "train")
-    assert list(index["image"]) == [i for i in range(4) for _ in range(3)]
+    index = read_index(out, "train")
+    assert list(index["image"]) == [0, 1, 2, 3] and "top" not in index.columns
     assert list(index["label_index"]) == [catalog.index(label) for label in index["label"]]
-    assert (index["top"] % 2 == 0).all() and (index["left"] % 2 == 0).all()
-    assert len(set(zip(index["top"], index["left"]))) > 3  # random positions
-    for row, crop in zip(index.itertuples(), crops):
-        photo = np.asarray(Image.open(row.path))
-        assert np.array_equal(crop, photo[row.top:row.top + 128, row.left:row.left + 128])
+    for row in index.itertuples():
+        data = Path(row.path).read_bytes()
+        assert (row.height, row.width, row.bytes) == (144, 176, len(data))
+        assert row.sha256 == hashlib.sha256(data).hexdigest()
 
-    index, crops = load_all(out, "val")
+    index = read_index(out, "val")
     assert list(index["top"]) == [8, 8] and list(index["left"]) == [24, 24]  # (144-128)/2, (176-128)/2
-    photo = np.asarray(Image.open(index["path"][1]))
-    assert np.array_equal(crops[1], photo[8:136, 24:152])
+
+
+def test_the_index_takes_no_room_beside_the_photos(tmp_path, catalog):
+    """What the crop store cost is gone: the cache is a small fraction of the photos' own bytes."""
+    labels = catalog.labels
+    split_dir = make_split(tmp_path / "split", {"train": labels[:4] * 2, "val": labels[:2], "test": labels[:2]},
+                           size=(600, 800))
+    out = tmp_path / "cache"
+    run_prepare(split_dir, out, catalog)
+    photos = sum(p.stat().st_size for p in split_dir.glob("*.jpg"))
+    cache = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert cache < 0.1 * photos, (cache, photos)
 
 
 def test_deterministic_whatever_the_worker_count(split_dir, tmp_path, catalog):
     run_prepare(split_dir, tmp_path / "a", catalog, workers=1)
     run_prepare(split_dir, tmp_path / "b", catalog, workers=2)
-    for split in ("train", "val"):
-        index_a, crops_a = load_all(tmp_path / "a", split)
-        index_b, crops_b = load_all(tmp_path / "b", split)
-        pd.testing.assert_frame_equal(index_a, index_b)
-        assert np.array_equal(crops_a, crops_b)
+    for split in SPLITS:
+        pd.testing.assert_frame_equal(read_index(tmp_path / "a", split), read_index(tmp_path / "b", split))
+    assert read_meta(tmp_path / "a") == read_meta(tmp_path / "b")
+
+
+def test_a_photo_that_changed_since_prepare_is_a_clear_error(split_dir, tmp_path, catalog):
+    from camid.data.cache import PhotoChanged, decode_photo
+
+    run_prepare(split_dir, tmp_path / "cache", catalog)
+    row = read_index(tmp_path / "cache", "train").iloc[0]
+    assert decode_photo(row["path"], row["bytes"], row["sha256"]).shape == (144, 176, 3)
+    Image.fromarray(textured(*SIZE, seed=99)).save(row["path"], quality=80)
+    with pytest.raises(PhotoChanged, match="changed since the prepare stage.*dvc repro prepare"):
+        decode_photo(row["path"], row["bytes"], row["sha256"])
+    Path(row["path"]).unlink()
+    with pytest.raises(PhotoChanged, match="gone since the prepare stage"):
+        decode_photo(row["path"], row["bytes"])
+
+
+def test_a_params_file_with_the_old_prepare_block_says_what_to_do(tmp_path):
+    import yaml
+
+    from camid.config import ConfigError, load_params
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["prepare"] = {"crops_per_image": 8, "shard_size": 256, "seed": 11}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="no longer caches crops.*train.crops_per_decode"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_unusable_photos_are_skipped_with_a_reason(tmp_path, catalog, caplog):
@@ -134,16 +160,18 @@ def test_cli_builds_the_cache_from_params(split_dir, tmp_path, monkeypatch):
     assert meta["crop"] == 2 * meta["patch"] and (out / "train" / "index.parquet").is_file()
 
 
-def test_a_grayscale_photo_is_cached_as_rgb_as_serving_decodes_it(tmp_path, catalog):
+def test_a_grayscale_photo_is_read_as_rgb_as_serving_decodes_it(tmp_path, catalog):
     """One decoder everywhere: a photo the served model accepts is not skipped by evaluation."""
+    from camid.data.dataset import eval_patches
+
     labels = catalog.labels
     split_dir = make_split(tmp_path / "split", {"train": [labels[0]], "test": [labels[0]]})
     gray = tmp_path / "split" / "gray.jpg"
     Image.fromarray(textured(*SIZE, seed=3)[..., 0]).save(gray, quality=95)
     pd.DataFrame([{"path": str(gray), "label": labels[0]}]).to_csv(split_dir / "test.csv", index=False)
     meta = run_prepare(split_dir, tmp_path / "cache", catalog)
-    assert meta["splits"]["test"] == {"photos": 1, "crops": 1, "skipped": 0, "shards": 1}
-    index, crops = load_all(tmp_path / "cache", "test")
+    assert meta["splits"]["test"]["photos"] == 1 and meta["splits"]["test"]["skipped"] == 0
+    index = read_index(tmp_path / "cache", "test")
     top, left = index["top"][0], index["left"][0]
-    expected = np.asarray(Image.open(gray).convert("RGB"))[top:top + 128, left:left + 128]
-    np.testing.assert_array_equal(crops[0], expected)
+    expected = np.asarray(Image.open(gray).convert("RGB"))[top + 32:top + 96, left + 32:left + 96]
+    np.testing.assert_array_equal(eval_patches(tmp_path / "cache", "test", PATCH).images[0], expected)

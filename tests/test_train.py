@@ -62,7 +62,7 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     logged = run.data.params
     # every train setting by its params.yaml key (bare names are `mlflow run`'s, see test_mlflow_run_trains_mobilenet)
     assert {f"train.{f.name}" for f in dataclasses.fields(TrainParams) if f.name != "archs"} <= set(logged)
-    assert {"arch", "cache_patch", "num_classes", "train_crops", "val_images"} <= set(logged)
+    assert {"arch", "cache_patch", "num_classes", "train_photos", "val_images"} <= set(logged)
     assert logged["arch"] == "smallcnn" and logged["cache_patch"] == str(CACHE_PATCH)
     assert logged["train.patch"] == str(PATCH) and float(logged["train.learning_rate"]) == settings.learning_rate
     assert logged["train.dense"] == "(16,)" and logged["train.epochs"] == "2"

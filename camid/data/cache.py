@@ -1,26 +1,32 @@
-"""The crop cache: decode each photo of a split once into CFA-aligned uint8 crops (written by the prepare stage,
-read by training, tuning and evaluation).
+"""The photo index of each split (written by the prepare stage, read by training, tuning and evaluation).
 
-Full photos are 8 to 24 megapixels; decoding one per training patch would starve the trainer. This stage
-decodes every photo of the split once and keeps square crops of side C = 2 * train.patch, the largest source
-any manipulation needs (resize0.5 cuts 2P pixels), so training can cut and manipulate patches from them:
+The cache holds no pixels. Training and scoring decode the split's photos as they go (camid.data.dataset), and
+cut CFA-aligned crops from the decoded pixels; what the prepare stage does once is check every photo and write
+down where its crops lie:
 
-    OUT/meta.json                  patch, crop, labels (catalog order), seed, counts, skipped photos
-    OUT/train/crops-00000.npy      uint8 (n, C, C, 3), at most prepare.shard_size crops; np.load(mmap_mode="r")
-    OUT/train/index.parquet        one row per crop: shard, row, image, label, label_index, path, top, left
-    OUT/val/..., OUT/test/...      the same; one centre crop per photo, as the Kaggle test set was made
+    OUT/meta.json           patch, crop, labels (catalog order), counts, skipped photos
+    OUT/train/index.parquet one row per photo: image, label, label_index, path, height, width, bytes, sha256
+    OUT/val/index.parquet   the same, plus top, left: the photo's centre crop, as the Kaggle test set was made
+    OUT/test/index.parquet  (the same)
 
-Training crops sit at random even offsets (`prepare.crops_per_image` per photo, positions seeded by
-`prepare.seed` and the photo's path, so the cache is the same whatever the worker count). Pixels are cached as
-stored: EXIF orientation is not applied, since rotating would change the CFA phase.
+Why no crops on disk: at the seed's size (25,000 photos of 8 to 24 megapixels, patch 512) uncompressed crops of
+side 2 x 512 cost 3 MB each, so 16 per photo make a store 10 to 20 times the photos' own bytes (1 to 2 TB), and
+lossless compression of sensor noise saves less than half. Decoding is cheap by comparison (about 0.09 s per
+10-megapixel JPEG on one core) when one decode yields many crops (`train.crops_per_decode`): bench/input_pipeline.py
+measures the rate. The index is a few hundred bytes per photo.
+
+Each row records the photo's byte count and sha256, so reading a photo that changed since the prepare stage is an
+error (`check_photo`), never a silent change of the data. Pixels are decoded as stored: EXIF orientation is not
+applied, since rotating would change the CFA phase. The crop side C = 2 * train.patch is the largest source any
+manipulation needs (resize0.5 cuts 2P pixels); a photo smaller than C x C is skipped with its reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,17 +39,13 @@ from camid.errors import CamidError
 from camid.core.fileio import atomic_dir, write_json
 from camid.core.imageio import ImageError, decode_image
 from camid.core.manipulations import max_source_size
-from camid.core.patches import aligned_offsets, centre_offsets
+from camid.core.patches import centre_offsets
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 META = "meta.json"
 INDEX = "index.parquet"
-
-
-def shard_path(cache_dir: str | os.PathLike, split: str, shard: int) -> Path:
-    return Path(cache_dir) / split / f"crops-{shard:05d}.npy"
 
 
 def read_meta(cache_dir: str | os.PathLike) -> dict:
@@ -84,75 +86,51 @@ def check_labels(meta: dict, catalog: Catalog, cache_dir) -> None:
                          f"{catalog.name!r} has {catalog.labels}: re-run the prepare stage (dvc repro prepare)")
 
 
+class PhotoChanged(CamidError):
+    """A cached photo's bytes are not those the prepare stage indexed."""
+
+
+def photo_bytes(path: str, size: int | None = None, sha256: str | None = None) -> bytes:
+    """The bytes of an indexed photo, checked against the index's `size` and `sha256` where given."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PhotoChanged(f"{path} is gone since the prepare stage indexed it: restore it, or re-run the prepare "
+                           "stage (dvc repro prepare)") from None
+    if (size is not None and len(data) != size) or (sha256 and hashlib.sha256(data).hexdigest() != sha256):
+        raise PhotoChanged(f"{path} changed since the prepare stage indexed it: re-run the prepare stage "
+                           "(dvc repro prepare)")
+    return data
+
+
+def decode_photo(path: str, size: int | None = None, sha256: str | None = None) -> np.ndarray:
+    """An indexed photo's pixels, uint8 (H, W, 3), with the decoder serving uses (any mode becomes RGB)."""
+    return decode_image(photo_bytes(path, size, sha256))
+
+
 @dataclass(frozen=True)
 class _Job:
     path: str
     crop: int
-    count: int          # random crops to cut; 0 means one centre crop
-    seed: int
+    centre: bool        # record the centre crop's offsets (val, test)
 
 
-def _cut(job: _Job) -> tuple[np.ndarray | None, list[tuple[int, int]], str | None]:
-    """Decode one photo and cut its crops: (crops, offsets, None), or (None, [], why it was skipped)."""
+def _check(job: _Job) -> tuple[dict | None, str | None]:
+    """Decode one photo as training will: (its index facts, None), or (None, why it was skipped)."""
     try:
-        pixels = decode_image(Path(job.path).read_bytes())  # the decoder serving uses: any mode becomes RGB
+        data = Path(job.path).read_bytes()
+        pixels = decode_image(data)
     except FileNotFoundError:
-        return None, [], "file not found"
+        return None, "file not found"
     except (OSError, ImageError) as exc:
-        return None, [], f"cannot decode: {exc}"
+        return None, f"cannot decode: {exc}"
     height, width = pixels.shape[:2]
     if height < job.crop or width < job.crop:
-        return None, [], f"{height}x{width} is smaller than the {job.crop}x{job.crop} crop"
-    if job.count == 0:
-        offsets = [centre_offsets(pixels.shape, job.crop)]
-    else:
-        rng = np.random.default_rng([job.seed, zlib.crc32(job.path.encode())])
-        offsets = [aligned_offsets(pixels.shape, job.crop, rng) for _ in range(job.count)]
-    crops = np.stack([pixels[top:top + job.crop, left:left + job.crop] for top, left in offsets])
-    return crops, offsets, None
-
-
-class _ShardWriter:
-    """Streams crops into .npy shards of at most `shard_size` rows, without holding a shard in memory.
-
-    Each shard's header is written for a full shard, then rewritten with the real row count on close; numpy
-    pads .npy headers so that the first dimension can grow, so the header length does not change.
-    """
-
-    def __init__(self, folder: Path, crop: int, shard_size: int):
-        self.folder, self.crop, self.shard_size = folder, crop, shard_size
-        self.shard, self.rows, self.file = -1, 0, None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _header(self, rows: int) -> None:
-        self.file.seek(0)
-        np.lib.format.write_array_header_1_0(
-            self.file, {"descr": "|u1", "fortran_order": False, "shape": (rows, self.crop, self.crop, 3)})
-
-    def _close_shard(self) -> None:
-        if self.file is not None:
-            end = self.file.tell()
-            self._header(self.rows)
-            if self.file.tell() != self.data_start:
-                raise RuntimeError("npy header changed length")  # cannot happen with numpy's growth padding
-            self.file.seek(end)
-            self.file.close()
-            self.file = None
-
-    def add(self, crop: np.ndarray) -> tuple[int, int]:
-        """Append one (C, C, 3) crop; returns its (shard, row)."""
-        if self.file is None or self.rows == self.shard_size:
-            self._close_shard()
-            self.shard, self.rows = self.shard + 1, 0
-            self.file = open(shard_path(self.folder.parent, self.folder.name, self.shard), "wb")
-            self._header(self.shard_size)
-            self.data_start = self.file.tell()
-        self.file.write(np.ascontiguousarray(crop, dtype=np.uint8).tobytes())
-        self.rows += 1
-        return self.shard, self.rows - 1
-
-    def close(self) -> None:
-        self._close_shard()
+        return None, f"{height}x{width} is smaller than the {job.crop}x{job.crop} crop"
+    facts = {"height": height, "width": width, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if job.centre:
+        facts["top"], facts["left"] = centre_offsets(pixels.shape, job.crop)
+    return facts, None
 
 
 def _read_split_csv(split_dir: Path, split: str, catalog: Catalog) -> pd.DataFrame:
@@ -171,31 +149,32 @@ def _read_split_csv(split_dir: Path, split: str, catalog: Catalog) -> pd.DataFra
 
 
 def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catalog, *, patch: int,
-            crops_per_image: int, shard_size: int, seed: int, workers: int | None = None) -> dict:
-    """Build the crop cache at `out` (replaced whole, atomically) and return its meta."""
+            workers: int | None = None) -> dict:
+    """Check every photo of the split and write the photo index at `out` (replaced whole, atomically); return
+    its meta. Each photo is decoded once, in `workers` processes, so a photo training cannot use is skipped
+    here with its reason rather than failing a training run."""
     split_dir, out = Path(split_dir), Path(out)
-    if crops_per_image < 1 or shard_size < 1:
-        raise CamidError("prepare.crops_per_image and prepare.shard_size must be at least 1")
     crop = max_source_size(patch)
     tables = {split: _read_split_csv(split_dir, split, catalog) for split in SPLITS}
     workers = max(1, workers or os.cpu_count() or 1)
-    meta = {"patch": patch, "crop": crop, "labels": catalog.labels, "catalog": catalog.name, "seed": seed,
-            "crops_per_image": crops_per_image, "shard_size": shard_size, "splits": {}, "skipped": []}
+    meta = {"patch": patch, "crop": crop, "labels": catalog.labels, "catalog": catalog.name, "splits": {},
+            "skipped": []}
     if (split_dir / "summary.json").is_file():  # how the split was made travels with the data it made
         summary = json.loads((split_dir / "summary.json").read_text())
         meta["split"] = {"device_disjoint": summary.get("device_disjoint", False),
                          "fallback_cameras": summary.get("fallback_cameras", []),
-                         "modes": {label: c.get("mode") for label, c in summary.get("cameras", {}).items()}}
+                         "modes": {label: c.get("mode") for label, c in summary.get("cameras", {}).items()},
+                         "train_devices": {label: int(c.get("devices", {}).get("train", 0))
+                                           for label, c in summary.get("cameras", {}).items()}}
     # spawn, not fork: forking a process that has started TensorFlow's threads (a notebook, a test run) can hang
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         with atomic_dir(out) as tmp:
             for split, table in tables.items():
-                count = crops_per_image if split == "train" else 0
-                jobs = [_Job(path, crop, count, seed) for path in table["path"]]
-                results = pool.imap(_cut, jobs) if pool else map(_cut, jobs)
-                writer, rows, kept, skipped = _ShardWriter(tmp / split, crop, shard_size), [], 0, 0
-                for (path, label), (crops, offsets, reason) in tqdm(
+                jobs = [_Job(path, crop, centre=split != "train") for path in table["path"]]
+                results = pool.imap(_check, jobs) if pool else map(_check, jobs)
+                rows, skipped = [], 0
+                for (path, label), (facts, reason) in tqdm(
                         zip(zip(table["path"], table["label"]), results), total=len(jobs),
                         desc=f"prepare {split}", unit="photo", leave=False):
                     if reason:
@@ -203,18 +182,15 @@ def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catal
                         meta["skipped"].append({"split": split, "path": path, "label": label, "reason": reason})
                         skipped += 1
                         continue
-                    image = kept
-                    kept += 1
-                    for crop_pixels, (top, left) in zip(crops, offsets):
-                        shard, row = writer.add(crop_pixels)
-                        rows.append({"shard": shard, "row": row, "image": image, "label": label,
-                                     "label_index": catalog.index(label), "path": path, "top": top, "left": left})
-                writer.close()
-                _index_frame(rows).to_parquet(tmp / split / INDEX, index=False)
-                meta["splits"][split] = {"photos": kept, "crops": len(rows), "skipped": skipped,
-                                         "shards": writer.shard + 1}
-                log.info("%s: %d crops of %dx%d from %d photos (%d skipped)", split, len(rows), crop, crop,
-                         kept, skipped)
+                    rows.append({"image": len(rows), "label": label, "label_index": catalog.index(label),
+                                 "path": path, **facts})
+                (tmp / split).mkdir(parents=True, exist_ok=True)
+                frame = _index_frame(rows, centre=split != "train")
+                frame.to_parquet(tmp / split / INDEX, index=False)
+                meta["splits"][split] = {"photos": len(rows), "skipped": skipped,
+                                         "pixels": int((frame["height"] * frame["width"]).sum()),
+                                         "bytes": int(frame["bytes"].sum())}
+                log.info("%s: %d photos (%d skipped)", split, len(rows), skipped)
             write_json(tmp / META, meta)
     finally:
         if pool:
@@ -223,8 +199,10 @@ def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catal
     return meta
 
 
-def _index_frame(rows: list[dict]) -> pd.DataFrame:
-    columns = {"shard": "int32", "row": "int32", "image": "int32", "label": "str", "label_index": "int32",
-               "path": "str", "top": "int32", "left": "int32"}
+def _index_frame(rows: list[dict], centre: bool) -> pd.DataFrame:
+    columns = {"image": "int32", "label": "str", "label_index": "int32", "path": "str", "height": "int32",
+               "width": "int32", "bytes": "int64", "sha256": "str"}
+    if centre:
+        columns.update({"top": "int32", "left": "int32"})
     frame = pd.DataFrame(rows, columns=list(columns))
     return frame.astype(columns)

@@ -469,15 +469,16 @@ def _bad_plan(catalog: Catalog, params: SynthParams) -> dict[str, dict[int, str]
 
 
 def _spoil(kind: str, good: bytes, pixels: np.ndarray, device: Device, when: datetime, rng: np.random.Generator,
-           earlier_good: list[tuple[bytes, str]]) -> tuple[bytes, str, str]:
+           earlier_good: list[tuple[Path, str]]) -> tuple[bytes, str, str]:
     """Make a bad file of `kind` from a photo; returns its bytes, the manifest reason and the device serial
-    its EXIF names (a duplicate's is the original's)."""
+    its EXIF names (a duplicate's is the original's). `earlier_good`: the camera's good photos written so far
+    (their files, read back only for a duplicate, so memory does not grow with the zoo) and serials."""
     pipe, camera = device.pipeline, device.camera
     h, w = pixels.shape[:2]
     tables = firmware_tables(pipe)
     if kind == "duplicate" and earlier_good:
         original, serial = earlier_good[int(rng.integers(len(earlier_good)))]
-        return original, "duplicate", serial
+        return Path(original).read_bytes(), "duplicate", serial
     if kind == "duplicate":
         kind = "stripped"  # no earlier original of this camera to copy
     if kind == "edited":
@@ -544,7 +545,7 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
             # The sensor is the largest native size; smaller sizes are crops of it, sharing its PRNU.
             sensor = (max(h for h, _ in camera.sizes), max(w for _, w in camera.sizes))
             folder = tmp / "train" / camera.label
-            earlier_good: list[tuple[bytes, str]] = []
+            earlier_good: list[tuple[Path, str]] = []
             per_device = params.images_per_device
             bar = tqdm(total=params.devices_per_model * per_device, desc=camera.label, unit="img",
                        disable=not progress)
@@ -556,12 +557,12 @@ def synthesize(out: Path, catalog: Catalog, params: SynthParams, progress: bool 
                     portrait = camera.rot90 and (i + device.index) % 2 == 1
                     pixels, good, when, rng = _shoot(device, slot, params.seed, prnu, portrait)
                     kind = plan[camera.label].get(slot)
+                    name = f"{camera.label}_{slot + 1:04d}.jpg"
                     if kind is None:
                         data, reason, serial = good, "", device.serial
-                        earlier_good.append((good, serial))
+                        earlier_good.append((folder / name, serial))
                     else:
                         data, reason, serial = _spoil(kind, good, pixels, device, when, rng, earlier_good)
-                    name = f"{camera.label}_{slot + 1:04d}.jpg"
                     fileio.write_bytes(folder / name, data)
                     rows.append({"file": f"train/{camera.label}/{name}", "label": camera.label,
                                  "device": serial, "bad": reason})

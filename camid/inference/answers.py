@@ -33,7 +33,7 @@ from camid.inference.openset import UNKNOWN, confidence
 from camid.inference.options import DEFAULTS, blend_for
 
 # The answer columns before one probability column per camera label (the served signature declares the same).
-ANSWER_COLUMNS = ["camera", "closest_camera", "confidence", "unknown", "manipulated", "manipulated_estimated",
+ANSWER_COLUMNS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "reference_devices", "manipulated", "manipulated_estimated",
                   "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 BATCH_PATCHES = 256  # patches scored per network call (a photo is never split across calls)
 
@@ -231,8 +231,10 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     n, ok = len(scores.errors), scores.ok
     evidence, probs = evidence_and_probs(ensemble, scores, settings["jpeg_tables"])
     good = np.flatnonzero(ok)
-    out = pd.DataFrame({"camera": [""] * n, "closest_camera": [""] * n, "confidence": np.full(n, np.nan),
+    out = pd.DataFrame({"camera": [""] * n, "closest_camera": [""] * n, "camera_group": [""] * n,
+                        "confidence": np.full(n, np.nan),
                         "unknown": pd.array([None] * n, dtype="boolean"),
+                        "reference_devices": pd.array([None] * n, dtype="Int64"),
                         "manipulated": pd.array([None] * n, dtype="boolean"),
                         "manipulated_estimated": pd.array([None] * n, dtype="boolean"),
                         "patches": scores.patches.astype(np.int64), "tables_evidence": [""] * n,
@@ -250,11 +252,15 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     unknown = ensemble.is_unknown(calibrated, counts, evidence[good],
                                   None if scores.features is None else scores.features[good]) \
         if settings["open_set"] else np.zeros(len(good), dtype=bool)
-    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], closest)
+    groups = ensemble.camera_groups(calibrated, picked)
+    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], calibrated, groups)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
     out.loc[good, "closest_camera"] = closest
+    out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]
     out.loc[good, "confidence"] = confidence(calibrated)
     out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
+    reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)
+    out.loc[good, "reference_devices"] = pd.array([reference.get(c) for c in closest], dtype="Int64")
     out.loc[good, "manipulated"] = pd.array(flags, dtype="boolean")
     out.loc[good, "manipulated_estimated"] = pd.array(scores.estimated[good], dtype="boolean")
     out.loc[good, "tables_evidence"] = list(evidence[good])

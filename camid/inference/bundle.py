@@ -89,15 +89,19 @@ def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict 
         spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
     write_json(spec_file, spec)
 
-def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None) -> None:
+def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None,
+                   metadata: dict | None = None) -> None:
     """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,
-    "photo": T}, plus "patch_pixels_only" and "photo_pixels_only" where the bundle uses the JPEG tables) and
-    the open-set rule ({"score", "accept", "threshold": {the same keys}})."""
+    "photo": T}, plus "patch_pixels_only" and "photo_pixels_only" where the bundle uses the JPEG tables), the
+    open-set rule ({"score", "accept", "threshold": {the same keys}}) and the metadata rule (the twins and the
+    level under which EXIF contradicts the pixels, camid.inference.metadata)."""
     spec_file = Path(bundle) / "ensemble.json"
     spec = json.loads(spec_file.read_text())
     spec["temperature"] = {k: float(v) for k, v in temperature.items()}
     if open_set is not None:
         spec["open_set"] = open_set
+    if metadata is not None:
+        spec["metadata"] = metadata
     if bank is not None:
         from camid.inference.openset import write_bank
 
@@ -121,4 +125,4 @@ def read(bundle: Path) -> dict:
                 members=spec["members"], views=tuple(spec.get("views", (0,))), blend=spec.get("blend", "mean_square"),
                 tables=TablePrior.read(bundle), use_tables=bool(spec.get("jpeg_tables", False)),
                 cameras=spec.get("cameras", []), temperature=spec.get("temperature", {}),
-                open_set=spec.get("open_set", {}), bank=read_bank(bundle))
+                open_set=spec.get("open_set", {}), bank=read_bank(bundle), metadata=spec.get("metadata", {}))

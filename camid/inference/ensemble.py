@@ -22,7 +22,7 @@ from camid.inference import bundle as bundle_io
 from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import blend as blend_probs
 from camid.inference.jpeg_tables import NONE, UNSEEN, USED, TablePrior
-from camid.inference.metadata import metadata_check
+from camid.inference.metadata import SEPARATOR, camera_groups, metadata_check
 from camid.inference.network import score_members
 from camid.inference.openset import photo_features
 from camid.inference.options import BALANCE_CHOICES
@@ -72,6 +72,7 @@ class Ensemble:
     temperature: dict = field(default_factory=dict)  # {"patch": T, "photo": T, ...} fitted on val (KINDS, PIXELS_ONLY)
     open_set: dict = field(default_factory=dict)  # {"score", "accept", "threshold": {"patch": t, ...}} (openset.py)
     bank: dict | None = None  # {"patch": (n, D), "photo": (m, D)} training features for the kNN open-set score
+    metadata: dict = field(default_factory=dict)  # {"inconsistent_below", "twins", ...} (camid.inference.metadata)
     _heads: dict = field(default_factory=dict, repr=False, compare=False)  # model -> model with a features output
 
     # -- the bundle on disk (camid.inference.bundle) -------------------------------------------------------
@@ -83,9 +84,17 @@ class Ensemble:
     def load(cls, bundle: Path) -> "Ensemble":
         return cls(**bundle_io.read(bundle))
 
-    def metadata_check(self, models, predicted) -> tuple[list[str], list[bool | None]]:
-        """`camid.inference.metadata.metadata_check` against the bundle's catalog."""
-        return metadata_check(self.cameras, models, predicted)
+    def camera_groups(self, probs: np.ndarray, picked: np.ndarray) -> list[list[str]]:
+        """`camid.inference.metadata.camera_groups` with the bundle's twins."""
+        return camera_groups(probs, picked, list(self.labels), self.metadata)
+
+    @staticmethod
+    def group_name(group: list[str]) -> str:
+        return SEPARATOR.join(group)
+
+    def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]]) -> tuple[list[str], list[bool | None]]:
+        """`camid.inference.metadata.metadata_check` against the bundle's catalog and metadata rule."""
+        return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata)
 
     # -- calibration and the open-set rule -----------------------------------------------------------------
 

@@ -97,7 +97,7 @@ class PatchMap:
         }
 
 
-VERDICT_KEYS = ("camera", "closest_camera", "confidence", "unknown", "tables_evidence", "exif_model", "exif_camera",
+VERDICT_KEYS = ("camera", "closest_camera", "camera_group", "confidence", "unknown", "tables_evidence", "exif_model", "exif_camera",
                 "consistent")
 
 

@@ -1,17 +1,101 @@
-"""Metadata against pixels: does the camera a photo's EXIF names match the camera its pixels point to?"""
+"""Metadata against pixels: does the camera a photo's EXIF names agree with what its pixels say?
+
+The pixels resolve cameras only as finely as they can. Two models of one maker and one sensor generation (a
+Nikon D70 and D70s, the zoo's Aster-A1 and A1s) leave nearly the same traces, and a genuine D70s photo may read
+D70 at 0.6 against 0.4. That is no evidence of a swapped EXIF, so the check says `consistent: false` only where
+the pixels give the EXIF camera itself a low probability: below `inconsistent_below` (0.05 by default, a fixed
+level, not tuned: validation reports how often genuine photos fall under it), and never where the EXIF camera is
+in the photo's camera group.
+
+A photo's camera group (`camera_groups`) is the closest camera together with every camera the pixels find at least
+half as likely, and the closest camera's twins (`fit_twins`: pairs that validation could not tell apart) that are at
+least a tenth as likely; an answer reads "Nikon-D70 or Nikon-D70s" where a photo sits between them. Validation
+finds the twins from its photo-level confusion of the pixels alone: a pair is reported where at least
+`TWIN_CONFUSION` of the two cameras' validation photos were named the other.
+"""
 from __future__ import annotations
 
+import numpy as np
 
-def metadata_check(catalog: list[dict], models, predicted) -> tuple[list[str], list[bool | None]]:
-    """EXIF says one camera, the pixels another? For each photo's EXIF Model (None: none) and predicted
-    label: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether that is
-    the predicted camera (None when the photo has no EXIF Model, or the bundle no catalog to match with). `catalog`: the bundle's cameras (label, make, models).."""
+INCONSISTENT_BELOW = 0.05   # EXIF contradicts the pixels only where they give its camera less than this
+TWIN_CONFUSION = 0.1        # a pair is "twins" where validation named this share of their photos the other
+GROUP_RATIO = 0.5           # a camera joins the group at this share of the closest camera's probability
+TWIN_RATIO = 0.1            # ... and a twin of the closest camera at this share
+SEPARATOR = " or "
+
+
+def fit_twins(probs: np.ndarray, actual: np.ndarray, labels: list[str], min_confusion: float = TWIN_CONFUSION,
+              min_photos: int = 4) -> list[dict]:
+    """The camera pairs validation could not separate: from (N, C) pixel probabilities of validation photos and
+    their cameras, every pair whose photos (at least `min_photos` of the two) were named the other of the pair at
+    least `min_confusion` of the time, most confused first."""
+    predicted = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, dtype=int)
+    actual = np.asarray(actual)
+    twins = []
+    for a in range(len(labels)):
+        for b in range(a + 1, len(labels)):
+            photos = int(np.sum(actual == a) + np.sum(actual == b))
+            if photos < min_photos:
+                continue
+            confused = int(np.sum((actual == a) & (predicted == b)) + np.sum((actual == b) & (predicted == a)))
+            if confused / photos >= min_confusion:
+                twins.append({"cameras": [labels[a], labels[b]], "confused": confused / photos, "photos": photos})
+    return sorted(twins, key=lambda t: -t["confused"])
+
+
+def fit_metadata(pixels: np.ndarray, served: np.ndarray, actual: np.ndarray, labels: list[str],
+                 inconsistent_below: float = INCONSISTENT_BELOW) -> dict:
+    """The bundle's metadata rule from validation photos: the twins (from the calibrated pixel probabilities), the
+    level under which EXIF contradicts the pixels, and how many genuine validation photos (served probabilities)
+    that level would have called inconsistent (`val_false_alarms`)."""
+    actual = np.asarray(actual, dtype=int)
+    true_prob = served[np.arange(len(actual)), actual] if len(actual) else np.zeros(0)
+    return {"inconsistent_below": float(inconsistent_below), "twins": fit_twins(pixels, actual, labels),
+            "fitted_on": int(len(actual)),
+            "val_false_alarms": float(np.mean(true_prob < inconsistent_below)) if len(actual) else float("nan")}
+
+
+def twin_map(metadata: dict | None) -> dict[str, set[str]]:
+    twins: dict[str, set[str]] = {}
+    for pair in (metadata or {}).get("twins", []):
+        a, b = pair["cameras"]
+        twins.setdefault(a, set()).add(b)
+        twins.setdefault(b, set()).add(a)
+    return twins
+
+
+def camera_groups(probs: np.ndarray, picked: np.ndarray, labels: list[str], metadata: dict | None = None) -> list[list[str]]:
+    """Each row's camera group, the picked (closest) camera first, then the others by probability (see the
+    module's docstring)."""
+    twins = twin_map(metadata)
+    groups = []
+    for row, top in zip(np.asarray(probs), np.asarray(picked)):
+        lead, first = row[top], labels[top]
+        members = [first] + [labels[c] for c in np.argsort(-row, kind="stable") if c != top and (
+            row[c] >= GROUP_RATIO * lead or (labels[c] in twins.get(first, ()) and row[c] >= TWIN_RATIO * lead))]
+        groups.append(members)
+    return groups
+
+
+def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[list[str]], labels: list[str],
+                   metadata: dict | None = None) -> tuple[list[str], list[bool | None]]:
+    """EXIF against pixels. For each photo's EXIF Model (None: none), its (C,) calibrated probabilities and its
+    camera group: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether the
+    pixels agree with it (None when the photo has no EXIF Model or the bundle no catalog to match with): False
+    only where that camera is outside the group and the pixels give it less than `inconsistent_below`, or where
+    EXIF names no catalog camera while the pixels point to one."""
     from camid.config import Camera
 
+    below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
     cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in catalog]
     named, consistent = [], []
-    for model, label in zip(models, predicted):
+    for model, row, group in zip(models, np.asarray(probs), groups):
         match = next((c.label for c in cameras if model and c.matches_model(model)), "")
         named.append(match)
-        consistent.append(None if not model or not cameras else match == label)
+        if not model or not cameras:
+            consistent.append(None)
+        elif not match or match not in labels:
+            consistent.append(False)
+        else:
+            consistent.append(bool(match in group or row[labels.index(match)] >= below))
     return named, consistent

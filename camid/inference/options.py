@@ -79,6 +79,16 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 DEFAULTS = {name: option.default for name, option in OPTIONS.items()}
 
 
+def batch_options(patches: int = 0, **changes) -> dict:
+    """The options a batch answer runs with (`camid predict`, `camid report`, `camid ui`): the served model's
+    defaults with `patches` and `changes`, without the served model's own `on_error` (a batch gives a bad file a
+    row of its own)."""
+    unknown = sorted(set(changes) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+    return {name: value for name, value in {**DEFAULTS, "patches": patches, **changes}.items() if name != "on_error"}
+
+
 def resolve(params: dict | None) -> dict:
     """Every option, the given ones checked and coerced, the rest at their default. None means the default."""
     given = {k: v for k, v in (params or {}).items() if v is not None}

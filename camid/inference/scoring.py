@@ -60,11 +60,12 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
     the figures without TTA, with all eight views and per view come out of the same pass.
     Returns the metrics, the per-patch table (actual, predicted, manipulation, image_id) and the
     (models, 8, N, C) probabilities."""
-    evalset, member_views, _ = scored_split(ensemble, cache, split, settings.blend, batch_size)
+    views = ensemble.resolve_views(settings.tta, views)
+    scored = ALL_VIEWS if settings.tta or views != (0,) else (0,)  # no TTA: the identity alone is scored
+    evalset, member_views, _ = scored_split(ensemble, cache, split, settings.blend, batch_size, views=scored)
     if not len(evalset):
         raise CamidError(f"the cache at {cache} has no {split!r} photos to score: re-run the split and prepare stages")
     labels = ensemble.labels
-    views = ensemble.resolve_views(settings.tta, views)
     signatures = row_signatures(evalset)
 
     originals = evalset.manipulation == 0
@@ -77,6 +78,8 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
         return ensemble.calibrate(raw, "patch", used) if calibrated else raw
 
     def weighted(chosen, tables: bool) -> float:
+        if not set(chosen) <= set(scored):
+            return float("nan")  # a view this pass did not score (evaluate.tta off)
         return report(evalset, probs(chosen, tables), labels, settings.balance)[0]["weighted_accuracy"]
 
     tables = ensemble.use_tables
@@ -143,45 +146,42 @@ class ValidationScores:
 
 
 def validation_scores(ensemble: Ensemble, cache: Path, settings: EvaluateParams) -> ValidationScores:
-    evalset, member_views, features = scored_split(ensemble, cache, "val", settings.blend)
+    """The validation split scored once under every D4 view (the identity alone with `evaluate.tta` off)."""
+    views = ALL_VIEWS if settings.tta else (0,)
+    evalset, member_views, features = scored_split(ensemble, cache, "val", settings.blend, views=views)
     if not len(evalset):
         raise CamidError(f"the cache at {cache} has no validation photos to choose test-time views on")
     return ValidationScores(evalset, member_views, row_signatures(evalset), features)
 
 
-CHUNK_PHOTOS = 32  # photos (each unaltered and under the eight manipulations) scored per chunk of a cached split
-
-
 def scored_split(ensemble: Ensemble, cache: Path, split: str, blend_method: str, batch_size: int = 64,
-                 chunk_photos: int = CHUNK_PHOTOS):
-    """Every cached crop of the split, unaltered and under each manipulation (`camid.data.dataset.eval_patches`),
-    through every D4 view, `chunk_photos` photos at a time, so only one chunk's pixels are ever in memory (about
-    7 MB per photo at 512 px): (the EvalSet without its pixels, the (models, 8, N, C) probabilities, the (N, D)
-    features or None). What is kept per row is a few numbers, never the patch."""
-    from camid.data.cache import read_index
-    from camid.data.dataset import EvalSet, eval_patches
+                 views=ALL_VIEWS):
+    """Every photo of the split, its centre crop unaltered and under each manipulation
+    (`camid.data.dataset.eval_stream`), through the D4 `views` (default: all eight), one chunk of about 16 MB of
+    pixels at a time: (the split's rows without pixels, an EvalStream; the (models, 8, N, C) probabilities, NaN
+    under the views not scored; the (N, D) features or None). What is kept per row is a few numbers, never the
+    patch."""
+    from tqdm import tqdm
 
-    photos = len(read_index(cache, split))
-    parts, views, feats = [], [], []
-    for start in range(0, max(photos, 1), chunk_photos):
-        chunk = eval_patches(cache, split=split, patch=ensemble.patch, start=start, stop=start + chunk_photos)
-        if not len(chunk):
-            parts.append(chunk)
-            continue
-        pred = ensemble.predict(chunk.images, chunk.manipulation > 0, views=ALL_VIEWS, blend=blend_method,
-                                batch_size=batch_size)
-        parts.append(chunk)
-        views.append(pred.member_views)
-        feats.append(pred.features)
-    evalset = EvalSet(images=np.zeros((0, ensemble.patch, ensemble.patch, 3), np.uint8),
-                      labels=np.concatenate([p.labels for p in parts]),
-                      manipulation=np.concatenate([p.manipulation for p in parts]),
-                      image_id=np.concatenate([p.image_id for p in parts]),
-                      path=np.concatenate([p.path for p in parts]), camera_labels=parts[0].camera_labels)
-    member_views = np.concatenate(views, axis=2) if views else np.zeros((len(ensemble.models), len(ALL_VIEWS), 0,
+    from camid.data.dataset import eval_stream
+
+    stream = eval_stream(cache, split=split, patch=ensemble.patch, batch_size=batch_size)
+    views = tuple(views)
+    parts, feats = [], []
+    with tqdm(total=len(stream), desc=f"{split} patches ({len(views)} view{'s' if len(views) > 1 else ''})",
+              unit="patch", leave=False) as bar:
+        for start, pixels in stream.chunks():
+            pred = ensemble.predict(pixels, stream.manipulated[start:start + len(pixels)], views=views,
+                                    blend=blend_method, batch_size=batch_size)
+            part = np.full((len(ensemble.models), len(ALL_VIEWS), len(pixels), len(ensemble.labels)), np.nan)
+            part[:, list(views)] = pred.member_views
+            parts.append(part)
+            feats.append(pred.features)
+            bar.update(len(pixels))
+    member_views = np.concatenate(parts, axis=2) if parts else np.zeros((len(ensemble.models), len(ALL_VIEWS), 0,
                                                                           len(ensemble.labels)))
     features = None if not feats or any(f is None for f in feats) else np.concatenate(feats)
-    return evalset, member_views, features
+    return stream, member_views, features
 
 
 def row_signatures(evalset) -> list[str | None]:

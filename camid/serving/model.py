@@ -18,7 +18,9 @@ evidence entered the answer, whose `confidence` is then calibrated and `unknown`
 scale; `unseen`, no training photo had them, another camera's firmware or a re-save, which counts as `unknown`
 where validation allowed it; `none`, not applicable: no JPEG, flagged manipulated, or `jpeg_tables: false`), what the
 metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
-`consistent`, whether that is the camera the pixels point to, null without an EXIF Model) and the probability
+`consistent`: false only where the pixels give that camera under 5% and it is not in the photo's
+`camera_group`, the closest camera with every camera the pixels find nearly as likely, and its validation twins,
+e.g. "Nikon-D70 or Nikon-D70s"; null without an EXIF Model) and the probability
 of every camera (one column per camera label).
 
 The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server
@@ -60,8 +62,10 @@ def signature(labels: list[str]):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "manipulated", required=False)])
-    outputs = Schema([ColSpec("string", "camera"), ColSpec("string", "closest_camera"), ColSpec("double", "confidence"),
-                      ColSpec("boolean", "unknown", required=False), ColSpec("boolean", "manipulated"),
+    outputs = Schema([ColSpec("string", "camera"), ColSpec("string", "closest_camera"),
+                      ColSpec("string", "camera_group"), ColSpec("double", "confidence"),
+                      ColSpec("boolean", "unknown", required=False), ColSpec("long", "reference_devices", required=False),
+                      ColSpec("boolean", "manipulated"),
                       ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
                       ColSpec("string", "tables_evidence"),
                       ColSpec("string", "exif_model"), ColSpec("string", "exif_camera"),

@@ -75,7 +75,7 @@ def choose_settings(ensemble: Ensemble, val: ValidationScores, settings: Evaluat
         "val_weighted_accuracy_pixels_only": best, "val_weighted_accuracy_pixels_only_no_tta": identity,
         "val_weighted_accuracy_with_jpeg_tables": with_tables,
         "val_weighted_accuracy_per_view": {D4[v]: rate(_blended(member_views, (v,), settings.blend))
-                                           for v in ALL_VIEWS}}
+                                           if settings.tta or v == 0 else float("nan") for v in ALL_VIEWS}}
 
 
 def score_split_photos(ensemble: Ensemble, cache: Path, split: str, *, tta: bool = True, patches: int = 0,
@@ -89,7 +89,7 @@ def score_split_photos(ensemble: Ensemble, cache: Path, split: str, *, tta: bool
 
 
 def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
-                   val: ValidationScores | None = None) -> tuple[dict, dict, dict | None]:
+                   val: ValidationScores | None = None) -> tuple[dict, dict, dict | None, dict]:
     """What the probabilities need from the validation split, with the bundle's views, each fitted on the
     population its setting serves (`camid.inference.ensemble.KINDS`): single patches on the validation camera
     originals' cached centre crops (a served `patches: 1` request is a photo, not one of the test set's
@@ -100,10 +100,16 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     probabilities that accept `settings.open_set_accept` of the validation answers (`camid.inference.openset`);
     whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of validation
     originals whose tables training saw, `val_tables_seen`); the open-set feature bank of the training photos and
-    the kNN thresholds (`knn_threshold`, per kind) that accept the same share. Returns (temperatures, open-set
-    rule, bank). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
+    the kNN thresholds (`knn_threshold`, per kind) that accept the same share; the metadata rule
+    (`camid.inference.metadata.fit_metadata`: the twins validation's whole photos cannot tell apart by their pixels,
+    and how often genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
+    rule). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
-    from camid.inference.openset import K_NEIGHBOURS, KNN_SCORE, SCORE, confidence, fit_threshold, knn_score
+    from camid.inference.metadata import fit_metadata
+    from camid.data.cache import read_meta
+    from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
+                                         UNSEEN_DEVICES, confidence, cross_camera_scores, fit_threshold, knn_score,
+                                         single_device_threshold)
 
     val = val or validation_scores(ensemble, cache, settings)
     evalset, labels = val.evalset, np.asarray(val.evalset.labels)
@@ -114,6 +120,13 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     pixels = {"patch": (final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, False,
                                     settings.blend)[originals], labels[originals]),
               "photo": (scores.pixels[ok], y)}
+    # Which validation rows come from devices training never saw (cameras the split dealt by device): the rule and
+    # the temperatures are fitted on those where there are enough, else on the reference devices' held-out photos
+    # with the single-device margin (camid.inference.openset).
+    split_info = read_meta(cache).get("split", {})
+    by_device = np.array([split_info.get("modes", {}).get(label) == "devices" for label in ensemble.labels] + [False])
+    unseen = {"patch": by_device[labels[originals]], "photo": by_device[y]}
+    basis = UNSEEN_DEVICES if unseen["photo"].sum() >= MIN_UNSEEN_DEVICE_PHOTOS else SINGLE_DEVICE
     photo_evidence = np.full(int(ok.sum()), NONE, dtype=object)
     if ensemble.use_tables:
         evidence, with_tables = evidence_and_probs(ensemble, scores)
@@ -123,15 +136,25 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         tabled = {"patch": final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, True,
                                        settings.blend)[originals],
                   "photo": with_tables[ok]}
-        fits = {kind: (tabled[kind][used[kind]], pixels[kind][1][used[kind]]) for kind in pixels}
-        fits.update({kind + PIXELS_ONLY: pair for kind, pair in pixels.items()})
+        fits = {kind: (tabled[kind][used[kind]], pixels[kind][1][used[kind]], unseen[kind][used[kind]])
+                for kind in pixels}
+        fits.update({kind + PIXELS_ONLY: (*pair, unseen[kind]) for kind, pair in pixels.items()})
     else:
-        fits = pixels
+        fits = {kind: (*pair, unseen[kind]) for kind, pair in pixels.items()}
+
+    def device_out(probs, y_, rows):
+        """The rows of unseen devices where the rule rests on them and this setting has enough, else all."""
+        return (probs[rows], y_[rows]) if basis == UNSEEN_DEVICES and rows.sum() >= MIN_UNSEEN_DEVICE_PHOTOS \
+            else (probs, y_)
+
+    fits = {key: device_out(*fit) for key, fit in fits.items()}
     temperature = {key: fit_temperature(probs, y_) for key, (probs, y_) in fits.items()}
     threshold = {key: fit_threshold(confidence(apply_temperature(probs, temperature[key])), settings.open_set_accept)
                  for key, (probs, _) in fits.items()}
     rule = {"score": SCORE, "accept": settings.open_set_accept, "threshold": threshold, "unseen_tables": False,
-            "fitted_on": {"patch": int(originals.sum()), "photo": int(ok.sum())}}
+            "fitted_on": {key: int(len(y_)) for key, (_, y_) in fits.items()}, "reference": basis,
+            "reference_devices": {label: int(split_info.get("train_devices", {}).get(label, 0))
+                                  for label in ensemble.labels}}
     if ensemble.use_tables:
         # Tables no training photo had are another camera's firmware, or a re-save; they count as "unknown" only
         # if the validation devices' originals (catalog cameras, unseen devices) almost never show any, i.e. the
@@ -139,15 +162,30 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         jpegs = photo_evidence != NONE
         seen = float(np.mean(photo_evidence[jpegs] == USED)) if jpegs.any() else float("nan")
         rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
+    pixel_key = "photo" + PIXELS_ONLY if ensemble.use_tables else "photo"
+    pixel_probs = apply_temperature(pixels["photo"][0], temperature[pixel_key])  # every val photo: twins, alarms
+    served = pixel_probs.copy()
+    if ensemble.use_tables and photo_evidence.size:
+        tabled_rows = photo_evidence == USED
+        served[tabled_rows] = apply_temperature(tabled["photo"][tabled_rows], temperature["photo"])
+    metadata = fit_metadata(pixel_probs, served, y, list(ensemble.labels))
     bank = training_bank(ensemble, cache)
     if bank is not None and val.features is not None and scores.features is not None:
-        rule.update(score=KNN_SCORE, k=K_NEIGHBOURS, bank_size={k: int(len(v)) for k, v in bank.items()},
-                    knn_threshold={
-                        "patch": fit_threshold(knn_score(val.features[originals], bank["patch"]),
-                                               settings.open_set_accept),
-                        "photo": fit_threshold(knn_score(scores.features[ok], bank["photo"]),
-                                               settings.open_set_accept)})
-    return temperature, rule, bank
+        patch_scores = knn_score(val.features[originals], bank["patch"])
+        photo_scores = knn_score(scores.features[ok], bank["photo"])
+        if basis == UNSEEN_DEVICES:
+            knn = {"patch": fit_threshold(patch_scores[unseen["patch"]], settings.open_set_accept),
+                   "photo": fit_threshold(photo_scores[unseen["photo"]], settings.open_set_accept)}
+        else:  # one reference device per model: whole photos halfway to the other cameras (openset.py)
+            other = cross_camera_scores(scores.features[ok], y, bank["photo"], bank["photo_labels"])
+            knn = {"patch": fit_threshold(patch_scores, settings.open_set_accept),
+                   "photo": single_device_threshold(photo_scores, other, settings.open_set_accept)}
+            rule["single_device"] = {"own_median": float(np.median(photo_scores)) if len(photo_scores) else None,
+                                     "other_cameras_median": float(np.nanmedian(other)) if np.isfinite(other).any()
+                                     else None, "quantile": fit_threshold(photo_scores, settings.open_set_accept)}
+        rule.update(score=KNN_SCORE, k=K_NEIGHBOURS,
+                    bank_size={k: int(len(v)) for k, v in bank.items() if k != "photo_labels"}, knn_threshold=knn)
+    return temperature, rule, bank, metadata
 
 
 def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:
@@ -163,7 +201,8 @@ def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:
     scores = score_photos(ensemble, list(photos["path"]), flags=[False] * len(photos), tta=False,
                           patch_sample=patch_bank_rows(probe.features.shape[1]), seed=0,
                           progress=_bar("open-set bank (train photos)"))
-    return {"patch": scores.patch_features, "photo": scores.features[scores.ok]}
+    return {"patch": scores.patch_features, "photo": scores.features[scores.ok],
+            "photo_labels": photos["label_index"].to_numpy()[scores.ok]}
 
 
 def _open_set_figures(ensemble: Ensemble, table: pd.DataFrame, actual: np.ndarray, kind: str = "photo",
@@ -222,11 +261,22 @@ def full_image_report(ensemble: Ensemble, cache: Path, split: str = "test",
     if ensemble.use_tables:  # the same photos answered from the pixels alone (`jpeg_tables: false`)
         result["calibration_pixels_only"] = calibration_report(ensemble, scores.pixels[ok], y, "photo")
         result["open_set_pixels_only"] = _open_set_figures(ensemble, pixels[ok], actual[ok])
+    result["metadata"] = {"served": _metadata_figures(served[ok]), "pixels_only": _metadata_figures(pixels[ok])}
     table = served.copy()
     table.insert(0, "fname", [Path(p).name for p in photos["path"]])
     table.insert(1, "path", list(photos["path"]))
     table.insert(2, "actual", actual)
     return result, table
+
+
+def _metadata_figures(table: pd.DataFrame) -> dict:
+    """On genuine photos (an answer table): how the EXIF check and the camera groups read. `inconsistent` is a
+    false alarm on every one of them."""
+    judged = table["consistent"].notna().to_numpy()
+    groups = table["camera_group"].str.count(" or ").to_numpy() + 1
+    return {"photos_with_exif": int(judged.sum()),
+            "inconsistent": float((table["consistent"][judged] == False).mean()) if judged.any() else float("nan"),  # noqa: E712
+            "grouped": float(np.mean(groups > 1)) if len(groups) else float("nan")}
 
 
 def full_image_accuracy(ensemble: Ensemble, cache: Path, split: str = "test", patches: int = 0) -> dict:
@@ -260,14 +310,15 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         metrics, table, _ = score(ensemble, cache, settings)
         metrics.update(selection)
         metrics["full_image"], photo_answers = full_image_report(ensemble, cache)
+        metrics["metadata"] = ensemble.metadata
         metrics["split_summary"] = read_meta(cache).get("split", {})
         metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))
         tracking.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,
                              "balance": settings.balance, "views": ",".join(metrics["views"]),
                              "jpeg_tables": use_tables})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float) and v == v})
         mlflow.log_metrics({f"camera_{k}": v for k, v in metrics["per_camera"].items()})
-        mlflow.log_metrics({f"view_{k}": v for k, v in metrics["weighted_accuracy_per_view"].items()})
+        mlflow.log_metrics({f"view_{k}": v for k, v in metrics["weighted_accuracy_per_view"].items() if v == v})
         mlflow.log_metrics({f"full_image_{k}": v for k, v in metrics["full_image"].items() if isinstance(v, float)})
         mlflow.log_metrics({f"open_set_{k}": v for k, v in metrics["full_image"].get("open_set", {}).items()
                             if isinstance(v, float) and v == v})
@@ -325,8 +376,7 @@ def evaluate_folder(folder: Path, model: str, settings: EvaluateParams, catalog,
         for name in ("train", "val"):
             files.iloc[:0].to_csv(split_dir / f"{name}.csv", index=False)
         files.to_csv(split_dir / "test.csv", index=False)
-        prepare(split_dir, Path(tmp) / "cache", catalog, patch=ensemble.patch, crops_per_image=1, shard_size=256,
-                seed=0, workers=workers)
+        prepare(split_dir, Path(tmp) / "cache", catalog, patch=ensemble.patch, workers=workers)
         with tracking.run("evaluate-folder", tags={"stage": "evaluate", "folder": str(folder), "model": model}):
             settings = EvaluateParams(**{**settings.__dict__, "blend": ensemble.blend})
             metrics, table, _ = score(ensemble, Path(tmp) / "cache", settings)

@@ -23,8 +23,8 @@ from camid.core.patches import AUTO_MAX_PATCHES
 from camid.errors import CamidError
 from camid.inference.answers import BATCH_PATCHES, answer_photos, flag_from_name
 from camid.inference.ensemble import Ensemble, load_ensemble
-from camid.inference.options import (BALANCE_CHOICES, BLEND_CHOICES, DEFAULTS, MODEL_BLEND, OPTIONS,
-                                     blend_for)
+from camid.inference.options import (BALANCE_CHOICES, BLEND_CHOICES, MODEL_BLEND, OPTIONS,
+                                     batch_options, blend_for)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def predict_files(ensemble: Ensemble, files: list[Path], *, patches_per_image: i
     an `error` that says why (good rows have error "")."""
     if patches_per_image < 0:
         raise CamidError(f"--patches must be 0 (auto) or more, got {patches_per_image}")
-    options = {**DEFAULTS, "patches": patches_per_image, "tta": tta, "blend": blend_method or MODEL_BLEND,
-               "jpeg_tables": jpeg_tables, "balance": balance, "open_set": open_set}
+    options = batch_options(patches_per_image, tta=tta, blend=blend_method or MODEL_BLEND, jpeg_tables=jpeg_tables,
+                            balance=balance, open_set=open_set)
     files = list(files)
     table = answer_photos(ensemble, files, options, flags=[flag_from_name(p) for p in files],
                           batch_patches=batch_patches,

@@ -172,7 +172,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
 
     data = TrainPatches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
                         steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
-                        seed=train.seed)
+                        seed=train.seed, crops_per_decode=train.crops_per_decode)
     data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
     # The validation rows, their pixels built chunk by chunk at each scoring: memory for one chunk, not the split.
     evalset = eval_stream(cache, split="val", patch=train.patch, batch_size=train.batch_size)
@@ -184,7 +184,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         # bare names `mlflow run` logs for its entry point's parameters ('' when unset).
         settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
         tracking.log_params({"arch": arch, **settings, "cache_patch": meta["patch"], "num_classes": len(labels),
-                           "train_crops": meta["splits"]["train"]["crops"], "val_images": len(np.unique(evalset.image_id))})
+                           "train_photos": meta["splits"]["train"]["photos"], "val_images": len(np.unique(evalset.image_id))})
         if finished:
             continue_run(work / "mlflow_run_id", done)
         write_text(work / "mlflow_run_id", active.info.run_id)

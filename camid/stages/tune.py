@@ -58,7 +58,8 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
             patch = hp.get("patch")
             data = TrainPatches(cache, catalog, patch=patch, batch_size=base.batch_size,
                                 steps_per_epoch=base.steps_per_epoch,
-                                manipulation_prob=hp.get("manipulation_prob"), seed=base.seed)
+                                manipulation_prob=hp.get("manipulation_prob"), seed=base.seed,
+                                crops_per_decode=base.crops_per_decode)
             evalset = eval_stream(cache, split="val", patch=patch, batch_size=base.batch_size)
             callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)

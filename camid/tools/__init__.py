@@ -1,1 +1,2 @@
-"""Commands that write params.yaml: `camid profile` and `camid catalog from-folder`."""
+"""Commands beside the pipeline: those that write params.yaml (`camid profile`, `camid catalog from-folder`) and
+those an analyst reads (`camid explain`, `camid ui`, `camid report`; the cards of the last two: `cards`)."""

@@ -1,0 +1,124 @@
+"""One reference device per camera model: how far the photos of a model's other devices fall below the reference
+device's own held-out photos on the open-set score, on the virtual zoo.
+
+The usual analyst has one camera per model. Validation is then a photo split of that one device, and a threshold
+that accepts 95% of its held-out photos rejects many photos of the same model's other devices. This bench builds
+that situation from the zoo: per camera model, `--train` photos of the first device train the model and its other
+photos are the validation (same device, held out); the photos of every other device are the questioned ones.
+The real stage functions run (prepare -> train smallcnn -> evaluate, which fits the kNN threshold on validation:
+with no unseen devices in validation, camid's single-device rule, camid.inference.openset.single_device_threshold);
+then both groups of photos are scored as served, and the bench prints the share of the other devices' photos that
+three thresholds accept: the plain quantile (95% of the same device's held-out photos), the bundle's (the lower of
+that and the midpoint between the same-device median and the median of the same photos' scores against the other
+cameras' training photos), and, for scale, the median minus 2 to 8 robust standard deviations of the same-device
+scores (1.4826 x their median absolute deviation).
+
+    python bench/device_gap.py                                   # 16 photos per device, 10 train, make-run budget
+    python bench/device_gap.py --images-per-device 12 --train 8 --epochs 6 --steps 40       # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from camid.tiny import inside  # noqa: E402
+
+
+def robust_sigma(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of normal scores, robust to outliers."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images-per-device", type=int, default=16)
+    parser.add_argument("--train", type=int, default=10, help="photos of the reference device that train")
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    if not 0 < args.train < args.images_per_device:
+        parser.error("--train must leave held-out photos of the reference device")
+
+    from camid.config import load_params
+    from camid.data.cache import prepare
+    from camid.data.synth import synthesize
+    from camid.inference.answers import score_photos
+    from camid.inference.ensemble import Ensemble
+    from camid.inference.openset import fit_threshold, knn_score
+    from camid.stages.evaluate import evaluate
+    from camid.stages.train import train
+
+    params = load_params(ROOT / "params.yaml")
+    catalog = params.catalog
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="camid-device-gap-") as tmp:
+        root = Path(tmp)
+        with inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="camid-bench",
+                    CAMID_CHECKPOINTS=str(root / "checkpoints")):
+            synth = dataclasses.replace(params.synth, images_per_device=args.images_per_device, bad_fraction=0.0)
+            manifest = synthesize(root / "raw", catalog, synth, progress=False)
+            manifest["path"] = [str(root / "raw" / f) for f in manifest.file]
+            parts = {"train": [], "val": [], "test": []}
+            for _, photos in manifest.groupby("label", sort=True):
+                devices = sorted(photos.device.unique())
+                reference = photos[photos.device == devices[0]].sort_values("file")
+                parts["train"].append(reference.iloc[:args.train])
+                parts["val"].append(reference.iloc[args.train:])
+                parts["test"].append(photos[photos.device != devices[0]])
+            (root / "split").mkdir()
+            for name, frames in parts.items():
+                pd.concat(frames)[["path", "label", "device"]].to_csv(root / "split" / f"{name}.csv", index=False)
+            prepare(root / "split", root / "cache", catalog, patch=params.train.patch)
+            settings = dataclasses.replace(params.train, archs=("smallcnn",), epochs=args.epochs,
+                                           steps_per_epoch=args.steps)
+            train("smallcnn", root / "cache", root / "model", settings, catalog.labels, catalog)
+            evaluate([root / "model"], root / "cache", root / "bundle", params.evaluate,
+                     metrics_file=root / "evaluate.json", plots_file=root / "confusion.csv", catalog=catalog)
+            ensemble = Ensemble.load(root / "bundle")
+            if ensemble.bank is None:
+                raise SystemExit("the bundle has no feature bank: nothing to measure")
+
+            def knn(paths) -> np.ndarray:
+                scores = score_photos(ensemble, [str(p) for p in paths], tta=False)
+                return knn_score(scores.features[scores.ok], ensemble.bank["photo"])
+
+            same = knn(pd.concat(parts["val"]).path)
+            other = knn(pd.concat(parts["test"]).path)
+
+    threshold = fit_threshold(same, 0.95)
+    served = ensemble.open_set["knn_threshold"]["photo"]
+    sigma = robust_sigma(same)
+    z = (np.median(same) - np.quantile(other, 0.05)) / sigma
+    print(f"\ncamid device-gap bench: {len(catalog.labels)} camera models, one reference device each "
+          f"({args.train} training photos, {len(same)} held-out photos of the same devices), {len(other)} photos of "
+          f"{synth.devices_per_model - 1} other devices per model; smallcnn {args.epochs}x{args.steps} steps; "
+          f"{time.perf_counter() - started:.0f} s")
+    print(f"kNN score (cosine to the 5th nearest training photo): same device median {np.median(same):.4f}, "
+          f"robust sigma {sigma:.4f}; other devices median {np.median(other):.4f}, 5th percentile "
+          f"{np.quantile(other, 0.05):.4f}; the bundle's rule: {ensemble.open_set.get('reference')} "
+          f"{ensemble.open_set.get('single_device', {})}")
+    print(f"plain threshold (accepts 95% of the same device's held-out photos) {threshold:.4f}: other devices "
+          f"accepted {np.mean(other >= threshold):.3f}")
+    print(f"the bundle's threshold {served:.4f}: other devices accepted {np.mean(other >= served):.3f}, same device "
+          f"{np.mean(same >= served):.3f}")
+    print(f"(the other devices' 5th percentile lies {z:.2f} robust sigmas below the same-device median)")
+    for candidate in (2.0, 4.0, 8.0):
+        cut = min(threshold, np.median(same) - candidate * sigma)
+        print(f"  median - {candidate:4.1f} sigma = {cut:.4f}: other devices accepted {np.mean(other >= cut):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""EXIF against pixels at the resolution the pixels have: camera groups, validation twins, and `consistent`."""
+from __future__ import annotations
+
+import numpy as np
+
+from camid.inference.metadata import INCONSISTENT_BELOW, camera_groups, fit_metadata, fit_twins, metadata_check
+
+LABELS = ["Nikon-D70", "Nikon-D70s", "Nikon-D200", "Canon-450D"]
+CATALOG = [{"label": "Nikon-D70", "make": "NIKON", "models": ["NIKON D70"]},
+           {"label": "Nikon-D70s", "make": "NIKON", "models": ["NIKON D70s"]},
+           {"label": "Nikon-D200", "make": "NIKON", "models": ["NIKON D200"]},
+           {"label": "Canon-450D", "make": "Canon", "models": ["Canon EOS 450D"]}]
+
+
+def check(models, probs, metadata=None):
+    probs = np.asarray(probs, dtype=float)
+    groups = camera_groups(probs, probs.argmax(1), LABELS, metadata)
+    return groups, metadata_check(CATALOG, models, probs, groups, LABELS, metadata)
+
+
+def test_a_genuine_photo_of_a_twin_is_not_read_as_a_forgery():
+    """The D70s photo the pixels read D70 at 0.6 against 0.4: both in the group, EXIF consistent."""
+    groups, (named, consistent) = check(["NIKON D70s"], [[0.6, 0.4, 0.0, 0.0]])
+    assert groups == [["Nikon-D70", "Nikon-D70s"]] and named == ["Nikon-D70s"] and consistent == [True]
+
+
+def test_exif_is_contradicted_only_where_the_pixels_give_its_camera_little():
+    models = ["Canon EOS 450D", "Canon EOS 450D", "NIKON D200", "Phone 9000", None]
+    probs = [[0.97, 0.02, 0.0, 0.01],      # Canon at 1%: the pixels say otherwise
+             [0.80, 0.10, 0.0, 0.10],      # Canon at 10%: not the closest, but not excluded either
+             [0.05, 0.05, 0.90, 0.0],
+             [0.25, 0.25, 0.25, 0.25],     # EXIF names a camera outside the catalog
+             [0.25, 0.25, 0.25, 0.25]]     # no EXIF Model: nothing to check
+    groups, (named, consistent) = check(models, probs)
+    assert named == ["Canon-450D", "Canon-450D", "Nikon-D200", "", ""]
+    assert consistent == [False, True, True, False, None]
+    assert groups[0] == ["Nikon-D70"] and groups[3] == LABELS  # a flat answer: every camera as likely
+
+
+def test_validation_twins_widen_the_group_and_are_reported():
+    actual = np.repeat([0, 1, 2, 3], 10)
+    probs = np.eye(4)[actual] * 0.9 + 0.025
+    probs[10:16] = [0.7, 0.2, 0.05, 0.05]   # six D70s photos read D70
+    twins = fit_twins(probs, actual, LABELS)
+    assert [t["cameras"] for t in twins] == [["Nikon-D70", "Nikon-D70s"]] and twins[0]["confused"] == 6 / 20
+    rule = fit_metadata(probs, probs, actual, LABELS)
+    assert rule["twins"] == twins and rule["inconsistent_below"] == INCONSISTENT_BELOW and rule["fitted_on"] == 40
+    assert rule["val_false_alarms"] == 0.0
+    # 0.15 is under half the D70's 0.8, but the D70s is its twin: the group says "D70 or D70s"
+    row = [[0.8, 0.15, 0.05, 0.0]]
+    assert check(["NIKON D70s"], row)[0] == [["Nikon-D70"]]
+    groups, (_, consistent) = check(["NIKON D70s"], row, rule)
+    assert groups == [["Nikon-D70", "Nikon-D70s"]] and consistent == [True]

@@ -1,0 +1,136 @@
+"""`camid report`: a self-contained HTML case report whose answers are `camid predict --full-image`'s, with each
+file's sha256 and size, the model, its version and test-set figures, and the options used."""
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from camid import __version__
+from camid.cli import main
+from tests.conftest import ROOT
+
+HOSTILE = '<img src=x onerror="alert(1)">.jpg'  # a legal file name on Linux, and markup if not escaped
+
+
+def report_cards(text: str) -> dict[str, dict]:
+    """The cards of a report, by file name: camera, closest, confidence, probabilities, sha256, error, heat map."""
+    cards = {}
+    for block in re.findall(r'<details class="card.*?</details>', text, flags=re.S):
+        attr = dict(re.findall(r'data-(camera|closest|confidence|error)="([^"]*)"', block.split(">", 1)[0]))
+        name = html.unescape(re.search(r'<span class="name">(.*?)</span>', block, flags=re.S).group(1))
+        probs = {html.unescape(c): float(p) for c, p in re.findall(r'<tr class="bar[^"]*" data-camera="([^"]*)" '
+                                                                   r'data-p="([^"]*)"', block)}
+        cards[name] = {"camera": html.unescape(attr["camera"]), "closest": html.unescape(attr["closest"]),
+                       "confidence": float(attr["confidence"]) if attr["confidence"] else None,
+                       "error": html.unescape(attr["error"]), "probs": probs,
+                       "sha256": re.search(r'<code class="sha256">([^<]*)</code>', block).group(1),
+                       "heatmap": 'class="heatmap-figure"' in block, "text": block}
+    return cards
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_model, tmp_path_factory) -> tuple[list[Path], Path]:
+    """Four held-out zoo photos (one under a name that is markup), and a truncated JPEG."""
+    folder = tmp_path_factory.mktemp("report-photos")
+    files = []
+    for i, source in enumerate(tiny_model.test.path[:4]):
+        target = folder / (HOSTILE if i == 0 else Path(source).name)
+        target.write_bytes(Path(source).read_bytes())
+        files.append(target)
+    bad = folder / "truncated.jpg"
+    bad.write_bytes(files[1].read_bytes()[:3000])
+    return files, bad
+
+
+@pytest.fixture()
+def store(registered_model, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_model.tracking_uri)
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    return registered_model
+
+
+def test_report_answers_are_predicts_with_sha256_model_and_options(store, photos, tmp_path, capsys):
+    from camid.inference.ensemble import load_ensemble
+    from camid.stages.predict import predict_files
+
+    files, bad = photos
+    out = tmp_path / "case" / "report.html"
+    assert main(["report", *map(str, files), str(bad), "--model", store.model_uri, "--out", str(out)]) == 0
+    assert "4 of 5 photos answered" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # written whole, no temporary left
+    text = out.read_text()
+    cards = report_cards(text)
+    assert list(cards) == [str(p) for p in files + [bad]]
+    # The same answers as `camid predict --full-image` on the same files, to the last digit it prints.
+    expected = predict_files(load_ensemble(store.model_uri), files, patches_per_image=0)
+    for path, (_, row) in zip(files, expected.iterrows()):
+        card = cards[str(path)]
+        assert card["camera"] == row.camera and card["closest"] == row.closest_camera and not card["error"]
+        assert card["confidence"] == pytest.approx(row.confidence, abs=1e-9)
+        assert np.allclose([card["probs"][label] for label in store.labels], row[store.labels].astype(float),
+                           atol=1e-9)
+        assert card["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f"{path.stat().st_size} bytes" in card["text"]
+        assert card["heatmap"] and "data:image/jpeg;base64," in card["text"]
+    broken = cards[str(bad)]
+    assert broken["camera"] == "" and "truncated" in broken["error"] and not broken["probs"]
+    assert broken["sha256"] == hashlib.sha256(bad.read_bytes()).hexdigest()
+    # Markup in a file name is shown as text, never run.
+    assert HOSTILE not in text and "&lt;img src=x onerror=" in text
+    # What it was made with: model URI and version, its test-set figure, camid, options, date.
+    assert f'<code class="model-uri">{store.model_uri}</code>' in text
+    assert '<b class="model-version">1</b>' in text
+    assert re.search(r'data-key="weighted_accuracy"><th>[^<]*</th><td class="num">' + f"{store.weighted_accuracy:.4f}",
+                     text)
+    assert f'<td class="camid-version">{__version__}</td>' in text
+    assert "camid predict --full-image" in text and "patches=0" in text and "open_set=true" in text
+    assert datetime.now(timezone.utc).strftime("%Y-%m-%d") in re.search(r'<td class="date">([^<]*)', text).group(1)
+    # Self-contained: no URL but data: ones, and a policy that forbids any request.
+    assert not re.search(r'(src|href)="(?!data:|#)', text)
+    assert "default-src 'none'" in text
+
+
+def test_prnu_matches_and_a_bundle_folder(store, tmp_path):
+    """Enrolled devices' PCE on every card; a bundle folder as the model says it carries no test figures."""
+    import pandas as pd
+
+    from camid.forensics import prnu
+
+    test = store.test
+    device, label = test.device[0], test.label[0]
+    own = [Path(p) for p, d in zip(test.path, test.device) if d == device]
+    train = pd.read_csv(store.root / "split" / "train.csv")
+    other = Path(train.path[(train.label == label) & (train.device != device)].iloc[0])  # same model, other device
+    prnu.save_fingerprint(prnu.enroll(own), tmp_path / "device-A.npz")
+    out = tmp_path / "report.html"
+    assert main(["report", str(own[0]), str(other), "--model", str(store.bundle), "--out", str(out),
+                 "--prnu", str(tmp_path), "--no-heatmaps"]) == 0
+    text = out.read_text()
+    cards = report_cards(text)
+    mine, theirs = cards[str(own[0])]["text"], cards[str(other)]["text"]
+    assert "taken by device-A (PCE" in mine and '<tr class="match"><td>device-A</td>' in mine
+    assert "no enrolled device matches: best device-A" in theirs
+    pce = [float(v) for v in re.findall(r'<td class="num pce">([^<]*)</td>', mine + theirs)]
+    assert pce[0] > prnu.DEFAULT_THRESHOLD > pce[1]
+    assert "device-A.npz" in text and "carries no test-set figures" in text
+    assert not cards[str(other)]["heatmap"] and "not drawn for this report" in theirs
+
+
+def test_failures_are_clear_and_leave_the_old_report(store, photos, tmp_path, capsys):
+    files, _ = photos
+    out = tmp_path / "report.html"
+    out.write_text("the previous report")
+    assert main(["report", str(files[1]), "--model", "models:/no-such-model@champion", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model 'models:/no-such-model@champion'" in err and "Traceback" not in err
+    assert main(["report", str(tmp_path / "missing.jpg"), "--model", str(store.bundle), "--out", str(out)]) == 2
+    assert "missing.jpg does not exist" in capsys.readouterr().err
+    assert main(["report", str(files[1]), "--model", str(store.bundle), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert out.read_text() == "the previous report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
