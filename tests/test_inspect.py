@@ -218,6 +218,7 @@ def test_a_bug_in_camid_is_raised_not_reported_as_a_corrupt_file(tmp_path, monke
 FIRMWARE_LABELS = ["Aster-A1", "Aster-A1s", "Borea-B2"]
 # A custom luminance/chroma table pair, as a camera's firmware might use (no libjpeg quality writes it).
 CUSTOM_QTABLES = [[2 + (k % 7) for k in range(64)], [3 + (k % 5) for k in range(64)]]
+FOREIGN_QTABLES = [[3 + (5 * k) % 11 for k in range(64)], [4 + (3 * k) % 13 for k in range(64)]]  # no catalog family
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,8 @@ def firmware(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("firmware")
     writers = {"q90": {"quality": 90}, "custom": {"qtables": CUSTOM_QTABLES}, "q80_444": {"quality": 80, "subsampling": 0},
-               "q60": {"quality": 60}}  # q60: software no training photo came from
+               "q60": {"quality": 60}, "foreign": {"qtables": FOREIGN_QTABLES}}
+    # q60: the IJG tables of q90 at another quality (their family); foreign: tables of no training photo's family
 
     def write(name, seed, writer):
         path = folder / name
@@ -252,13 +254,31 @@ def test_table_prior_matches_most_photos_first_with_shares(firmware):
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
 
     tables, queries = firmware["tables"], firmware["queries"]
-    assert len({signature_of_file(queries[w]) for w in ("q90", "custom", "q80_444", "q60")}) == 4
+    assert len({signature_of_file(queries[w]) for w in ("q90", "custom", "q80_444", "q60", "foreign")}) == 5
     assert tables.matches(signature_of_file(queries["q90"])) == [
         {"camera": "Aster-A1", "photos": 3, "share": 0.75}, {"camera": "Aster-A1s", "photos": 1, "share": 0.25}]
     assert tables.matches(signature_of_file(queries["custom"])) == [{"camera": "Aster-A1s", "photos": 2, "share": 1.0}]
     assert tables.matches(signature_of_file(queries["q80_444"])) == [{"camera": "Borea-B2", "photos": 2, "share": 1.0}]
     assert tables.matches(signature_of_file(queries["q60"])) == []
+    assert tables.matches(signature_of_file(queries["foreign"])) == []
     assert tables.matches(None) is None and signature_of_file(queries["png"]) is None
+    # q60's exact tables were never seen, but q90's family was: the IJG tables at another quality. 4:4:4 at q80
+    # (Borea-B2) is the same base table with other sampling, another encoder configuration: not the family.
+    q60, foreign = signature_of_file(queries["q60"]), signature_of_file(queries["foreign"])
+    assert tables.family_matches(q60) == [{"camera": "Aster-A1", "photos": 3, "share": 0.75},
+                                          {"camera": "Aster-A1s", "photos": 1, "share": 0.25}]
+    assert tables.family_matches(foreign) == [] and tables.family_matches(None) is None
+    assert tables.family_matches(str(q60)) == []  # a plain string carries no tables: exact matches only
+    from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED, entered
+
+    q90 = signature_of_file(queries["q90"])
+    reread = TablePrior.from_model(firmware["bundle"])  # the tables travel in jpeg_tables.json ("quant")
+    for prior in (tables, reread):
+        evidence = prior.evidence([q60, foreign, q90, q60], [True, True, True, False])
+        assert list(evidence) == [FAMILY, UNSEEN, USED, "none"] and list(entered(evidence)) == [True, False, True, False]
+        assert np.allclose(prior.likelihood(q60), prior.likelihood(q90))  # q90 is the family's only member
+        shifted = prior.apply(np.full((2, 3), 1 / 3), [q60, foreign], [True, True])
+        assert shifted[0].argmax() == 0 and np.allclose(shifted[1], 1 / 3)
     # Ties keep catalog order; a row of zeros is as good as unseen; the round trip through the file keeps it all.
     tied = TablePrior({"s": [0, 2, 2], "z": [0, 0, 0]}, ["a", "b", "c"])
     assert [m["camera"] for m in tied.matches("s")] == ["b", "c"] and tied.matches("z") == []
@@ -274,13 +294,17 @@ def _inspect_json(capsys, *args) -> dict[str, dict]:
 def test_cli_firmware_match_from_a_bundle(firmware, capsys, monkeypatch):
     monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
     q = firmware["queries"]
-    files = [q["q90"], q["custom"], q["q60"], q["png"]]
+    files = [q["q90"], q["custom"], q["q60"], q["foreign"], q["png"]]
     records = _inspect_json(capsys, *files, "--model", firmware["bundle"])
     assert [m["camera"] for m in records["query-q90.jpg"]["firmware_match"]] == ["Aster-A1", "Aster-A1s"]
     assert records["query-custom.jpg"]["firmware_match"] == [{"camera": "Aster-A1s", "photos": 2, "share": 1.0}]
     assert records["query-q60.jpg"]["firmware_match"] == []
+    assert [m["camera"] for m in records["query-q60.jpg"]["firmware_family"]] == ["Aster-A1", "Aster-A1s"]
+    assert records["query-foreign.jpg"]["firmware_match"] == records["query-foreign.jpg"]["firmware_family"] == []
+    assert records["query-q90.jpg"]["firmware_family"] == []  # the exact tables were seen: no family needed
     assert records["query.png"]["firmware_match"] is None and records["query.png"]["error"] is None
-    assert all(tuple(r) == FIELDS + ("firmware_match",) for r in records.values())
+    assert records["query.png"]["firmware_family"] is None
+    assert all(tuple(r) == FIELDS + ("firmware_match", "firmware_family") for r in records.values())
     # Without --model the records are exactly as before.
     assert all(tuple(r) == FIELDS for r in _inspect_json(capsys, *files).values())
 
@@ -288,7 +312,8 @@ def test_cli_firmware_match_from_a_bundle(firmware, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-2:] == ["firmware", "path"]
     rows = {line.split()[-1]: line for line in lines[1:] if line.split()[-1].endswith((".jpg", ".png"))}
-    assert "Aster-A1|Aster-A1s" in rows[str(q["q90"])] and "none seen" in rows[str(q["q60"])]
+    assert "Aster-A1|Aster-A1s" in rows[str(q["q90"])] and "none seen" in rows[str(q["foreign"])]
+    assert "family Aster-A1|" in rows[str(q["q60"])] and "none seen" not in rows[str(q["q60"])]
     assert "Aster-A1s " in rows[str(q["custom"])] and "none seen" not in rows[str(q["png"])]
     assert "re-saved by other software, or a camera outside the catalog" in lines[-1]
     assert main(["inspect", str(q["q90"]), "--workers", "1"]) == 0
@@ -366,6 +391,7 @@ def test_cli_firmware_match_from_a_registered_model(firmware, registered_tables,
                   registered_tables["local"]):
         records = _inspect_json(capsys, q["custom"], q["q60"], q["png"], "--model", model)
         assert {name: r["firmware_match"] for name, r in records.items()} == expected, model
+        assert [m["camera"] for m in records["query-q60.jpg"]["firmware_family"]] == ["Aster-A1", "Aster-A1s"], model
     assert main(["inspect", str(q["custom"]), "--model", "models:/camid@no-such-alias", "--workers", "1"]) == 2
     assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
 

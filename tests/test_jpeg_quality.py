@@ -179,3 +179,57 @@ def test_quality_equals_identify_on_real_camera_jpegs():
     assert len(reference) == len(files) > 50
     mismatches = {p.name: (jpeg_quality(p), reference[p.name]) for p in files if jpeg_quality(p) != reference[p.name]}
     assert not mismatches, f"camid vs identify: {mismatches}"
+
+
+def _encoded_signature(quality=None, qtables=None, subsampling=2, seed=0):
+    """The table signature of a real JPEG written by Pillow (libjpeg)."""
+    options = {"quality": quality} if quality is not None else {"qtables": qtables}
+    buffer = io.BytesIO()
+    photo(seed).save(buffer, "JPEG", subsampling=subsampling, **options)
+    buffer.seek(0)
+    return read_jpeg_header(buffer).table_signature
+
+
+def test_libjpeg_qualities_of_one_base_table_are_one_family():
+    """Files libjpeg wrote at qualities 30..98 (one base table scaled: Fine / Normal / Basic of one firmware) are one
+    family; other base tables, other sampling and the all-1 tables of quality 100 are not."""
+    from camid.forensics.jpeg_quality import TableSignature, same_family, scale_ratio
+
+    ijg = {q: _encoded_signature(quality=q) for q in (30, 50, 75, 90, 94, 98)}
+    assert len(set(ijg.values())) == len(ijg) and all(isinstance(s, TableSignature) for s in ijg.values())
+    assert all(same_family(a, b) for a in ijg.values() for b in ijg.values())
+    low, high = scale_ratio(ijg[75].tables, ijg[50].tables)  # libjpeg's scales: 50 at q75, 100 at q50
+    assert low <= 0.5 <= high and high - low < 0.1
+    ramp = [[2 + (k % 7) * 3 for k in range(64)], [3 + (k % 5) * 4 for k in range(64)]]
+    other = _encoded_signature(qtables=ramp)
+    doubled = _encoded_signature(qtables=[[2 * v for v in t] for t in ramp])  # the other base, twice the scale
+    assert same_family(other, doubled) and not any(same_family(other, s) for s in ijg.values())
+    assert not same_family(ijg[90], _encoded_signature(quality=75, subsampling=0))  # 4:4:4: another configuration
+    flat = _encoded_signature(quality=100)  # every entry 1: it fits any ratio, so it is only itself
+    assert same_family(flat, flat) and not any(same_family(flat, s) for s in ijg.values())
+    assert not same_family(str(ijg[90]), str(ijg[75])) and same_family(str(ijg[90]), ijg[90])  # plain strings: exact
+
+
+def test_table_signature_is_the_plain_string_wherever_strings_go():
+    import json
+    import pickle
+
+    from camid.forensics.jpeg_quality import TableSignature
+
+    sig = _encoded_signature(quality=85)
+    again = pickle.loads(pickle.dumps(sig))  # worker processes (camid inspect --workers) keep the tables
+    assert type(again) is TableSignature and again == sig and again.tables == sig.tables
+    assert again.components == sig.components == ((2, 2), (1, 1), (1, 1))
+    assert json.loads(json.dumps({"s": sig})) == {"s": str(sig)} and {str(sig): 1}[sig] == 1 and len(sig) == 16
+    assert TableSignature.from_quant(str(sig), json.loads(json.dumps(sig.quant()))).tables == sig.tables
+
+
+def test_family_members_agrees_with_same_family_pair_by_pair():
+    from camid.forensics.jpeg_quality import family_members, same_family
+
+    ramp = [[2 + (k % 7) * 3 for k in range(64)], [3 + (k % 5) * 4 for k in range(64)]]
+    members = [_encoded_signature(quality=q) for q in (40, 70, 95, 100)] + [
+        _encoded_signature(qtables=ramp), _encoded_signature(quality=70, subsampling=0), "plain-string"]
+    for query in members[:6]:
+        assert family_members(query, members) == [same_family(query, m) for m in members]
+    assert family_members(members[1], members)[:3] == [True, True, True]

@@ -125,9 +125,12 @@ def test_jpeg_tables_no_catalog_camera_wrote_count_as_unknown_only_where_validat
     from camid.inference.jpeg_tables import TablePrior
 
     images = [open(p, "rb").read() for p in tiny_model.test.path[:3]]
-    resaved = io.BytesIO()
-    Image.open(io.BytesIO(images[0])).save(resaved, "JPEG", quality=83)  # an editor's tables, not a camera's
+    resaved, ijg = io.BytesIO(), io.BytesIO()
+    editor = [[3 + (5 * k) % 11 for k in range(64)], [4 + (3 * k) % 13 for k in range(64)]]
+    Image.open(io.BytesIO(images[0])).save(resaved, "JPEG", qtables=editor)  # an editor's tables, not a camera's
+    Image.open(io.BytesIO(images[0])).save(ijg, "JPEG", quality=83)  # libjpeg's tables: the zoo firmware's family
     prior = TablePrior.fit([header_facts(b)["jpeg_tables"] for b in images], [0] * 3, tiny_model.labels)
+    assert prior.evidence([header_facts(ijg.getvalue())["jpeg_tables"]], [True]).tolist() == ["family"]
     frame = pd.DataFrame({"image": images + [resaved.getvalue()]})
     base = dataclasses.replace(Ensemble.load(tiny_model.bundle), tables=prior, use_tables=True, temperature={})
     rule = {"score": "max_prob", "accept": 0.95, "threshold": {"photo": 0.0, "photo_pixels_only": 0.0}}

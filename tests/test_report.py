@@ -134,3 +134,18 @@ def test_failures_are_clear_and_leave_the_old_report(store, photos, tmp_path, ca
     assert main(["report", str(files[1]), "--model", str(store.bundle), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert out.read_text() == "the previous report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_the_tables_reading_names_the_firmware_family():
+    """A card whose tables are a catalog firmware's family at another quality says so, and whose; unseen says no
+    training photo's family has them."""
+    from camid.tools.cards import _tables_reading
+
+    family = [{"camera": "Aster-A1", "photos": 3, "share": 0.75}, {"camera": "Aster-A1s", "photos": 1, "share": 0.25}]
+    card = {"error": None, "answer": {"tables_evidence": "family"}, "firmware": [], "firmware_family": family,
+            "inspection": {"format": "JPEG"}, "flag_from_name": False}
+    text = _tables_reading(card, True)
+    assert "family" in text and "Aster-A1 (3 training photos), Aster-A1s (1 training photo)" in text
+    assert "entered the answer" in text
+    unseen = _tables_reading({**card, "answer": {"tables_evidence": "unseen"}, "firmware_family": []}, True)
+    assert "or tables of their family" in unseen and "did not enter" in unseen

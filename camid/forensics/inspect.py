@@ -15,7 +15,10 @@ Without a C compiler at install time the extension is absent and Pillow does all
 With `--model BUNDLE_OR_URI` every record also gets `firmware_match` (`firmware_match`, which
 camid.inference.jpeg_tables `TablePrior.matches` calls too): the catalog cameras whose training photos carried
 exactly the file's JPEG table signature, most photos first ([]: none did, the file was re-saved by other
-software or its camera is not in the catalog; None: no JPEG tables). Only the bundle's jpeg_tables.json is
+software or its camera is not in the catalog; None: no JPEG tables), and `firmware_family` (`firmware_family`,
+`TablePrior.family_matches`): where no training photo had the exact tables, the cameras whose training photos
+had tables of their family (`camid.forensics.jpeg_quality.same_family`: the same base table at another quality,
+another quality mode of the same firmware); the table's firmware cell then reads "family A|B". Only the bundle's jpeg_tables.json is
 read (`read_table_counts`), never its Keras models. Both live here, not in camid.inference: the filter and split
 stages import this module, and their DVC dependencies (tests/test_dvc_graph.py) stay forensics, core and config.
 """
@@ -37,7 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from camid.core.fileio import iter_files
 from camid.errors import CamidError
 from camid.forensics.exif import MalformedExif, edit_reason, parse_exif, read_exif
-from camid.forensics.jpeg_quality import JpegFormatError, JpegHeaderTruncated, read_jpeg_header
+from camid.forensics.jpeg_quality import (JpegFormatError, JpegHeaderTruncated, TableSignature, family_members,
+                                          read_jpeg_header)
 
 try:
     from camid.forensics import _dcscan
@@ -280,10 +284,34 @@ def firmware_match(counts: dict[str, list[int]], labels: Sequence[str], signatur
     software, or a camera outside the catalog); None for no signature (not a JPEG, or a damaged header)."""
     if signature is None:
         return None
-    row = counts.get(signature) or []
+    return _cameras_of(counts.get(signature) or [], labels)
+
+
+def _cameras_of(row: Sequence[int], labels: Sequence[str]) -> list[dict]:
+    """[{"camera", "photos", "share"}] of a count row (photos per camera), most photos first, catalog order among
+    ties, cameras with none left out."""
     total = sum(row)
     order = sorted((k for k, n in enumerate(row) if n > 0), key=lambda k: (-row[k], k))
     return [{"camera": labels[k], "photos": int(row[k]), "share": round(row[k] / total, 4)} for k in order]
+
+
+def firmware_family(counts: dict[str, list[int]], labels: Sequence[str], quant: dict[str, dict],
+                    signature: str | None) -> list[dict] | None:
+    """The cameras whose training photos carried tables of `signature`'s family (`same_family`) other than the
+    exact tables (`quant`: signature -> its tables, jpeg_tables.json's "quant"), listed as `firmware_match` lists
+    them, photos summed over the family's signatures. [] when none did, or `signature` carries no tables (a
+    plain string) or the counts none (a bundle written before families); None for no signature."""
+    if signature is None:
+        return None
+    if not isinstance(signature, TableSignature) or not quant:
+        return []
+    others = [TableSignature.from_quant(other, tables) for other, tables in quant.items()
+              if other != str(signature) and other in counts]
+    row = [0] * len(labels)
+    for other, fits in zip(others, family_members(signature, others)):
+        if fits:
+            row = [a + b for a, b in zip(row, counts[str(other)])]
+    return _cameras_of(row, labels)
 
 
 def _tracking_uri() -> str:
@@ -353,7 +381,10 @@ def _read_counts(path: Path, model: str) -> dict:
         counts, labels = dict(spec["counts"]), list(spec["labels"])
         if any(len(row) != len(labels) for row in counts.values()):
             raise ValueError(f"a count row is not {len(labels)} long (one per label)")
-        return {"labels": labels, "alpha": spec.get("alpha", 0.5), "counts": counts}
+        quant = dict(spec.get("quant") or {})
+        for tables in quant.values():
+            TableSignature.from_quant("check", tables)  # malformed tables fail here, with the file named
+        return {"labels": labels, "alpha": spec.get("alpha", 0.5), "counts": counts, "quant": quant}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CamidError(f"{path} is not a JPEG-table count file ({type(exc).__name__}: {exc}); "
                          f"{_NO_TABLES_HINT}") from None
@@ -381,10 +412,16 @@ _FIRMWARE = ("firmware", 24)  # the column --model adds
 NONE_SEEN = "none seen"  # the firmware cell when no catalog camera's training photos had the file's tables
 
 
-def firmware_cell(matches: list[dict] | None, width: int = _FIRMWARE[1]) -> str:
-    """`firmware_match` for the table: "A|B" (as many names as fit, then "|+N"), NONE_SEEN for [], "" for None."""
+FAMILY_PREFIX = "family "  # the firmware cell of tables seen only at another quality of their family
+
+
+def firmware_cell(matches: list[dict] | None, width: int = _FIRMWARE[1], family: list[dict] | None = None) -> str:
+    """`firmware_match` for the table: "A|B" (as many names as fit, then "|+N"), "family A|B" where only
+    `family` (`firmware_family`) names cameras, NONE_SEEN where neither does, "" for None."""
     if matches is None:
         return ""
+    if not matches and family:
+        return FAMILY_PREFIX + firmware_cell(family, width - len(FAMILY_PREFIX))
     if not matches:
         return NONE_SEEN
     names = [m["camera"] for m in matches]
@@ -400,7 +437,7 @@ def _table_row(record: dict, columns=_TABLE) -> str:
     cells = {"quality": record["quality"], "size": size, "sampling": record["subsampling"],
              "model": record["model"], "software": record["software"], "edited": "yes" if record["edited"] else ""}
     if "firmware_match" in record:
-        cells["firmware"] = firmware_cell(record["firmware_match"])
+        cells["firmware"] = firmware_cell(record["firmware_match"], family=record.get("firmware_family"))
     text = " ".join(str(cells[name] if cells[name] is not None else "")[:width].ljust(width) for name, width in columns)
     return f"{text} {record['path']}" + (f"  [{record['error']}]" if record["error"] else "")
 
@@ -430,9 +467,13 @@ def run(args: argparse.Namespace) -> int:
     for record in inspect_paths(files, params.editors, params.max_pixels, workers=args.workers, hashes=args.hashes):
         if tables is not None:
             record["firmware_match"] = firmware_match(tables["counts"], tables["labels"], record["jpeg_tables"])
-            unseen += record["firmware_match"] == []
+            record["firmware_family"] = (firmware_family(tables["counts"], tables["labels"], tables["quant"],
+                                                         record["jpeg_tables"]) if record["firmware_match"] == []
+                                         else None if record["firmware_match"] is None else [])
+            unseen += record["firmware_match"] == [] and not record["firmware_family"]
         print(json.dumps(record) if args.json else _table_row(record, columns))
     if unseen and not args.json:
         print(f"firmware {NONE_SEEN!r} ({unseen} file{'s' if unseen > 1 else ''}): no catalog camera's training photos "
-              "had these JPEG tables; re-saved by other software, or a camera outside the catalog")
+              "had these JPEG tables or tables of their family; re-saved by other software, or a camera outside "
+              "the catalog")
     return 0

@@ -10,13 +10,24 @@ computed here rather than copied.
 The tables are those defined before the first scan, a later definition of a slot replacing an earlier one.
 A table redefined between the scans of a progressive file does not count: `identify` reports the first scan's
 tables there too (checked against identify in tests/test_jpeg_quality.py).
+
+Table families. Most firmware (and libjpeg) scales one base table by a quality factor: a camera's Fine, Normal
+and Basic modes, or an encoder that adapts its quality per scene, write tables of one family. An entry x of an
+8-bit table written as clamp(round(base * s), 1, 255) says base * s lies in [x - 1/2, x + 1/2) ([0, 3/2) for 1,
+[254.5, inf) for 255), so two tables A and B come from one base at some pair of scales exactly when one ratio
+r = s_A / s_B fits every entry: max(lo_A / hi_B) <= min(hi_A / lo_B) (`same_family`). Luma and chroma share the
+ratio, as libjpeg scales them with one factor. Tables with fewer than `FAMILY_MIN_INFORMATIVE` entries of at
+least 2 (near quality 100 every entry is 1 or 2) carry too little to tell a family and match only themselves.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import BinaryIO, Mapping, Sequence
+
+import numpy as np
 
 # ITU-T T.81 Annex K example tables (the IJG defaults), natural (row-major) order.
 IJG_LUMA = (
@@ -104,6 +115,107 @@ def quality_from_tables(tables: Mapping[int, Sequence[int]]) -> int:
     return IM_UNDEFINED_QUALITY
 
 
+# Entries of at least 2 a table needs, in every slot, before it is compared by family: all-1 (quality 100) tables
+# fit every ratio test and would join every family.
+FAMILY_MIN_INFORMATIVE = 16
+
+
+class TableSignature(str):
+    """A table signature (`JpegHeader.table_signature`, 16 hex digits) that also carries what it hashes: `tables`
+    ({slot: 64 natural-order values}) and `components` ((h, v) per component), for the family test
+    (`same_family`). It is the plain string wherever strings go (JSON, CSV, dict keys, comparisons); pickling
+    keeps the tables (worker processes)."""
+
+    def __new__(cls, digest: str, tables: Mapping[int, Sequence[int]], components: Sequence[Sequence[int]]):
+        self = super().__new__(cls, digest)
+        self.tables = {int(slot): tuple(int(v) for v in values) for slot, values in tables.items()}
+        self.components = tuple(tuple(int(c) for c in comp) for comp in components)
+        return self
+
+    def __reduce__(self):
+        return TableSignature, (str(self), self.tables, self.components)
+
+    def quant(self) -> dict:
+        """The tables and sampling as JSON-ready lists (a bundle's jpeg_tables.json "quant" entry)."""
+        return {"tables": {str(slot): list(values) for slot, values in sorted(self.tables.items())},
+                "components": [list(comp) for comp in self.components]}
+
+    @classmethod
+    def from_quant(cls, digest: str, quant: Mapping) -> "TableSignature":
+        return cls(digest, {int(slot): values for slot, values in quant["tables"].items()}, quant["components"])
+
+
+def _entry_bounds(values: Sequence[int]) -> tuple[list[float], list[float]]:
+    """Where base * scale lay for each entry of a table written as clamp(round(base * scale), 1, 255)."""
+    lo = [0.0 if v <= 1 else v - 0.5 for v in values]
+    hi = [math.inf if v == 255 else v + 0.5 for v in values]
+    return lo, hi
+
+
+def _informative(tables: Mapping[int, Sequence[int]]) -> bool:
+    return bool(tables) and all(sum(v >= 2 for v in values) >= FAMILY_MIN_INFORMATIVE for values in tables.values())
+
+
+def scale_ratio(a: Mapping[int, Sequence[int]], b: Mapping[int, Sequence[int]]) -> tuple[float, float] | None:
+    """The interval of ratios r = scale_a / scale_b for which tables `a` and `b` ({slot: natural-order values})
+    are one base table at two scales, or None when no ratio fits (or the slots differ)."""
+    if sorted(a) != sorted(b):
+        return None
+    low, high = 0.0, math.inf
+    for slot in a:
+        lo_a, hi_a = _entry_bounds(a[slot])
+        lo_b, hi_b = _entry_bounds(b[slot])
+        for la, ha, lb, hb in zip(lo_a, hi_a, lo_b, hi_b):
+            low = max(low, 0.0 if math.isinf(hb) else la / hb)
+            high = min(high, math.inf if lb == 0 else ha / lb)
+            if low > high:
+                return None
+    return low, high
+
+
+def same_family(a: TableSignature, b: TableSignature) -> bool:
+    """Whether two signatures' tables are one base table at two quality scales, with the same sampling: equal
+    signatures always; otherwise both need `FAMILY_MIN_INFORMATIVE` informative entries per slot and a common
+    ratio (`scale_ratio`). Plain strings (no tables) match only themselves."""
+    if str(a) == str(b):
+        return True
+    tables_a, tables_b = getattr(a, "tables", None), getattr(b, "tables", None)
+    if not tables_a or not tables_b or a.components != b.components:
+        return False
+    if not (_informative(tables_a) and _informative(tables_b)):
+        return False
+    return scale_ratio(tables_a, tables_b) is not None
+
+
+def _stacked_bounds(tables: Mapping[int, Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    values = np.array([tables[slot] for slot in sorted(tables)], dtype=np.float64).ravel()
+    lo = np.where(values <= 1, 0.0, values - 0.5)
+    hi = np.where(values == 255, np.inf, values + 0.5)
+    return lo, hi
+
+
+def family_members(query: TableSignature, members: Sequence[TableSignature]) -> list[bool]:
+    """`same_family(query, m)` for every m of `members`, in one array operation per sampling and slot layout
+    (a catalog of crawled phones holds thousands of signatures)."""
+    out = [str(query) == str(m) for m in members]
+    tables = getattr(query, "tables", None)
+    if not tables or not _informative(tables):
+        return out
+    q_lo, q_hi = _stacked_bounds(tables)
+    rows = [k for k, m in enumerate(members)  # the members laid out as the query is (slots, sampling)
+            if not out[k] and getattr(m, "tables", None) and m.components == query.components
+            and sorted(m.tables) == sorted(tables) and _informative(m.tables)]
+    if rows:
+        bounds = [_stacked_bounds(members[k].tables) for k in rows]
+        m_lo, m_hi = np.stack([b[0] for b in bounds]), np.stack([b[1] for b in bounds])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            low = np.where(np.isinf(m_hi), 0.0, q_lo / m_hi).max(axis=1)
+            high = np.where(m_lo == 0, np.inf, q_hi / m_lo).min(axis=1)
+        for k, fits in zip(rows, low <= high):
+            out[k] = bool(fits)
+    return out
+
+
 @dataclass
 class JpegHeader:
     """What the markers of a JPEG stream say, read without decoding any pixels."""
@@ -141,12 +253,13 @@ class JpegHeader:
         return quality_from_tables(self.tables)
 
     @property
-    def table_signature(self) -> str:
+    def table_signature(self) -> TableSignature:
         """The firmware's JPEG encoder settings in 16 hex digits: a hash of every quantization table (slot and
         natural-order values) and the components' sampling factors. Two files share it when one encoder
-        configuration wrote both; a re-save by other software almost always changes it."""
+        configuration wrote both; a re-save by other software almost always changes it. The string carries the
+        tables too (`TableSignature`), for the family test."""
         blob = repr((sorted(self.tables.items()), self.components)).encode()
-        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+        return TableSignature(hashlib.blake2b(blob, digest_size=8).hexdigest(), self.tables, self.components)
 
 
 def _read_dqt(payload: bytes, tables: dict[int, tuple[int, ...]]) -> None:

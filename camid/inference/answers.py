@@ -28,7 +28,7 @@ from camid.core.patches import grid_crops
 from camid.errors import CamidError
 from camid.forensics.inspect import header_facts
 from camid.inference.balancing import balance_to_quota
-from camid.inference.jpeg_tables import NONE, USED
+from camid.inference.jpeg_tables import NONE, entered
 from camid.inference.openset import UNKNOWN, confidence
 from camid.inference.options import DEFAULTS, blend_for
 
@@ -205,7 +205,7 @@ def score_photos(ensemble, photos: Iterable, *, flags=None, errors=None, patches
 
 
 def evidence_and_probs(ensemble, scores: PhotoScores, jpeg_tables: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) what the JPEG tables say of each row (`jpeg_tables.USED` / UNSEEN / NONE) and the (N, C)
+    """(N,) what the JPEG tables say of each row (`jpeg_tables.USED` / FAMILY / UNSEEN / NONE) and the (N, C)
     probabilities with that evidence multiplied in, before calibration. Only a caller's "manipulated" rules the
     evidence out: a JPEG whose tables a camera's firmware wrote is that camera's own file, whatever the auxiliary
     head guesses (a re-saved file carries its editor's tables, which training photos do not have)."""
@@ -244,7 +244,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     if not len(good):
         return out
     counts = scores.patches[good]
-    calibrated = ensemble.calibrate(probs[good], kinds(counts), evidence[good] == USED)
+    calibrated = ensemble.calibrate(probs[good], kinds(counts), entered(evidence[good]))
     flags = scores.manipulated[good]
     picked = calibrated.argmax(1) if settings["balance"] == "none" else \
         balance_to_quota(calibrated, groups=flags, method=settings["balance"])

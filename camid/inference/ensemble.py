@@ -21,7 +21,7 @@ from camid.errors import CamidError
 from camid.inference import bundle as bundle_io
 from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import blend as blend_probs
-from camid.inference.jpeg_tables import NONE, UNSEEN, USED, TablePrior
+from camid.inference.jpeg_tables import NONE, UNSEEN, TablePrior, entered
 from camid.inference.metadata import SEPARATOR, camera_groups, metadata_check
 from camid.inference.network import score_members
 from camid.inference.openset import photo_features
@@ -43,7 +43,7 @@ class Prediction:
     manipulation_probs: np.ndarray   # (N, 9) none + the eight manipulations, averaged over members and views
     member_views: np.ndarray | None  # (models, views, N, C) camera probabilities before blending
     views: tuple[int, ...]           # the D4 views scored (indices into D4)
-    tables_evidence: np.ndarray | None = None  # (N,) USED / UNSEEN / NONE (jpeg_tables); None: all NONE
+    tables_evidence: np.ndarray | None = None  # (N,) USED / FAMILY / UNSEEN / NONE (jpeg_tables); None: all NONE
     features: np.ndarray | None = None  # (N, D) unit-length pooled backbone features, first view (openset.features_of)
     patch_features: np.ndarray | None = None  # predict_photos: (patches, D) the patches' own features
 
@@ -151,7 +151,7 @@ class Ensemble:
         if not thresholds:
             return np.full(len(kinds), np.nan)
         evidence = self._evidence_rows(tables_evidence, len(kinds))
-        cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, evidence == USED)), dtype=np.float64)
+        cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, entered(evidence))), dtype=np.float64)
         return confidence(probs) - cut
 
     def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
@@ -172,8 +172,9 @@ class Ensemble:
         return self.tables.apply(probs, signatures, usable)
 
     def tables_evidence(self, signatures, usable) -> np.ndarray:
-        """(N,) what the JPEG tables say of each row (`jpeg_tables.USED`: `apply_tables` changes it; `UNSEEN`:
-        a usable JPEG whose signature no training photo had; `NONE`); all NONE where the bundle does not use them."""
+        """(N,) what the JPEG tables say of each row (`jpeg_tables.USED` or `FAMILY`, a training photo had the
+        tables or tables of their family at another quality: `apply_tables` changes it; `UNSEEN`: a usable JPEG
+        whose tables no training photo's family has; `NONE`); all NONE where the bundle does not use them."""
         if self.tables is None or not self.use_tables:
             return np.full(len(signatures), NONE, dtype=object)
         return self.tables.evidence(signatures, usable)
@@ -253,7 +254,7 @@ class Ensemble:
             evidence = self.tables_evidence(signatures, ~said_manipulated)
             probs = self.apply_tables(probs, signatures, ~said_manipulated)
         if calibrated:  # a photo of one patch is calibrated as a patch, of many as a photo
-            probs = self.calibrate(probs, ["patch" if k == 1 else "photo" for k in counts], evidence == USED)
+            probs = self.calibrate(probs, ["patch" if k == 1 else "photo" for k in counts], entered(evidence))
         labels = probs.argmax(axis=1) if balance == "none" else balance_to_quota(probs, groups=flags, method=balance)
         return Prediction(probs, labels, flags, np.array([_missing(g) for g in given], dtype=bool),
                           np.stack([pred.manipulation_probs[part].mean(axis=0) for part in parts]), None, pred.views,

@@ -21,7 +21,7 @@ from camid.errors import CamidError
 from camid.inference.blending import blend
 from camid.inference.ensemble import Ensemble
 from camid.data.cache import split_fingerprint
-from camid.inference.jpeg_tables import USED
+from camid.inference.jpeg_tables import entered
 from camid.inference.tta import D4
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
         """The answers as served: blended, the tables where they apply, then the temperature of each row's
         setting (balancing, where asked, sees calibrated probabilities, as in `camid.inference.answers`)."""
         raw = final_probs(ensemble, evalset, member_views, signatures, chosen, tables, settings.blend)
-        used = ensemble.tables_evidence(signatures, originals) == USED if tables else False
+        used = entered(ensemble.tables_evidence(signatures, originals)) if tables else False
         return ensemble.calibrate(raw, "patch", used) if calibrated else raw
 
     def weighted(chosen, tables: bool) -> float:
@@ -101,7 +101,7 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
                     for name, chosen in (("no_tta", (0,)), ("chosen_views", views), ("all_d4", ALL_VIEWS))},
         # on the camera originals, the population a served single-patch answer is fitted for (and usually is)
         calibration=calibration_report(ensemble, probs(views, tables, False)[originals], evalset.labels[originals],
-                                       "patch", ensemble.tables_evidence(signatures, originals)[originals] == USED),
+                                       "patch", entered(ensemble.tables_evidence(signatures, originals)[originals])),
     )
     if tables:  # the answers the tables do not enter (`jpeg_tables: false`, a flagged file) have their own
         metrics["calibration_pixels_only"] = calibration_report(ensemble, probs(views, False, False)[originals],

@@ -15,7 +15,8 @@ unknown), `closest_camera` (the catalog camera the pixels point to, even when un
 calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
 `tables_evidence` (what the JPEG quantisation tables said: `used`, a catalog camera's firmware wrote them and the
 evidence entered the answer, whose `confidence` is then calibrated and `unknown` decided on that setting's own
-scale; `unseen`, no training photo had them, another camera's firmware or a re-save, which counts as `unknown`
+scale; `family`, tables of a catalog firmware's family at another quality, which enter the answer as `used` does;
+`unseen`, no training photo's family has them, another camera's firmware or a re-save, which counts as `unknown`
 where validation allowed it; `none`, not applicable: no JPEG, flagged manipulated, or `jpeg_tables: false`), what the
 metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
 `consistent`: false only where the pixels give that camera under 5% and it is not in the photo's

@@ -31,7 +31,7 @@ from camid.errors import CamidError
 from camid.inference.answers import PhotoScores, answers, evidence_and_probs, flag_from_name, score_photos
 from camid.inference.blending import BLENDS, blend
 from camid.inference.ensemble import PIXELS_ONLY, Ensemble, load_ensemble
-from camid.inference.jpeg_tables import NONE, USED
+from camid.inference.jpeg_tables import NONE, entered
 from camid.inference.options import BALANCE_CHOICES, check_stage_choices
 from camid.inference.scoring import (ALL_VIEWS, ValidationScores, _blended, _setting_value, calibration_report,
                                      final_probs, score, validation_scores)
@@ -131,8 +131,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     if ensemble.use_tables:
         evidence, with_tables = evidence_and_probs(ensemble, scores)
         photo_evidence = evidence[ok]
-        used = {"patch": ensemble.tables_evidence(val.signatures, originals)[originals] == USED,
-                "photo": photo_evidence == USED}
+        used = {"patch": entered(ensemble.tables_evidence(val.signatures, originals)[originals]),
+                "photo": entered(photo_evidence)}
         tabled = {"patch": final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, True,
                                        settings.blend)[originals],
                   "photo": with_tables[ok]}
@@ -160,13 +160,13 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         # if the validation devices' originals (catalog cameras, unseen devices) almost never show any, i.e. the
         # rule costs known cameras no more than the threshold does. Phones that pick tables per scene fail this.
         jpegs = photo_evidence != NONE
-        seen = float(np.mean(photo_evidence[jpegs] == USED)) if jpegs.any() else float("nan")
+        seen = float(np.mean(entered(photo_evidence[jpegs]))) if jpegs.any() else float("nan")
         rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
     pixel_key = "photo" + PIXELS_ONLY if ensemble.use_tables else "photo"
     pixel_probs = apply_temperature(pixels["photo"][0], temperature[pixel_key])  # every val photo: twins, alarms
     served = pixel_probs.copy()
     if ensemble.use_tables and photo_evidence.size:
-        tabled_rows = photo_evidence == USED
+        tabled_rows = entered(photo_evidence)
         served[tabled_rows] = apply_temperature(tabled["photo"][tabled_rows], temperature["photo"])
     metadata = fit_metadata(pixel_probs, served, y, list(ensemble.labels))
     bank = training_bank(ensemble, cache)
@@ -256,8 +256,8 @@ def full_image_report(ensemble: Ensemble, cache: Path, split: str = "test",
     result["per_camera"] = dict(zip(ensemble.labels, per_camera_accuracy(
         y, served["closest_camera"].map(list(labels).index).to_numpy()[ok], len(labels))))
     evidence, tabled = evidence_and_probs(ensemble, scores)
-    result["calibration"] = calibration_report(ensemble, tabled[ok], y, "photo", evidence[ok] == USED)
-    result["open_set"] = _open_set_figures(ensemble, served[ok], actual[ok], "photo", evidence[ok] == USED)
+    result["calibration"] = calibration_report(ensemble, tabled[ok], y, "photo", entered(evidence[ok]))
+    result["open_set"] = _open_set_figures(ensemble, served[ok], actual[ok], "photo", entered(evidence[ok]))
     if ensemble.use_tables:  # the same photos answered from the pixels alone (`jpeg_tables: false`)
         result["calibration_pixels_only"] = calibration_report(ensemble, scores.pixels[ok], y, "photo")
         result["open_set_pixels_only"] = _open_set_figures(ensemble, pixels[ok], actual[ok])

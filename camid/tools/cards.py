@@ -28,7 +28,7 @@ from camid.core.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image, lis
 from camid.errors import CamidError
 from camid.forensics.inspect import header_facts, inspect_file
 from camid.inference.answers import ANSWER_COLUMNS, answer_photos, flag_from_name
-from camid.inference.jpeg_tables import UNSEEN, USED
+from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED
 from camid.inference.openset import UNKNOWN
 from camid.inference.options import batch_options
 
@@ -247,7 +247,8 @@ def _card(ensemble, index: int, photo: Photo, row: dict, labels: list[str], devi
             "flag_from_name": flag_from_name(photo.name),
             "answer": {key: _value(row[key]) for key in ANSWER_COLUMNS if key != "error"},
             "probs": {label: _value(row[label]) for label in labels},
-            "inspection": None, "firmware": None, "prnu": None, "thumbnail": None, "heatmap": None}
+            "inspection": None, "firmware": None, "firmware_family": None, "prnu": None, "thumbnail": None,
+            "heatmap": None}
     if photo.path is None:
         return _with_readings(card, ensemble)
     card["size"] = photo.path.stat().st_size
@@ -256,6 +257,8 @@ def _card(ensemble, index: int, photo: Photo, row: dict, labels: list[str], devi
     card["inspection"] = {key: _value(record[key]) for key in INSPECTED}
     if ensemble.tables is not None:
         card["firmware"] = ensemble.tables.matches(record["jpeg_tables"])
+        if card["firmware"] == []:
+            card["firmware_family"] = ensemble.tables.family_matches(record["jpeg_tables"])
     if not error:
         card["thumbnail"] = thumbnail(photo.path)
         if devices:
@@ -337,9 +340,13 @@ def _tables_reading(card: dict, model_uses_tables: bool) -> str:
         return "not read: the photo was not answered"
     if evidence == USED:
         return f"written by catalog firmware ({_firmware_names(firmware or [])}); they entered the answer"
+    if evidence == FAMILY:
+        return (f"tables of a catalog firmware's family at another quality ({_firmware_names(card.get('firmware_family') or [])}):"
+                " another quality mode of that firmware, or an encoder scaling the same base table; they entered "
+                "the answer")
     if evidence == UNSEEN:
-        return ("no training photo had these JPEG tables: another camera's firmware, or a re-save by other "
-                "software; they did not enter the answer")
+        return ("no training photo had these JPEG tables or tables of their family: another camera's firmware, or "
+                "a re-save by other software; they did not enter the answer")
     if (card["inspection"] or {}).get("format") not in (None, "JPEG"):
         return "not a JPEG: no quantization tables to read"
     if card["flag_from_name"]:
