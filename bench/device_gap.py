@@ -6,12 +6,13 @@ that accepts 95% of its held-out photos rejects many photos of the same model's 
 that situation from the zoo: per camera model, `--train` photos of the first device train the model and its other
 photos are the validation (same device, held out); the photos of every other device are the questioned ones.
 The real stage functions run (prepare -> train smallcnn -> evaluate, which fits the kNN threshold on validation:
-with no unseen devices in validation, camid's single-device rule, camid.inference.openset.single_device_threshold);
-then both groups of photos are scored as served, and the bench prints the share of the other devices' photos that
-three thresholds accept: the plain quantile (95% of the same device's held-out photos), the bundle's (the lower of
-that and the midpoint between the same-device median and the median of the same photos' scores against the other
-cameras' training photos), and, for scale, the median minus 2 to 8 robust standard deviations of the same-device
-scores (1.4826 x their median absolute deviation).
+with no unseen devices in validation, camid's single-device rule, camid.inference.openset.camera_thresholds: each
+camera's own threshold); then both groups of photos are answered as served (`camid predict --full-image`, with the
+JPEG tables and from the pixels alone), and the bench prints the other devices' closest-camera accuracy and the
+share the bundle's rule accepts; then, on the bank-wide kNN score, the share of the other devices' photos that
+other thresholds would accept: the plain quantile (95% of the same device's held-out photos) and, for scale, the
+median minus 2 to 8 robust standard deviations of the same-device scores (1.4826 x their median absolute
+deviation).
 
     python bench/device_gap.py                                   # 16 photos per device, 10 train, make-run budget
     python bench/device_gap.py --images-per-device 12 --train 8 --epochs 6 --steps 40       # quicker
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from camid.config import load_params
     from camid.data.cache import prepare
     from camid.data.synth import synthesize
-    from camid.inference.answers import score_photos
+    from camid.inference.answers import answer_photos, score_photos
     from camid.inference.ensemble import Ensemble
     from camid.inference.openset import fit_threshold, knn_score
     from camid.stages.evaluate import evaluate
@@ -96,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
             same = knn(pd.concat(parts["val"]).path)
             other = knn(pd.concat(parts["test"]).path)
+            # The answers as served (camid predict --full-image): the bundle's own rule (one reference device per
+            # model: each camera's threshold, openset.camera_thresholds), with the tables and from the pixels alone.
+            questioned = pd.concat(parts["test"])
+            served = {name: answer_photos(ensemble, [str(p) for p in questioned.path], {"jpeg_tables": tables})
+                      for name, tables in (("served", True), ("pixels only", False))}
+            held_out = answer_photos(ensemble, [str(p) for p in pd.concat(parts["val"]).path], {"jpeg_tables": False})
 
     threshold = fit_threshold(same, 0.95)
-    served = ensemble.open_set["knn_threshold"]["photo"]
+    served_cut = ensemble.open_set["knn_threshold"]["photo"]
     sigma = robust_sigma(same)
     z = (np.median(same) - np.quantile(other, 0.05)) / sigma
     print(f"\ncamid device-gap bench: {len(catalog.labels)} camera models, one reference device each "
@@ -108,11 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kNN score (cosine to the 5th nearest training photo): same device median {np.median(same):.4f}, "
           f"robust sigma {sigma:.4f}; other devices median {np.median(other):.4f}, 5th percentile "
           f"{np.quantile(other, 0.05):.4f}; the bundle's rule: {ensemble.open_set.get('reference')} "
-          f"{ensemble.open_set.get('single_device', {})}")
+          f"{ {k: round(v['threshold'], 4) for k, v in ensemble.open_set.get('single_device', {}).items()} }")
+    truth = questioned["label"].to_numpy()
+    for name, table in served.items():
+        print(f"answers as served, {name}: other devices' closest camera right "
+              f"{np.mean(table.closest_camera.to_numpy() == truth):.3f}, accepted (the bundle's rule, "
+              f"{ensemble.open_set.get('reference')}) {np.mean(~table.unknown.to_numpy(bool)):.3f}")
+    print(f"the reference devices' own held-out photos accepted (pixels only): "
+          f"{np.mean(~held_out.unknown.to_numpy(bool)):.3f}")
     print(f"plain threshold (accepts 95% of the same device's held-out photos) {threshold:.4f}: other devices "
           f"accepted {np.mean(other >= threshold):.3f}")
-    print(f"the bundle's threshold {served:.4f}: other devices accepted {np.mean(other >= served):.3f}, same device "
-          f"{np.mean(same >= served):.3f}")
+    print(f"the bank-wide quantile {served_cut:.4f}: other devices accepted {np.mean(other >= served_cut):.3f}, same "
+          f"device {np.mean(same >= served_cut):.3f}")
     print(f"(the other devices' 5th percentile lies {z:.2f} robust sigmas below the same-device median)")
     for candidate in (2.0, 4.0, 8.0):
         cut = min(threshold, np.median(same) - candidate * sigma)

@@ -112,6 +112,7 @@ class SplitParams:
     seed: int = 7
     val_fraction: float = 0.25
     test_fraction: float = 0.25
+    photo_fraction: float = 0.15     # cameras of fewer than 3 devices: photos held out for val and for test, each
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class TrainParams:
     dropout: tuple[float, ...] = (0.3,)
     manipulation_prob: float = 0.5
     crops_per_decode: int = 8
+    cfa_flips: bool = False          # the diagonal flip that keeps a camera's CFA layout, where its photos show it
     aux_weight: float = 0.2
     lr_factor: float = 0.5
     lr_patience: int = 3

@@ -91,6 +91,41 @@ def test_rot90_only_for_cameras_that_allow_it(cache, catalog):
     assert rotated["Aster-A1"] > 0 and rotated["Corvid-C3"] > 0
 
 
+def test_the_diagonal_flip_that_keeps_a_cameras_layout_turns_half_its_patches_and_no_other_cameras(
+        cache, catalog, tmp_path):
+    """The prepare stage's phase measures say Boreal-B7's photos keep their layout under the transpose (as a BGGR
+    sensor's do) and the other cameras' photos tell nothing: about half of Boreal-B7's patches come transposed
+    (column-constant, its photos being row-constant ramps), no other non-rotating camera's, and none without
+    `cfa_flips`."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    index = read_index(copy, "train")
+    boreal = index["label"] == "Boreal-B7"
+    index.loc[boreal, ["phase_transpose", "phase_anti"]] = (0.01, 0.30)
+    index.loc[~boreal, ["phase_transpose", "phase_anti"]] = (0.01, 0.012)
+    index.to_parquet(copy / "train" / "index.parquet", index=False)
+
+    def transposed(dataset) -> dict[str, list[bool]]:
+        found = {"Boreal-B7": [], "Dune-D5": []}
+        for i in range(len(dataset)):
+            inputs, targets = dataset[i]
+            for image, camera in zip(inputs["image"], targets["camera"]):
+                label = catalog.labels[camera]
+                if label in found:
+                    found[label].append(bool(np.abs(image - image[:1]).max()))  # rows differ: turned
+        return found
+
+    flipped = patches(copy, catalog, batch_size=64, manipulation_prob=0.0, cfa_flips=True)
+    assert flipped.flip_views == {"Boreal-B7": "flip_rot90"}
+    found = transposed(flipped)
+    assert 0.3 < np.mean(found["Boreal-B7"]) < 0.7 and not any(found["Dune-D5"])
+    plain = patches(copy, catalog, batch_size=64, manipulation_prob=0.0, cfa_flips=False)
+    assert not any(transposed(plain)["Boreal-B7"])
+    assert patches(cache, catalog, cfa_flips=True).flip_views == {}  # the module's ramps show no CFA trace
+
+
 def test_deterministic_per_seed_epoch_and_batch(cache, catalog):
     first, second = patches(cache, catalog), patches(cache, catalog)
     later = first[3]

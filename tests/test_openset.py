@@ -238,3 +238,67 @@ def test_the_knn_ground_rejects_photos_whose_features_are_unlike_the_training_ph
     crops = [grid_crops(decode_image(open(p, "rb").read()), ensemble.patch, 0) for p in train.path[:4]]
     feats = ensemble.predict_photos(crops, [False] * 4, tta=False).features
     np.testing.assert_allclose(knn_score(feats, ensemble.bank["photo"], k=1), 1.0, atol=1e-4)
+
+
+def test_one_reference_device_gets_a_threshold_of_its_own_halfway_on_a_log_scale_to_the_other_cameras():
+    """Camera 0's held-out reference photos lie at cosine distance about 0.004 from its training photos, camera 1's
+    photos at about 0.9: its threshold is the score at the geometric mean of the two median distances, far looser
+    than the quantile of its own photos; a camera with validation photos only of its own keeps the quantile."""
+    from camid.inference.openset import camera_knn_score, camera_thresholds, fit_threshold, log_midpoint, unit
+
+    def around(direction, distance, n, seed):  # unit rows at about `distance` (1 - cosine) from `direction`
+        rng = np.random.default_rng(seed)
+        direction = unit(np.asarray(direction, dtype=np.float32)[None])[0]
+        noise = unit(rng.normal(size=(n, len(direction))).astype(np.float32))
+        noise -= (noise @ direction)[:, None] * direction  # orthogonal to the direction
+        angle = np.arccos(1 - distance * rng.uniform(0.8, 1.2, size=n))
+        return unit(np.cos(angle)[:, None] * direction + np.sin(angle)[:, None] * unit(noise))
+
+    a, b = np.eye(8, dtype=np.float32)[0], np.eye(8, dtype=np.float32)[1]
+    bank = np.concatenate([around(a, 0.002, 12, 0), around(b, 0.002, 12, 1)])
+    bank_labels = np.array([0] * 12 + [1] * 12)
+    val = np.concatenate([around(a, 0.004, 6, 2), around(b, 0.004, 6, 3)])
+    labels = np.array([0] * 6 + [1] * 6)
+    fitted = camera_thresholds(val, labels, bank, bank_labels, [0, 1], accept=0.95)
+    own = camera_knn_score(val[:6], [0] * 6, bank, bank_labels)
+    other = camera_knn_score(val[6:], [0] * 6, bank, bank_labels)
+    assert fitted[0]["quantile"] == pytest.approx(fit_threshold(own, 0.95))
+    expected = 1 - np.sqrt((1 - np.median(own)) * (1 - np.median(other)))
+    assert log_midpoint(own, other) == pytest.approx(expected)
+    assert fitted[0]["threshold"] == pytest.approx(min(fit_threshold(own, 0.95), expected))
+    assert fitted[0]["threshold"] < fitted[0]["quantile"] - 0.01  # room for another device of the model
+    another_device = camera_knn_score(around(a, 0.02, 20, 4), [0] * 20, bank, bank_labels)  # 5x as far
+    another_model = camera_knn_score(around(unit(a + b), 0.05, 20, 5), [0] * 20, bank, bank_labels)
+    assert (another_device >= fitted[0]["threshold"]).all() and (another_model < fitted[0]["threshold"]).all()
+    alone = camera_thresholds(val[:6], labels[:6], bank, bank_labels, [0, 1], accept=0.95)
+    assert set(alone) == {0} and alone[0]["threshold"] == alone[0]["quantile"]
+    assert alone[0]["other_cameras_median"] is None
+
+
+def test_a_photo_whose_closest_camera_has_its_own_threshold_is_judged_against_that_camera(knn_bundle, tiny_model):
+    from camid.inference.openset import camera_knn_score
+
+    bundle, images, probe, margin, cut = knn_bundle
+    ensemble = Ensemble.load(bundle)
+    from camid.core.imageio import decode_image
+    from camid.core.patches import grid_crops
+
+    crops = [grid_crops(decode_image(b), ensemble.patch, 0) for b in images]
+    pred = ensemble.predict_photos(crops)
+    closest = pred.probs.argmax(1)
+    own = camera_knn_score(pred.features, closest, ensemble.bank["photo"], ensemble.bank["photo_labels"])
+    first = ensemble.labels[int(closest[0])]
+    per_camera = {first: float(own[0]) + 1e-6}  # just above the first photo's own score: it is rejected
+    rule = {**ensemble.open_set, "knn_threshold_camera": per_camera}
+    Ensemble.set_confidence(bundle, {}, rule)
+    judged = Ensemble.load(bundle)
+    counts = [len(c) for c in crops]
+    new = judged.open_set_margin(pred.probs, counts, pred.tables_evidence, pred.features)
+    mine = closest == int(closest[0])
+    np.testing.assert_allclose(new[mine], own[mine] - per_camera[first], atol=1e-9)
+    np.testing.assert_allclose(new[~mine], margin[~mine] - cut, atol=1e-9)  # the others: the bank-wide rule
+    assert judged.is_unknown(pred.probs, counts, pred.tables_evidence, pred.features)[0]
+    # A single patch keeps the bank-wide rule.
+    one = judged.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])
+    assert one[0] == pytest.approx(float(ensemble.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])[0]))
+    Ensemble.set_confidence(bundle, {}, ensemble.open_set)  # the module's fixture as it was

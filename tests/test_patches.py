@@ -59,3 +59,35 @@ def test_bad_requests_are_clear_errors():
         grid_offsets((288, 384), 64, 0)
     with pytest.raises(CamidError, match="cannot cut"):
         grid_offsets((32, 384), 64, 4)
+
+
+def _mosaicked(cfa: str, demosaic: str, seed: int, shape=(240, 320)) -> np.ndarray:
+    """A smooth random scene through a Bayer mosaic of `cfa` and the zoo's `demosaic`, as uint8 (H, W, 3)."""
+    from scipy import ndimage
+
+    from camid.data.synth import DEMOSAIC, _cfa_masks
+
+    rng = np.random.default_rng(seed)
+    scene = np.stack([ndimage.gaussian_filter(rng.random(shape), 1.5) for _ in range(3)], axis=-1)
+    scene = (scene - scene.min()) / (scene.max() - scene.min())
+    masks = _cfa_masks(cfa, *shape)
+    mosaic = (scene * np.moveaxis(masks, 0, -1)).sum(axis=-1) + rng.normal(0, 0.004, shape)
+    return np.clip(DEMOSAIC[demosaic](mosaic, masks) * 255, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("demosaic", ["bilinear", "edge_directed", "smooth_hue"])
+def test_the_phase_keeping_flip_is_read_off_the_pixels_and_turns_with_the_photo(demosaic):
+    """The transpose keeps RGGB and BGGR, the anti-transpose GRBG and GBRG; a photo stored a quarter turn round
+    shows the other layout family; a photo with no CFA trace tells nothing."""
+    from camid.core.patches import (ANTI_TRANSPOSE, TRANSPOSE, d4_view, phase_keeping_view, phase_symmetry)
+
+    for seed, (cfa, view) in enumerate([("RGGB", TRANSPOSE), ("BGGR", TRANSPOSE), ("GRBG", ANTI_TRANSPOSE),
+                                        ("GBRG", ANTI_TRANSPOSE)]):
+        photo = _mosaicked(cfa, demosaic, seed)
+        assert phase_keeping_view(*phase_symmetry(photo)) == view, cfa
+        assert phase_keeping_view(*phase_symmetry(np.rot90(photo))) == ({TRANSPOSE, ANTI_TRANSPOSE} - {view}).pop()
+        kept = d4_view(photo[None, :240, :240], view)[0]  # the flip that keeps the layout keeps the measure
+        assert phase_keeping_view(*phase_symmetry(kept)) == view
+    smooth = np.repeat(np.random.default_rng(9).integers(0, 256, (120, 160, 1), dtype=np.uint8), 2, axis=0)
+    assert phase_keeping_view(*phase_symmetry(np.repeat(np.repeat(smooth, 2, axis=1), 3, axis=2)[:240])) is None
+    assert phase_keeping_view(0.01, 0.02) is None and phase_keeping_view(0.3, 0.2) is None  # too weak, too alike

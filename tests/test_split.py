@@ -77,6 +77,22 @@ def test_few_devices_fall_back_to_a_photo_split_and_say_so(tmp_path, caplog):
     assert "device identification" in caplog.text and "Cam-B" in caplog.text
 
 
+def test_a_photo_split_holds_out_photo_fraction_for_val_and_for_test():
+    """One reference device: every photo held out is one training cannot use, and its test figure measures the
+    device whatever its size, so a photo split holds out `photo_fraction` (0.15) each, not the device shares."""
+    one = pd.DataFrame({"path": [f"p{i:02d}" for i in range(40)], "label": "Cam-A", "device": "serial:ONLY"})
+    sets, modes = device_split(one, 0.25, 0.25, seed=3)
+    assert modes == {"Cam-A": "photo_split"}
+    assert {name: len(table) for name, table in sets.items()} == {"train": 28, "val": 6, "test": 6}
+    two = pd.DataFrame({"path": [f"p{i:02d}" for i in range(40)], "label": "Cam-A",
+                        "device": ["serial:A"] * 30 + ["serial:B"] * 10})
+    sets, modes = device_split(two, 0.25, 0.25, seed=3, photo_fraction=0.2)
+    assert modes == {"Cam-A": "val_photo_split"} and len(sets["test"]) in (10, 30)
+    assert len(sets["val"]) == round(0.2 * (40 - len(sets["test"])))
+    with pytest.raises(CamidError, match="photo_fraction"):
+        device_split(one, 0.25, 0.25, seed=3, photo_fraction=0.5)
+
+
 def test_photos_of_unknown_devices_only_ever_train():
     files = pd.DataFrame({"path": [f"p{i}" for i in range(12)], "label": "Cam-A",
                           "device": ["d0", "d1", "d2", "d3"] * 2 + [""] * 4})

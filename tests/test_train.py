@@ -51,9 +51,18 @@ def artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
 
 def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     use_tracking(monkeypatch, tmp_path)
-    settings = tiny_train(params.train, epochs=2)
+    import camid.data.dataset as dataset_module
+
+    decodes = []  # training photos decoded: the batches come in order, so a group decodes each photo once
+    real = dataset_module.decode_photo
+    monkeypatch.setattr(dataset_module, "decode_photo", lambda *a, **k: decodes.append(a[0]) or real(*a, **k))
+    settings = tiny_train(params.train, epochs=2, steps_per_epoch=16, crops_per_decode=2)
     out = tmp_path / "models" / "smallcnn"
     summary = train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog)
+    train_photos = set(pd.read_parquet(zoo.cache / "train" / "index.parquet").path)
+    # 2 epochs x 8 groups of at most 4 distinct photos each, and Keras' look at the first batches before it starts
+    # (epoch 0's group 0, and group 1 decoded ahead); batches asked for out of order would decode groups again
+    assert len([p for p in decodes if p in train_photos]) <= (2 * 8 + 2) * settings.batch_size
 
     client = mlflow.MlflowClient()
     run = only_run()

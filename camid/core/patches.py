@@ -4,8 +4,15 @@ A camera's sensor sits behind a 2x2 colour filter array (CFA); demosaicing leave
 2-pixel period, which is much of what a camera-model classifier learns. A crop whose offset is odd along an
 axis shifts that pattern by one pixel (an RGGB layout would read GRBG), so every crop here starts at even
 offsets: a training patch then shows the CFA phase the camera itself produced, as the test set's centre crops
-did. Flips and odd shifts are never used for the same reason; rot90 is allowed only for cameras whose photos
-come in both orientations (see camid.data.dataset).
+did. Odd shifts are never used for the same reason; rot90 is allowed only for cameras whose photos come in both
+orientations (see camid.data.dataset).
+
+Of the eight symmetries of the square (`D4`), two keep some layouts: the transpose (`flip_rot90`) maps the 2x2
+phases (0,1) and (1,0) onto each other and keeps (0,0) and (1,1), so it keeps RGGB and BGGR (the greens swap with
+greens); the anti-transpose (`flip_rot270`) keeps (0,1) and (1,0) and swaps (0,0) with (1,1), so it keeps GRBG and
+GBRG. Which one keeps a camera's layout is read off its photos (`phase_symmetry`): demosaicing leaves the red and
+blue channels' high-pass energy different at a colour's own sites and at the sites it was interpolated to, so the
+flip that keeps the layout leaves their per-phase energies unchanged and the other swaps them.
 """
 from __future__ import annotations
 
@@ -14,6 +21,51 @@ import math
 import numpy as np
 
 from camid.errors import CamidError
+
+# View k is: mirror left-right when k >= 4, then rotate by (k % 4) quarter turns counter-clockwise.
+D4 = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
+TRANSPOSE, ANTI_TRANSPOSE = D4.index("flip_rot90"), D4.index("flip_rot270")
+SYMMETRY_SIDE = 1024     # phase_symmetry reads the central SYMMETRY_SIDE x SYMMETRY_SIDE pixels (at even offsets)
+SYMMETRY_MIN = 0.05      # a layout is read only where the flip that breaks it changes the energies this much ...
+SYMMETRY_RATIO = 3.0     # ... and this many times as much as the other flip does
+
+
+def d4_view(images: np.ndarray, view: int) -> np.ndarray:
+    """One D4 symmetry (an index into `D4`) applied to every image of a (N, H, W, C) batch."""
+    if view >= 4:
+        images = images[:, :, ::-1]
+    return np.rot90(images, view % 4, axes=(1, 2))
+
+
+def phase_symmetry(img: np.ndarray) -> tuple[float, float]:
+    """How much the transpose and the anti-transpose change the CFA phase structure of an (H, W, 3) photo as stored:
+    for each flip, the summed absolute difference of the red and blue channels' log mean high-pass energy
+    (|4x - its 4 neighbours|) between the 2x2 phases the flip maps onto each other, over the central
+    SYMMETRY_SIDE pixels. Small for the flip that keeps the layout; both small where the pixels show no CFA trace
+    (a downscaled photo, heavy compression)."""
+    top, left = centre_offsets(img.shape, min(SYMMETRY_SIDE, _even(min(img.shape[:2]))))
+    side = min(SYMMETRY_SIDE, _even(min(img.shape[:2])))
+    x = np.asarray(img[top:top + side, left:left + side], dtype=np.float32)
+    energy = np.empty((2, 2, 2))  # channel (red, blue), row phase, column phase
+    for c, channel in enumerate((x[..., 0], x[..., 2])):
+        high = np.abs(4 * channel[1:-1, 1:-1] - channel[:-2, 1:-1] - channel[2:, 1:-1] - channel[1:-1, :-2]
+                      - channel[1:-1, 2:])  # high[i, j] is pixel (i + 1, j + 1)
+        for a in range(2):
+            for b in range(2):
+                energy[c, a, b] = high[1 - a::2, 1 - b::2].mean() + 1e-3
+    log = np.log(energy)
+    transpose = float(np.abs(log[:, 0, 1] - log[:, 1, 0]).sum())
+    anti = float(np.abs(log[:, 0, 0] - log[:, 1, 1]).sum())
+    return transpose, anti
+
+
+def phase_keeping_view(transpose: float, anti: float) -> int | None:
+    """The D4 view (TRANSPOSE or ANTI_TRANSPOSE) that keeps the CFA layout `phase_symmetry` measured, or None
+    where the measure does not tell (no trace, or both flips alike)."""
+    low, high = sorted((transpose, anti))
+    if high < SYMMETRY_MIN or high < SYMMETRY_RATIO * low:
+        return None
+    return TRANSPOSE if transpose < anti else ANTI_TRANSPOSE
 
 
 def _check_fits(img: np.ndarray, size: int) -> tuple[int, int]:

@@ -5,7 +5,8 @@ cut CFA-aligned crops from the decoded pixels; what the prepare stage does once 
 down where its crops lie:
 
     OUT/meta.json           patch, crop, labels (catalog order), counts, skipped photos
-    OUT/train/index.parquet one row per photo: image, label, label_index, path, height, width, bytes, sha256
+    OUT/train/index.parquet one row per photo: image, label, label_index, path, height, width, bytes, sha256,
+                            phase_transpose, phase_anti (camid.core.patches.phase_symmetry)
     OUT/val/index.parquet   the same, plus top, left: the photo's centre crop, as the Kaggle test set was made
     OUT/test/index.parquet  (the same)
 
@@ -39,7 +40,7 @@ from camid.errors import CamidError
 from camid.core.fileio import atomic_dir, write_json
 from camid.core.imageio import ImageError, decode_image
 from camid.core.manipulations import max_source_size
-from camid.core.patches import centre_offsets
+from camid.core.patches import centre_offsets, phase_symmetry
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def _check(job: _Job) -> tuple[dict | None, str | None]:
     if height < job.crop or width < job.crop:
         return None, f"{height}x{width} is smaller than the {job.crop}x{job.crop} crop"
     facts = {"height": height, "width": width, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    # How each diagonal flip changes the photo's CFA phase structure (camid.core.patches.phase_symmetry): training
+    # reads off it the flip that keeps its camera's layout.
+    facts["phase_transpose"], facts["phase_anti"] = phase_symmetry(pixels)
     if job.centre:
         facts["top"], facts["left"] = centre_offsets(pixels.shape, job.crop)
     return facts, None
@@ -201,7 +205,8 @@ def prepare(split_dir: str | os.PathLike, out: str | os.PathLike, catalog: Catal
 
 def _index_frame(rows: list[dict], centre: bool) -> pd.DataFrame:
     columns = {"image": "int32", "label": "str", "label_index": "int32", "path": "str", "height": "int32",
-               "width": "int32", "bytes": "int64", "sha256": "str"}
+               "width": "int32", "bytes": "int64", "sha256": "str", "phase_transpose": "float64",
+               "phase_anti": "float64"}
     if centre:
         columns.update({"top": "int32", "left": "int32"})
     frame = pd.DataFrame(rows, columns=list(columns))

@@ -9,15 +9,20 @@ group takes patch b of every photo, so each batch still holds `batch_size` photo
 2. a manipulation with probability `manipulation_prob` (uniform over the eight), else none;
 3. a random crop of `source_size(patch, manipulation)` at even offsets (CFA-aligned, camid.core.patches) from
    anywhere in the photo: every patch has its own position, so training sees all of every photo over time;
-4. rot90 by a random k in 0..3, only for cameras whose catalog entry has rot90: true;
-5. `camid.core.manipulations.apply`, exactly as the test set was made.
+4. with probability 1/2, the diagonal flip that keeps the camera's CFA layout (the transpose for RGGB and BGGR,
+   the anti-transpose for GRBG and GBRG, camid.core.patches), where its training photos show which one it is
+   (`cfa_flips`; read off each photo by the prepare stage and averaged over the camera's photos in landscape
+   orientation, a portrait photo's layout being turned a quarter: cameras without a readable trace get none);
+5. rot90 by a random k in 0..3, only for cameras whose catalog entry has rot90: true;
+6. `camid.core.manipulations.apply`, exactly as the test set was made.
 
-Why rot90 is restricted and flips are never used: no rotation preserves the 2x2 CFA phase (an RGGB layout
-reads GBRG/BGGR/GRBG after a quarter/half/three-quarter turn), so a rotated patch shows the camera a layout it
-never produces unless its photos really are stored in both orientations. For those cameras the rotation is
-exact: native sizes are even, so rot90 of an even-offset crop is an even-offset crop of the rotated photo.
-A flip mirrors the layout (and the lens and demosaicing asymmetries) into something no camera produces.
-Rotation comes before the manipulation, as the photo's orientation came before the test set's processing.
+Why rot90 is restricted and only one diagonal flip is used: no rotation preserves the 2x2 CFA phase (an RGGB
+layout reads GBRG/BGGR/GRBG after a quarter/half/three-quarter turn), so a rotated patch shows the camera a layout
+it never produces unless its photos really are stored in both orientations. For those cameras the rotation is
+exact: native sizes are even, so rot90 of an even-offset crop is an even-offset crop of the rotated photo. A
+left-right or up-down mirror swaps the layout's columns or rows; of the diagonal mirrors one keeps the layout and
+doubles what a photo shows the network, the other swaps red and blue sites. The flip and the rotation come before
+the manipulation, as the photo's orientation came before the test set's processing.
 
 Decoding runs in a pool of `threads` (Pillow and numpy release the GIL), and the next group is decoded while the
 current one trains, so the network does not wait on the decoder when the pool keeps up (bench/input_pipeline.py
@@ -47,7 +52,8 @@ import numpy as np
 from camid.config import Catalog
 from camid.errors import CamidError
 from camid.core.manipulations import MANIPULATIONS, apply, manipulation_index, max_source_size, source_size
-from camid.core.patches import centre_offsets, random_aligned_crop
+from camid.core.patches import (ANTI_TRANSPOSE, D4, TRANSPOSE, centre_offsets, d4_view, phase_keeping_view,
+                                random_aligned_crop)
 from camid.data.cache import check_labels, decode_photo, read_index, read_meta
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,44 @@ class _Group:
         return images, self.cameras.copy(), manipulation
 
 
+def _landscape(index) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's (transpose, anti-transpose) phase measures as a landscape photo would read: a portrait photo's
+    layout is the landscape one turned a quarter, which swaps the flip that keeps it."""
+    portrait = (index["height"] > index["width"]).to_numpy()
+    t, a = index["phase_transpose"].to_numpy(float), index["phase_anti"].to_numpy(float)
+    return np.where(portrait, a, t), np.where(portrait, t, a)
+
+
+def camera_flips(index, cameras: int) -> dict[int, int]:
+    """{camera index: the D4 view that keeps its CFA layout in landscape photos} for the cameras whose training
+    photos tell (camid.core.patches.phase_keeping_view on the mean of their measures); an index without the
+    measures (made before them) tells nothing."""
+    if "phase_transpose" not in index.columns or index.empty:
+        return {}
+    t, a = _landscape(index)
+    labels = index["label_index"].to_numpy()
+    found = {}
+    for camera in range(cameras):
+        rows = labels == camera
+        view = phase_keeping_view(float(t[rows].mean()), float(a[rows].mean())) if rows.any() else None
+        if view is not None:
+            found[camera] = view
+    return found
+
+
+def phase_flips(index, cameras: int) -> np.ndarray:
+    """(photos,) the D4 view that keeps each training photo's CFA layout as stored (its camera's, turned for a
+    portrait photo), -1 where its camera's photos do not tell."""
+    views = camera_flips(index, cameras)
+    swap = {TRANSPOSE: ANTI_TRANSPOSE, ANTI_TRANSPOSE: TRANSPOSE}
+    portrait = (index["height"] > index["width"]).to_numpy() if len(index) else np.zeros(0, bool)
+    out = np.full(len(index), -1)
+    for row, (camera, turned) in enumerate(zip(index["label_index"].to_numpy(), portrait)):
+        if camera in views:
+            out[row] = swap[views[camera]] if turned else views[camera]
+    return out
+
+
 class TrainPatches(keras.utils.PyDataset):
     """Class-balanced, manipulated, CFA-aligned training patches decoded from the training photos;
     `steps_per_epoch` batches per epoch (the recipe and the grouping are in the module's docstring).
@@ -94,7 +138,7 @@ class TrainPatches(keras.utils.PyDataset):
 
     def __init__(self, cache_dir, catalog: Catalog, patch: int, batch_size: int, steps_per_epoch: int,
                  manipulation_prob: float, seed: int, crops_per_decode: int = 8, threads: int | None = None,
-                 workers: int = 1, use_multiprocessing: bool = False, **kwargs):
+                 cfa_flips: bool = False, workers: int = 1, use_multiprocessing: bool = False, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, **kwargs)
         meta = read_meta(cache_dir)
         check_labels(meta, catalog, cache_dir)
@@ -122,6 +166,13 @@ class TrainPatches(keras.utils.PyDataset):
         self._rot90 = np.array([camera.rot90 for camera in catalog.cameras])
         self._paths = index["path"].to_numpy(object)
         self._bytes = index["bytes"].to_numpy(np.int64)
+        self._flip = phase_flips(index, len(catalog)) if cfa_flips else np.full(len(index), -1)
+        # {camera: the flip its photos get, in the orientation most of them are stored in} (for the log)
+        self.flip_views = {}
+        for c, rows in enumerate(self._photos_of):
+            views = self._flip[rows][self._flip[rows] >= 0]
+            if len(views):
+                self.flip_views[catalog.labels[c]] = D4[int(np.bincount(views).argmax())]
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -166,6 +217,8 @@ class TrainPatches(keras.utils.PyDataset):
                 name = (MANIPULATIONS[rng.integers(len(MANIPULATIONS))]
                         if rng.random() < self.manipulation_prob else None)
                 source = random_aligned_crop(pixels, source_size(self.patch, name), rng)
+                if self._flip[photo] >= 0 and rng.random() < 0.5:
+                    source = d4_view(source[None], int(self._flip[photo]))[0]
                 if self._rot90[camera]:
                     source = np.rot90(source, k=int(rng.integers(4)))
                 patches[s, b] = apply(source, name, self.patch)

@@ -134,10 +134,12 @@ class Ensemble:
     def open_set_margin(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
         """(N,) the pixel ground's open-set score minus its threshold (below 0: unlike every catalog camera).
         The score is the kNN typicality of the photo's features against the training photos' (`openset.
-        knn_score`) where the bundle holds a feature bank and `features` are given, else the calibrated top
+        knn_score`) where the bundle holds a feature bank and `features` are given (for a whole photo whose closest
+        camera had one reference device, against that camera's training photos, `openset.camera_knn_score`, and
+        the camera's own threshold, `open_set.knn_threshold_camera`), else the calibrated top
         probability of `probs` (N, C) against the threshold of its setting (as in `calibrate`: one patch or
         many, with or without the JPEG tables, `tables_evidence` per row). NaN for a bundle without a rule."""
-        from camid.inference.openset import confidence, knn_score
+        from camid.inference.openset import camera_knn_score, confidence, knn_score
 
         kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
         knn = self.open_set.get("knn_threshold")
@@ -146,6 +148,16 @@ class Ensemble:
             for kind in set(kinds):
                 rows = np.array([k == kind for k in kinds])
                 margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
+            # A whole photo whose closest camera had one reference device: against that camera's training photos
+            # and its own threshold (openset.camera_thresholds).
+            per_camera = self.open_set.get("knn_threshold_camera") or {}
+            if per_camera and "photo_labels" in self.bank:
+                closest = np.asarray(probs).argmax(axis=1)
+                cut = np.array([per_camera.get(self.labels[c], np.nan) for c in closest], dtype=np.float64)
+                rows = np.array([k == "photo" for k in kinds]) & np.isfinite(cut)
+                if rows.any():
+                    margin[rows] = camera_knn_score(features[rows], closest[rows], self.bank["photo"],
+                                                    self.bank["photo_labels"]) - cut[rows]
             return margin
         thresholds = self.open_set.get("threshold", {})
         if not thresholds:

@@ -119,42 +119,63 @@ def confidence(probs: np.ndarray) -> np.ndarray:
 # Validation scores must come from devices training never saw: a threshold that accepts 95% of the training device's
 # own held-out photos rejects many photos of the same model's other devices (issue 20). Where at least
 # MIN_UNSEEN_DEVICE_PHOTOS validation photos come from unseen devices (cameras the split dealt by device), the
-# thresholds and temperatures are fitted on those alone. Where none do (one reference device per model), the
-# whole-photo threshold is instead placed halfway between two medians, if that is lower than the usual quantile:
-# the validation photos' scores against their own camera's training photos (how like its reference a photo of a
-# known camera is) and against the *other* catalog cameras' training photos (how like the training photos a
-# photo of another model is). Both come from the catalog's own photos, so the rule needs no figure measured
-# elsewhere; bench/device_gap.py measures what it accepts of a model's other devices on the zoo, and the README
-# what it does on real cameras.
+# thresholds and temperatures are fitted on those alone. A camera with one reference device (or two, one of them the
+# test set) has no unseen device in validation: its whole-photo answers are judged instead against that camera's
+# own training photos, with a threshold of its own (`camera_thresholds`). It sits halfway, on a log scale, between
+# two typical cosine distances: of the camera's held-out reference photos to its training photos (how far a photo
+# of the reference device lies), and of the *other* catalog cameras' validation photos to them (how far another
+# model lies). The log scale makes the rule independent of how tightly a network packs its features: on real
+# photos (bench/real_devices.py) another device of a model lay 5-10 times as far as the reference's own held-out
+# photos and other models 50-200 times as far, so the geometric midpoint of the two (the square root of their
+# product) leaves room for the first and not for the second. Both distances come from the catalog's own photos;
+# no figure measured elsewhere is carried in.
 MIN_UNSEEN_DEVICE_PHOTOS = 5
-UNSEEN_DEVICES, SINGLE_DEVICE = "unseen devices", "single device (midpoint)"
+UNSEEN_DEVICES, SINGLE_DEVICE = "unseen devices", "single device (per camera, log midpoint)"
+MIN_DISTANCE = 1e-6  # a floor under cosine distances before their logarithm (identical features)
 
 
-def cross_camera_scores(features: np.ndarray, labels: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray,
-                        k: int = K_NEIGHBOURS) -> np.ndarray:
-    """(N,) each feature row's kNN score against the bank rows of the *other* cameras (NaN with none)."""
-    features, labels, bank_labels = np.asarray(features), np.asarray(labels), np.asarray(bank_labels)
+def camera_knn_score(features: np.ndarray, cameras, bank: np.ndarray, bank_labels: np.ndarray,
+                     k: int = K_NEIGHBOURS) -> np.ndarray:
+    """(N,) each feature row's kNN score against the bank rows of its own camera (`cameras[i]`, an index): the
+    cosine similarity to the k-th nearest training photo of that camera (NaN where it has none)."""
+    features, cameras, bank_labels = np.asarray(features), np.asarray(cameras), np.asarray(bank_labels)
     out = np.full(len(features), np.nan)
-    for camera in np.unique(labels):
-        rows, others = labels == camera, bank_labels != camera
-        if others.any():
-            out[rows] = knn_score(features[rows], bank[others], k)
+    for camera in np.unique(cameras):
+        rows, own = cameras == camera, bank_labels == camera
+        if own.any():
+            out[rows] = knn_score(features[rows], bank[own], k)
     return out
 
 
-def single_device_threshold(own: np.ndarray, other_cameras: np.ndarray, accept: float) -> float:
-    """The whole-photo threshold with one reference device per model: the lower of the quantile that accepts
-    `accept` of the reference devices' held-out photos (`own` scores) and the midpoint between their median and
-    the median of the same photos' scores against the other cameras' training photos."""
-    own = np.asarray(own, dtype=np.float64)
-    other_cameras = np.asarray(other_cameras, dtype=np.float64)
-    other_cameras = other_cameras[np.isfinite(other_cameras)]
-    if not len(own):
-        return 0.0
-    quantile = fit_threshold(own, accept)
-    if not len(other_cameras):
-        return quantile
-    return min(quantile, float(np.median(own) + np.median(other_cameras)) / 2)
+def log_midpoint(own: np.ndarray, other: np.ndarray) -> float:
+    """The score halfway, on a log scale of cosine distance (1 - score), between the medians of two groups of
+    scores: exp of the mean of their log median distances."""
+    distances = [max(1.0 - float(np.median(group)), MIN_DISTANCE) for group in (own, other)]
+    return 1.0 - float(np.exp(np.mean(np.log(distances))))
+
+
+def camera_thresholds(features: np.ndarray, labels: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray,
+                      cameras, accept: float, k: int = K_NEIGHBOURS) -> dict[int, dict]:
+    """For each camera index in `cameras` (those with one reference device), its whole-photo kNN threshold on
+    `camera_knn_score`: the lower of the quantile that accepts `accept` of its validation photos (`features`
+    rows whose `labels` is that camera) and the log midpoint between their median distance to its training photos
+    and the other cameras' validation photos' median distance to them (module comment above). Without other
+    cameras' photos, the quantile alone. {camera: {"threshold", "quantile", "own_median", "other_cameras_median",
+    "photos"}}; a camera without validation photos or training photos is left out."""
+    features, labels, bank_labels = np.asarray(features), np.asarray(labels), np.asarray(bank_labels)
+    fitted = {}
+    for camera in cameras:
+        own_rows, bank_rows = labels == camera, bank_labels == camera
+        if not own_rows.any() or not bank_rows.any():
+            continue
+        own = knn_score(features[own_rows], bank[bank_rows], k)
+        other = knn_score(features[~own_rows], bank[bank_rows], k) if (~own_rows).any() else np.zeros(0)
+        quantile = fit_threshold(own, accept)
+        threshold = min(quantile, log_midpoint(own, other)) if len(other) else quantile
+        fitted[int(camera)] = {"threshold": threshold, "quantile": quantile, "own_median": float(np.median(own)),
+                               "other_cameras_median": float(np.median(other)) if len(other) else None,
+                               "photos": int(own_rows.sum())}
+    return fitted
 
 
 def fit_threshold(scores: np.ndarray, accept: float) -> float:

@@ -12,15 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# View k is: mirror left-right when k >= 4, then rotate by (k % 4) quarter turns counter-clockwise.
-D4 = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
-
-
-def d4_view(images: np.ndarray, view: int) -> np.ndarray:
-    """One D4 symmetry (an index into `D4`) applied to every image of a (N, H, W, C) batch."""
-    if view >= 4:
-        images = images[:, :, ::-1]
-    return np.rot90(images, view % 4, axes=(1, 2))
+from camid.core.patches import D4, d4_view  # noqa: F401  (the symmetries are a core building block; training uses two)
 
 
 def d4_views(images: np.ndarray, views=range(len(D4))) -> np.ndarray:

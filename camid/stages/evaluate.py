@@ -100,7 +100,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     probabilities that accept `settings.open_set_accept` of the validation answers (`camid.inference.openset`);
     whether JPEG tables no training photo had count as "unknown" (`unseen_tables`, with the share of validation
     originals whose tables training saw, `val_tables_seen`); the open-set feature bank of the training photos and
-    the kNN thresholds (`knn_threshold`, per kind) that accept the same share; the metadata rule
+    the kNN thresholds (`knn_threshold`, per kind) that accept the same share, and for each camera with one
+    reference device a whole-photo threshold of its own (`knn_threshold_camera`, `single_device`); the metadata rule
     (`camid.inference.metadata.fit_metadata`: the twins validation's whole photos cannot tell apart by their pixels,
     and how often genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
     rule). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
@@ -108,8 +109,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     from camid.inference.metadata import fit_metadata
     from camid.data.cache import read_meta
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
-                                         UNSEEN_DEVICES, confidence, cross_camera_scores, fit_threshold, knn_score,
-                                         single_device_threshold)
+                                         UNSEEN_DEVICES, camera_thresholds, confidence, fit_threshold, knn_score)
 
     val = val or validation_scores(ensemble, cache, settings)
     evalset, labels = val.evalset, np.asarray(val.evalset.labels)
@@ -173,18 +173,18 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     if bank is not None and val.features is not None and scores.features is not None:
         patch_scores = knn_score(val.features[originals], bank["patch"])
         photo_scores = knn_score(scores.features[ok], bank["photo"])
-        if basis == UNSEEN_DEVICES:
-            knn = {"patch": fit_threshold(patch_scores[unseen["patch"]], settings.open_set_accept),
-                   "photo": fit_threshold(photo_scores[unseen["photo"]], settings.open_set_accept)}
-        else:  # one reference device per model: whole photos halfway to the other cameras (openset.py)
-            other = cross_camera_scores(scores.features[ok], y, bank["photo"], bank["photo_labels"])
-            knn = {"patch": fit_threshold(patch_scores, settings.open_set_accept),
-                   "photo": single_device_threshold(photo_scores, other, settings.open_set_accept)}
-            rule["single_device"] = {"own_median": float(np.median(photo_scores)) if len(photo_scores) else None,
-                                     "other_cameras_median": float(np.nanmedian(other)) if np.isfinite(other).any()
-                                     else None, "quantile": fit_threshold(photo_scores, settings.open_set_accept)}
+        rows = unseen if basis == UNSEEN_DEVICES else {kind: slice(None) for kind in unseen}
+        knn = {"patch": fit_threshold(patch_scores[rows["patch"]], settings.open_set_accept),
+               "photo": fit_threshold(photo_scores[rows["photo"]], settings.open_set_accept)}
+        # Cameras with one reference device: whole photos against that camera's own training photos, each with a
+        # threshold halfway (log scale) to the other cameras (camid.inference.openset.camera_thresholds).
+        single = [c for c in range(len(ensemble.labels)) if not by_device[c]]
+        per_camera = camera_thresholds(scores.features[ok], y, bank["photo"], bank["photo_labels"], single,
+                                       settings.open_set_accept)
         rule.update(score=KNN_SCORE, k=K_NEIGHBOURS,
-                    bank_size={k: int(len(v)) for k, v in bank.items() if k != "photo_labels"}, knn_threshold=knn)
+                    bank_size={k: int(len(v)) for k, v in bank.items() if k != "photo_labels"}, knn_threshold=knn,
+                    knn_threshold_camera={ensemble.labels[c]: fit["threshold"] for c, fit in per_camera.items()},
+                    single_device={ensemble.labels[c]: fit for c, fit in per_camera.items()})
     return temperature, rule, bank, metadata
 
 
@@ -311,6 +311,12 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         metrics.update(selection)
         metrics["full_image"], photo_answers = full_image_report(ensemble, cache)
         metrics["metadata"] = ensemble.metadata
+        # Which open-set rule the answers rest on: validation photos of unseen devices, or (cameras with one
+        # reference device) each camera's own threshold, and whether unseen JPEG tables count as unknown.
+        rule = ensemble.open_set
+        metrics["open_set_rule"] = {key: rule[key] for key in ("reference", "reference_devices", "single_device",
+                                                               "unseen_tables", "val_tables_seen")
+                                    if key in rule and rule[key] == rule[key]}  # NaN (no JPEG in val): left out
         metrics["split_summary"] = read_meta(cache).get("split", {})
         metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))
         tracking.log_params({"members": ",".join(ensemble.names), "tta": settings.tta, "blend": settings.blend,

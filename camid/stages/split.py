@@ -24,7 +24,10 @@ sets, so no device appears in two of them:
 - a camera with three devices or more gets at least one in each set (`test_fraction` and `val_fraction` of
   them, rounded, at least one each); with two, one device is the test set and validation is a photo split of
   the other; with one (or none known), all three are photo splits. Those fallbacks are named per camera in
-  the summary and in `metrics/split.json`, since their test figure then measures device identification.
+  the summary and in `metrics/split.json`, since their test figure then measures device identification. A photo
+  split holds out `photo_fraction` of the camera's photos for validation and as much for test (at least one
+  each), less than a device split's shares: with one reference device per model, a test figure on its own
+  photos measures device identification whatever its size, and every photo held out is one training cannot use.
 
 Input is the filter stage's output (`<filtered>/<label>/...`, read recursively) and the raw folder's manifest
 where there is one; output is `train.csv`,
@@ -42,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camid.config import load_params
+from camid.config import SplitParams, load_params
 from camid.errors import CamidError
 from camid.core.fileio import atomic_dir, write_json
 from camid.core.imageio import list_labelled
@@ -56,6 +59,8 @@ MODES = {
     "photo_split": "one device (or none known): photos of it in all three sets",
 }
 
+
+PHOTO_FRACTION = SplitParams.photo_fraction  # params.yaml's default (camid.config), for callers that pass none
 
 # Sources of device identity, in the order they are tried; a device id is "<source>:<id>" ("" is unknown).
 DEVICE_SOURCES = ("folder", "manifest", "owner", "serial")
@@ -156,9 +161,11 @@ def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator
     return photos.iloc[order[n_held:]], photos.iloc[order[:n_held]]
 
 
-def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float,
-                 rng: np.random.Generator) -> tuple[dict[str, pd.DataFrame], str]:
-    """One camera's photos (columns path, label, device) dealt to SETS; returns the sets and the mode."""
+def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float, rng: np.random.Generator,
+                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], str]:
+    """One camera's photos (columns path, label, device) dealt to SETS; returns the sets and the mode. With three
+    devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo splits holding out
+    `photo_fraction` of the photos for each held-out set."""
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]
     ids = np.array(sorted(known["device"].unique()))
@@ -176,25 +183,29 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
         held_device = rng.permutation(ids)[0]
         test = known[known["device"] == held_device]
         rest = pd.concat([known[known["device"] != held_device], unknown])
-        train, val = _photo_split(rest, val_fraction / (1 - test_fraction), rng)
+        train, val = _photo_split(rest, photo_fraction, rng)
         if len(train) and len(val):
             return {"train": train, "val": val, "test": test}, "val_photo_split"
-    rest, test = _photo_split(photos, test_fraction, rng)
-    train, val = _photo_split(rest, val_fraction / (1 - test_fraction), rng)
+    rest, test = _photo_split(photos, photo_fraction, rng)
+    train, val = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
     return {"train": train, "val": val, "test": test}, "photo_split"
 
 
-def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float,
-                 seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Split `files` (path, label, device) per camera; returns {set: table} and {label: mode}."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
                          "between 0 and 1, and leave some photos for training")
+    if not 0 < photo_fraction < 0.5:
+        raise CamidError(f"split.photo_fraction ({photo_fraction}) must be between 0 and 0.5: it is held out twice "
+                         "(validation and test) and must leave photos for training")
     rng = np.random.default_rng(seed)
     parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SETS}
     modes = {}
     for label, photos in files.groupby("label", sort=True):
-        sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng)
+        sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng,
+                                          photo_fraction)
         for name in SETS:
             parts[name].append(sets[name])
     tables = {name: pd.concat(parts[name])[["path", "label", "device"]].sort_values("path").reset_index(drop=True)
@@ -217,13 +228,13 @@ def summarize(tables: dict[str, pd.DataFrame], modes: dict[str, str]) -> dict:
 
 
 def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, test_fraction: float, seed: int,
-          metrics_file: Path | None = None, raw: Path | None = None) -> dict:
+          photo_fraction: float = PHOTO_FRACTION, metrics_file: Path | None = None, raw: Path | None = None) -> dict:
     """Split the photos under `filtered`; `raw` is the raw folder whose manifest (if any) names devices."""
     files = list_labelled(Path(filtered), labels)
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
     files["device"] = devices(files, Path(filtered), raw)
-    tables, modes = device_split(files, val_fraction, test_fraction, seed)
+    tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction)
     summary = summarize(tables, modes)
     with atomic_dir(out) as tmp:
         for name, table in tables.items():
@@ -253,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = load_params()
     summary = split(args.filtered, args.out, params.catalog.labels, val_fraction=params.split.val_fraction,
-                    test_fraction=params.split.test_fraction, seed=params.split.seed, metrics_file=args.metrics,
+                    test_fraction=params.split.test_fraction, seed=params.split.seed,
+                    photo_fraction=params.split.photo_fraction, metrics_file=args.metrics,
                     raw=args.raw)
     print(f"split: {', '.join(f'{n} {name}' for name, n in summary['photos'].items())} photos; "
           + ("no device in two sets" if summary["device_disjoint"] else

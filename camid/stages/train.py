@@ -172,7 +172,11 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
 
     data = TrainPatches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
                         steps_per_epoch=train.steps_per_epoch, manipulation_prob=train.manipulation_prob,
-                        seed=train.seed, crops_per_decode=train.crops_per_decode)
+                        seed=train.seed, crops_per_decode=train.crops_per_decode,
+                        cfa_flips=train.cfa_flips)
+    if train.cfa_flips:
+        log.info("CFA layout kept by a diagonal flip (the photos as most are stored): %s", ", ".join(
+            f"{label} {view}" for label, view in data.flip_views.items()) or "no camera's photos show which")
     data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
     # The validation rows, their pixels built chunk by chunk at each scoring: memory for one chunk, not the split.
     evalset = eval_stream(cache, split="val", patch=train.patch, batch_size=train.batch_size)
@@ -183,8 +187,10 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         # The settings in use under their params.yaml keys (as `dvc params diff` names them), apart from the
         # bare names `mlflow run` logs for its entry point's parameters ('' when unset).
         settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
+        flips = ",".join(f"{label}:{view}" for label, view in data.flip_views.items()) or "none"
         tracking.log_params({"arch": arch, **settings, "cache_patch": meta["patch"], "num_classes": len(labels),
-                           "train_photos": meta["splits"]["train"]["photos"], "val_images": len(np.unique(evalset.image_id))})
+                           "train_photos": meta["splits"]["train"]["photos"], "val_images": len(np.unique(evalset.image_id)),
+                           "cfa_flip_views": flips})
         if finished:
             continue_run(work / "mlflow_run_id", done)
         write_text(work / "mlflow_run_id", active.info.run_id)
@@ -195,7 +201,10 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         log.info("training %s (%s parameters) for up to %d epochs of %d steps", arch,
                  f"{model.count_params():,}", train.epochs, train.steps_per_epoch)
         if finished < train.epochs and not state["stopped"]:
-            model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2,
+            # In order (shuffle=False): every batch already holds random photos, and the batches of a group share
+            # one decode per photo (camid.data.dataset), which Keras' shuffled order would repeat for nearly
+            # every batch (3x slower on 2-MP photos).
+            model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2, shuffle=False,
                       callbacks=make_callbacks(evalset, train, work, data, backup))
         if not chief:  # the chief scores the best checkpoint and writes the outputs
             log.info("%s: worker %d of %d done; the chief writes the model", arch, cluster.rank, cluster.workers)

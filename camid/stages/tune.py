@@ -59,9 +59,11 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
             data = TrainPatches(cache, catalog, patch=patch, batch_size=base.batch_size,
                                 steps_per_epoch=base.steps_per_epoch,
                                 manipulation_prob=hp.get("manipulation_prob"), seed=base.seed,
-                                crops_per_decode=base.crops_per_decode)
+                                crops_per_decode=base.crops_per_decode,
+                                cfa_flips=base.cfa_flips)
             evalset = eval_stream(cache, split="val", patch=patch, batch_size=base.batch_size)
             callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
+            kwargs["shuffle"] = False  # in order: a group of batches shares its decodes (as in the train stage)
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
 
     return CamidHyperModel()

@@ -26,12 +26,14 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from tqdm import tqdm
 
-from camid.config import PARAMS_FILE, FilterParams, load_params, load_raw
+from camid.config import PARAMS_FILE, FilterParams, SplitParams, load_params, load_raw
 from camid.errors import CamidError
 from camid.forensics.inspect import error_kind, inspect_paths
+from camid.tools.plan import PLANNED_ARCH, Photos, plan_training
 from camid.tools.profile import set_params
 
 MIN_DEVICES = 3  # one each for train, validation and test
+DEFAULT_MINUTES = 15.0  # the training plan's budget for the whole `dvc repro` (camid.tools.plan)
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -195,9 +197,44 @@ def _folder_setting(folder: str, params_path: str) -> str:
     return os.path.relpath(os.path.abspath(folder), os.path.dirname(os.path.abspath(params_path)))
 
 
+def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams) -> Photos:
+    """How the split stage will deal the usable photos (camid.stages.split: devices where a camera has three or
+    more, else photo splits of `photo_fraction`), as counts for the training plan."""
+    train = held = val = 0
+    pixels = []
+    for records in records_by_label.values():
+        kept = usable(records)[0]
+        pixels += [r["height"] * r["width"] / 1e6 for r in kept]
+        n, devices = len(kept), Counter(r["device"] for r in kept if r["device"])
+        if len(devices) >= MIN_DEVICES:
+            n_val, n_test = round(n * split.val_fraction), round(n * split.test_fraction)
+        elif len(devices) == 2:
+            n_test = min(devices.values())
+            n_val = round((n - n_test) * split.photo_fraction)
+        else:
+            n_val = n_test = round(n * split.photo_fraction)
+        train, held, val = train + n - n_val - n_test, held + n_val + n_test, val + n_val
+    return Photos(train=train, held_out=held, val=val, megapixels=sum(pixels) / max(1, len(pixels)))
+
+
+def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float) -> tuple[dict, list[str]]:
+    """The training plan's params.yaml keys and its lines (camid.tools.plan), or none where the active backbones
+    are not the one the plan's costs were measured with."""
+    photos = expected_photos(records_by_label, params.split)
+    if tuple(params.train.archs) != (PLANNED_ARCH,):
+        return {}, [f"no training plan: train.archs is {list(params.train.archs)}, and the plan's costs are measured "
+                    f"for {PLANNED_ARCH} alone; set train.steps_per_epoch, train.epochs and train.crops_per_decode "
+                    "by hand"]
+    plan = plan_training(photos, patch=params.train.patch, batch_size=params.train.batch_size,
+                         budget_s=minutes * 60)
+    return plan.params(), plan.lines(photos)
+
+
 def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, workers: int = 1,
-                keep_min_quality: bool = False, force: bool = False, progress: bool = True) -> list[dict]:
-    """Inspect DIR, print the report, write catalog NAME into params.yaml as the active one; returns the entries."""
+                keep_min_quality: bool = False, force: bool = False, progress: bool = True,
+                minutes: float | None = DEFAULT_MINUTES) -> list[dict]:
+    """Inspect DIR, print the report and the training plan for a `dvc repro` of `minutes` (None: no plan, the
+    train block stays as it is), write catalog NAME into params.yaml as the active one; returns the entries."""
     if name == "active" or not _NAME.fullmatch(name):
         raise CamidError(f"catalog name {name!r} is not allowed: use letters, digits, '-' and '_' (and not 'active')")
     params = load_params(params_path)
@@ -210,9 +247,11 @@ def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, worke
     print("\n".join(_report(records, entries)))
     if quality_message:
         print(quality_message)
+    plan, plan_lines = _plan_update(records, params, minutes) if minutes else ({}, [])
+    print("\n".join(plan_lines))
     changed = set_params({f"catalog.{name}": [_flow(e) for e in entries], "catalog.active": name,
                           "acquire.source": "folder", "acquire.folder": _folder_setting(folder, params_path),
-                          **quality}, params_path)
+                          **quality, **plan}, params_path)
     print(f"\nwrote catalog {name!r} ({len(entries)} cameras) into {params_path}:")
     for key, (old, new) in changed.items():
         if key != f"catalog.{name}":
@@ -233,9 +272,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-min-quality", action="store_true",
                    help="leave filter.min_quality as it is even if some photos are saved below it")
     p.add_argument("--force", action="store_true", help="replace an existing catalog of the same name")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help=f"time budget of the `dvc repro` that follows, on this machine's cores: the training plan "
+                        f"(train.steps_per_epoch, train.epochs, train.crops_per_decode) is chosen to fit it "
+                        f"(default {DEFAULT_MINUTES:g})")
+    p.add_argument("--keep-train", action="store_true", help="no training plan: leave the train block as it is")
 
 
 def run(args: argparse.Namespace) -> int:
     from_folder(args.folder, args.name, args.params or os.environ.get("CAMID_PARAMS", PARAMS_FILE),
-                workers=args.workers, keep_min_quality=args.keep_min_quality, force=args.force)
+                workers=args.workers, keep_min_quality=args.keep_min_quality, force=args.force,
+                minutes=None if args.keep_train else args.minutes)
     return 0

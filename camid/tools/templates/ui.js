@@ -63,21 +63,23 @@
   }
 
   async function follow(id) {
+    let job;
     for (;;) {
-      const job = await call(`/api/jobs/${id}`);
+      job = await call(`/api/jobs/${id}`);
       if (job.state === "failed") throw new Error(job.error);
       if (job.state === "done") break;
       const what = job.stage === "evidence" ? "reading the evidence of" : "scoring";
       status(`${what} photo ${Math.min(job.done + 1, job.total)} of ${job.total}`, job.done, job.total);
       await new Promise((resolve) => setTimeout(resolve, 400));
     }
+    // The final status is set with the cards, from the job that said "done": a reader (or a test) that sees the
+    // cards sees the count beside them, never a stale "scoring" line.
     const html = await call(`/jobs/${id}/results`);
     const results = $("results");
     results.innerHTML = html;
+    status(`${job.answered} of ${job.total} photo${job.total === 1 ? "" : "s"} answered`, job.total, job.total);
     window.camid.setup(results);
     wire(results, id);
-    const job = await call(`/api/jobs/${id}`);
-    status(`${job.answered} of ${job.total} photo${job.total === 1 ? "" : "s"} answered`, job.total, job.total);
   }
 
   function wire(results, id) {

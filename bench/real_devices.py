@@ -1,0 +1,178 @@
+"""One reference device per camera model, on real photos: what camid answers for the models' *other* devices and
+for other camera models, as a user would run it.
+
+The usual analyst has one reference camera per model. This bench does what such a user does, in a private copy
+of this checkout (bench/scale.py's copy: the code as it is now, its own MLflow store):
+
+1. a folder of the reference photos, `<label>/<device>/<photos>` (links), one device per model;
+2. `camid catalog from-folder` on it, then `dvc repro` with the defaults (or `--set KEY=VALUE` overrides);
+3. `camid predict --full-image` (with the JPEG tables, and `--pixels-only`) on the photos of every *other* device
+   of those models and on the photos of other camera models (`--unknown`, one folder of JPEGs).
+
+It prints, per run: the closest camera right on the other devices, the share accepted (not `unknown`), how the
+JPEG tables read (used / family / unseen), `consistent: false` on those genuine photos, the share of the other
+models answered `unknown` and the share the pixels alone reject, and how long `dvc repro` took. Split: train and
+validation are photos of the reference devices; every figure is on devices or models training never saw.
+
+    python bench/real_devices.py                                  # ../shared/samples: each choice of references
+    python bench/real_devices.py --refs largest                    # one run: the device with the most photos
+    python bench/real_devices.py --set train.patch=128 --set train.steps_per_epoch=40   # another configuration
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from camid.core.imageio import list_images
+from camid.tools.profile import set_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import make_copy, stage_env  # noqa: E402  (bench/scale.py: the private copy and its environment)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "samples"
+
+
+def devices_of(folder: Path) -> dict[str, dict[str, list[Path]]]:
+    """{label: {device: [photos]}} of a `<label>/<device>/<photos>` folder."""
+    out = {}
+    for label in sorted(p for p in folder.iterdir() if p.is_dir()):
+        out[label.name] = {d.name: list_images([d]) for d in sorted(p for p in label.iterdir() if p.is_dir())}
+    return out
+
+
+def reference_choices(devices: dict, refs: str) -> list[dict[str, str]]:
+    """Which device is each model's reference, per run: every combination, or the device with most photos."""
+    if refs == "largest":
+        return [{label: max(devs, key=lambda d: len(devs[d])) for label, devs in devices.items()}]
+    if refs == "all":
+        labels = list(devices)
+        return [dict(zip(labels, combo)) for combo in itertools.product(*(sorted(devices[l]) for l in labels))]
+    chosen = dict(item.split("=", 1) for item in refs.split(","))
+    return [chosen]
+
+
+def link_tree(dest: Path, photos: dict[str, list[Path]]) -> Path:
+    for label, paths in photos.items():
+        for path in paths:
+            target = dest / label / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def predict(copy: Path, env: dict, paths: list[Path], out: Path, pixels_only: bool) -> pd.DataFrame:
+    cmd = ["camid", "predict", *map(str, paths), "--model", "models/ensemble", "--full-image", "--out", str(out)]
+    run(cmd + (["--pixels-only"] if pixels_only else []), copy, env)
+    return pd.read_csv(out.with_suffix(".probs.csv"))
+
+
+def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | None, overrides: dict,
+            catalog_args: list[str]) -> dict:
+    work = base / "_".join(f"{label}-{device[:8]}" for label, device in refs.items())
+    work.mkdir(parents=True)
+    reference = link_tree(work / "reference", {label: devices[label][refs[label]] for label in refs})
+    others = {label: [p for device, photos in devs.items() if device != refs[label] for p in photos]
+              for label, devs in devices.items()}
+    other_dir = link_tree(work / "others", others)
+    copy = make_copy(work / "project")
+    env = stage_env(copy)
+    catalog = run(["camid", "catalog", "from-folder", str(reference), "--name", "bench_devices", "--params",
+                   "params.yaml", "--workers", str(os.cpu_count() or 1), *catalog_args], copy, env)
+    print(catalog.stdout, flush=True)
+    expected = re.search(r"total ([0-9.]+) min", catalog.stdout)
+    if overrides:
+        set_params(overrides, str(copy / "params.yaml"))
+    start = time.monotonic()
+    run(["dvc", "repro"], copy, env)
+    repro_s = time.monotonic() - start
+    row = {"references": ", ".join(f"{label} {device[:8]}" for label, device in refs.items()), "dvc_repro_s": repro_s,
+           "planned_s": float(expected.group(1)) * 60 if expected else None}
+    answers = predict(copy, env, [other_dir], work / "others.csv", pixels_only=False)
+    truth = answers["path"].map(lambda p: Path(p).parent.parent.name)
+    row.update(other_n=len(answers), other_closest_right=float((answers["closest_camera"] == truth).mean()),
+               other_accepted=float((answers["camera"] != "unknown").mean()),
+               other_consistent_false=int((answers["consistent"].astype(str) == "False").sum()),
+               other_tables=answers["tables_evidence"].value_counts().to_dict())
+    pixels = predict(copy, env, [other_dir], work / "others_pixels.csv", pixels_only=True)
+    row.update(other_closest_right_pixels=float((pixels["closest_camera"] == truth).mean()),
+               other_accepted_pixels=float((pixels["camera"] != "unknown").mean()))
+    if unknown is not None:
+        served = predict(copy, env, [unknown], work / "unknown.csv", pixels_only=False)
+        served = served[served["error"].fillna("") == ""] if "error" in served else served
+        pixels = predict(copy, env, [unknown], work / "unknown_pixels.csv", pixels_only=True)
+        pixels = pixels[pixels["error"].fillna("") == ""] if "error" in pixels else pixels
+        row.update(unknown_n=len(served), unknown_rejected=float((served["camera"] == "unknown").mean()),
+                   unknown_rejected_pixels=float((pixels["camera"] == "unknown").mean()),
+                   unknown_tables=served["tables_evidence"].value_counts().to_dict())
+    evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
+    row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")
+    return row
+
+
+def parse_overrides(items: list[str]) -> dict:
+    from ruamel.yaml import YAML
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = YAML(typ="safe").load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=Path, default=SAMPLES / "real-devices",
+                        help="a <label>/<device>/<photos> folder of real photos, two devices or more per model")
+    parser.add_argument("--unknown", type=Path, default=SAMPLES / "real-jpeg",
+                        help="a folder of photos of other camera models ('' to skip)")
+    parser.add_argument("--refs", default="all", help="all | largest | LABEL=DEVICE,...: the reference devices")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params.yaml override after the catalog is written (repeatable)")
+    parser.add_argument("--catalog-args", default="", help="more arguments for `camid catalog from-folder`, e.g. "
+                        "'--minutes 8' or '--keep-train' (the train block as params.yaml has it)")
+    parser.add_argument("--keep", type=Path, help="keep the runs' folders here")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON lines")
+    args = parser.parse_args(argv)
+    if not args.devices.is_dir():
+        raise SystemExit(f"{args.devices} is not a folder: give --devices a <label>/<device>/<photos> folder")
+    devices = devices_of(args.devices)
+    unknown = args.unknown if str(args.unknown) and args.unknown.is_dir() else None
+    overrides = parse_overrides(args.set)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="camid-real-devices-"))
+    base.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for refs in reference_choices(devices, args.refs):
+        print(f"references: {refs}", flush=True)
+        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**row, "overrides": overrides}) + "\n")
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.drop(columns=[c for c in table if c.endswith("_tables")]).to_string(index=False))
+    print(f"overrides: {overrides or 'none (defaults)'}; folders in {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

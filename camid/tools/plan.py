@@ -1,0 +1,145 @@
+"""The training budget that fits what the user gives: patches, steps and epochs from the photos and a time budget.
+
+A fixed budget (14 epochs of 60 steps, 8 patches per decode) suits the zoo's 0.1-megapixel photos and wastes real
+ones: on 150 photos of 14 MP it reads about 5% of their pixels once, and spends most of its time decoding. The plan
+here takes what `camid catalog from-folder` read off the photos (how many, their sizes, which will train) and a
+time budget for the whole `dvc repro`, and chooses:
+
+- `train.crops_per_decode`: enough patches per decoded photo that decoding costs at most a quarter of what
+  training on its patches costs (a 14-MP photo takes about 0.6 s to decode; a 64-px patch 4 ms to train on);
+- `train.steps_per_epoch` x `train.epochs`: the training time the budget leaves after the other stages (their
+  cost from the photos' count and size), spent on steps, but never more than `MAX_COVERAGE` passes over the
+  training photos' pixels (small sets stop there, well inside the budget);
+- `train.epochs`: as many validation passes as cost at most a tenth of the training time, between `MIN_EPOCHS`
+  and `MAX_EPOCHS` (each pass decodes every validation photo).
+
+The cost figures are wall seconds measured on a 2-core x86 machine (the project's CI machine) with the default
+backbone, `smallcnn`, and scaled by the number of cores; other backbones are given no time estimate. The plan is
+written into params.yaml as plain numbers, so a run is a function of params.yaml alone and `dvc repro` on another
+machine trains exactly the same; every value stays editable there. `bench/real_devices.py` prints the expected and
+the measured time of `dvc repro` side by side.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+# Wall seconds on the 2-core reference machine (bench/real_devices.py, bench/input_pipeline.py).
+TRAIN_S_PER_MEGAPIXEL = 0.8       # smallcnn training with its input pipeline, per megapixel of patches (64 px:
+                                  # 3.3 ms a patch; the network alone 0.62 s per megapixel, the input the rest)
+EPOCH_S = 4.0                     # an epoch's own cost: scoring validation's model, backups, checkpoint
+INFER_S_PER_MEGAPIXEL = 0.3       # smallcnn inference, per megapixel of patches
+DECODE_S_PER_MEGAPIXEL = 0.012    # decoding a JPEG (libjpeg-turbo through Pillow), per megapixel, one core
+FILTER_S_PER_PHOTO = 0.02         # the filter stage's header inspection and perceptual hash, per photo
+STAGE_S = 12.0                    # start-up of one stage (Python, TensorFlow, DVC's bookkeeping)
+REFERENCE_CORES = 2
+# Evaluation's work per photo, in patch rows: a validation or test photo's centre crop under the 9 test-set views
+# (unaltered + 8 manipulations) x the 8 D4 views tried, and its whole photo on up to 64 patches x the views kept
+# (about 4 of 8); a training photo's 64 patches for the open-set bank.
+EVAL_ROWS_HELD_OUT = 9 * 8 + 64 * 4
+EVAL_ROWS_TRAIN = 64
+DECODE_SHARE = 0.25               # decoding may cost at most this share of training on the patches it feeds
+MAX_COVERAGE = 12                 # passes over the training photos' pixels beyond which more steps buy little
+MIN_EPOCHS, MAX_EPOCHS = 6, 30
+VAL_SHARE = 0.1                   # validation passes may cost at most this share of the training time
+MIN_TRAIN_S = 120.0
+PLANNED_ARCH = "smallcnn"
+
+
+@dataclass(frozen=True)
+class Photos:
+    """What the plan needs to know of the photos: per split, how many and their mean size in megapixels."""
+    train: int
+    held_out: int                 # validation + test
+    val: int
+    megapixels: float             # mean over all photos
+
+    @property
+    def total(self) -> int:
+        return self.train + self.held_out
+
+
+@dataclass(frozen=True)
+class Plan:
+    patch: int
+    batch_size: int
+    crops_per_decode: int
+    steps_per_epoch: int
+    epochs: int
+    coverage: float               # passes over the training photos' pixels
+    seconds: dict                 # stage -> expected wall seconds
+    budget_s: float
+    cores: int
+    limited_by: str               # "time" or "coverage"
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+    def params(self) -> dict:
+        """The params.yaml keys this plan sets."""
+        return {"train.crops_per_decode": self.crops_per_decode, "train.steps_per_epoch": self.steps_per_epoch,
+                "train.epochs": self.epochs}
+
+    def lines(self, photos: Photos) -> list[str]:
+        minutes = lambda s: f"{s / 60:.1f} min"  # noqa: E731
+        limit = "the time budget" if self.limited_by == "time" else "coverage: more passes buy little"
+        return [
+            f"training plan for {photos.total} photos ({photos.train} train, {photos.held_out} validation and test; "
+            f"{photos.megapixels:.1f} MP on average), a {minutes(self.budget_s)} budget on {self.cores} core(s):",
+            f"  {self.epochs} epochs x {self.steps_per_epoch} steps of {self.batch_size} patches of {self.patch} px, "
+            f"{self.crops_per_decode} patches per decoded photo: {self.coverage:.1f} passes over the training "
+            f"photos' pixels (limited by {limit})",
+            "  expected dvc repro: " + ", ".join(f"{stage} {minutes(s)}" for stage, s in self.seconds.items())
+            + f"; total {minutes(self.total_s)}",
+        ]
+
+
+def _scale(cores: int) -> float:
+    """How much faster than the reference machine `cores` cores are (linear in cores: an estimate)."""
+    return REFERENCE_CORES / max(1, cores)
+
+
+def stage_seconds(photos: Photos, patch: int, cores: int) -> dict:
+    """Expected wall seconds of every stage but training (their work from the photos' count and size)."""
+    k = _scale(cores)
+    patch_mp = patch * patch / 1e6
+    decode = DECODE_S_PER_MEGAPIXEL * photos.megapixels / REFERENCE_CORES  # one photo, all cores decoding
+    evaluate = (decode * (2 * photos.held_out + photos.train)
+                + INFER_S_PER_MEGAPIXEL * patch_mp * (EVAL_ROWS_HELD_OUT * photos.held_out
+                                                      + EVAL_ROWS_TRAIN * photos.train))
+    return {"acquire, filter, split": 3 * STAGE_S + FILTER_S_PER_PHOTO * photos.total * k,
+            "prepare": STAGE_S + decode * photos.total * k,
+            "evaluate": STAGE_S + evaluate * k,
+            "register": STAGE_S}
+
+
+def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budget_s: float = 15 * 60,
+                  cores: int | None = None) -> Plan:
+    """The plan for `photos` in `budget_s` seconds of `dvc repro` on `cores` cores (default: this machine's)."""
+    cores = cores or os.cpu_count() or 1
+    k = _scale(cores)
+    patch_mp = patch * patch / 1e6
+    others = stage_seconds(photos, patch, cores)
+    train_patch_s = TRAIN_S_PER_MEGAPIXEL * patch_mp * k
+    decode_s = DECODE_S_PER_MEGAPIXEL * photos.megapixels * k / REFERENCE_CORES
+    crops = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, decode_s / (DECODE_SHARE * train_patch_s)))))))
+    step_s = batch_size * (train_patch_s + decode_s / crops)
+    val_pass_s = EPOCH_S * k + photos.val * (decode_s + 9 * INFER_S_PER_MEGAPIXEL * patch_mp * k)
+    train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S)
+    pixels = photos.train * photos.megapixels * 1e6
+    max_steps = MAX_COVERAGE * pixels / (batch_size * patch * patch)
+    epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, VAL_SHARE * train_s / max(val_pass_s, 1e-9))))
+    steps = (train_s - epochs * val_pass_s) / step_s
+    limited_by = "time"
+    if steps > max_steps:
+        steps, limited_by = max_steps, "coverage"
+    steps_per_epoch = max(1, int(steps / epochs))
+    total_steps = steps_per_epoch * epochs
+    seconds = {**others, "train": STAGE_S + total_steps * step_s + epochs * val_pass_s}
+    seconds = {stage: seconds[stage] for stage in ("acquire, filter, split", "prepare", "train", "evaluate",
+                                                     "register")}
+    return Plan(patch=patch, batch_size=batch_size, crops_per_decode=crops, steps_per_epoch=steps_per_epoch,
+                epochs=epochs, coverage=total_steps * batch_size * patch * patch / max(pixels, 1.0), seconds=seconds,
+                budget_s=budget_s, cores=cores, limited_by=limited_by)
