@@ -43,8 +43,8 @@ def phase_symmetry(img: np.ndarray) -> tuple[float, float]:
     (|4x - its 4 neighbours|) between the 2x2 phases the flip maps onto each other, over the central
     SYMMETRY_SIDE pixels. Small for the flip that keeps the layout; both small where the pixels show no CFA trace
     (a downscaled photo, heavy compression)."""
-    top, left = centre_offsets(img.shape, min(SYMMETRY_SIDE, _even(min(img.shape[:2]))))
     side = min(SYMMETRY_SIDE, _even(min(img.shape[:2])))
+    top, left = centre_offsets(img.shape, side)
     x = np.asarray(img[top:top + side, left:left + side], dtype=np.float32)
     energy = np.empty((2, 2, 2))  # channel (red, blue), row phase, column phase
     for c, channel in enumerate((x[..., 0], x[..., 2])):
