@@ -89,12 +89,10 @@ class _Group:
         return images, self.cameras.copy(), manipulation
 
 
-def _landscape(index) -> tuple[np.ndarray, np.ndarray]:
-    """Each photo's (transpose, anti-transpose) phase measures as a landscape photo would read: a portrait photo's
-    layout is the landscape one turned a quarter, which swaps the flip that keeps it."""
-    portrait = (index["height"] > index["width"]).to_numpy()
-    t, a = index["phase_transpose"].to_numpy(float), index["phase_anti"].to_numpy(float)
-    return np.where(portrait, a, t), np.where(portrait, t, a)
+def _portrait(index) -> np.ndarray:
+    """Which photos are stored portrait: their layout is the landscape one turned a quarter, which swaps the
+    diagonal flip that keeps it."""
+    return (index["height"] > index["width"]).to_numpy(bool)
 
 
 def camera_flips(index, cameras: int) -> dict[int, int]:
@@ -103,7 +101,9 @@ def camera_flips(index, cameras: int) -> dict[int, int]:
     measures (made before them) tells nothing."""
     if "phase_transpose" not in index.columns or index.empty:
         return {}
-    t, a = _landscape(index)
+    portrait = _portrait(index)
+    measured = index["phase_transpose"].to_numpy(float), index["phase_anti"].to_numpy(float)
+    t, a = np.where(portrait, measured[1], measured[0]), np.where(portrait, measured[0], measured[1])
     labels = index["label_index"].to_numpy()
     found = {}
     for camera in range(cameras):
@@ -119,12 +119,8 @@ def phase_flips(index, cameras: int) -> np.ndarray:
     portrait photo), -1 where its camera's photos do not tell."""
     views = camera_flips(index, cameras)
     swap = {TRANSPOSE: ANTI_TRANSPOSE, ANTI_TRANSPOSE: TRANSPOSE}
-    portrait = (index["height"] > index["width"]).to_numpy() if len(index) else np.zeros(0, bool)
-    out = np.full(len(index), -1)
-    for row, (camera, turned) in enumerate(zip(index["label_index"].to_numpy(), portrait)):
-        if camera in views:
-            out[row] = swap[views[camera]] if turned else views[camera]
-    return out
+    return np.array([-1 if camera not in views else swap[views[camera]] if turned else views[camera]
+                     for camera, turned in zip(index["label_index"].to_numpy(), _portrait(index))], dtype=int)
 
 
 class TrainPatches(keras.utils.PyDataset):

@@ -145,19 +145,21 @@ class Ensemble:
         knn = self.open_set.get("knn_threshold")
         if knn and self.bank is not None and features is not None:
             margin = np.empty(len(kinds))
-            for kind in set(kinds):
-                rows = np.array([k == kind for k in kinds])
-                margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
-            # A whole photo whose closest camera had one reference device: against that camera's training photos
-            # and its own threshold (openset.camera_thresholds).
+            # A whole photo whose closest camera had one reference device is scored against that camera's training
+            # photos and its own threshold (openset.camera_thresholds); every other row against the whole bank.
             per_camera = self.open_set.get("knn_threshold_camera") or {}
+            own = np.zeros(len(kinds), dtype=bool)
             if per_camera and "photo_labels" in self.bank:
                 closest = np.asarray(probs).argmax(axis=1)
                 cut = np.array([per_camera.get(self.labels[c], np.nan) for c in closest], dtype=np.float64)
-                rows = np.array([k == "photo" for k in kinds]) & np.isfinite(cut)
+                own = np.array([k == "photo" for k in kinds]) & np.isfinite(cut)
+                if own.any():
+                    margin[own] = camera_knn_score(features[own], closest[own], self.bank["photo"],
+                                                   self.bank["photo_labels"]) - cut[own]
+            for kind in set(kinds):
+                rows = np.array([k == kind for k in kinds]) & ~own
                 if rows.any():
-                    margin[rows] = camera_knn_score(features[rows], closest[rows], self.bank["photo"],
-                                                    self.bank["photo_labels"]) - cut[rows]
+                    margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
             return margin
         thresholds = self.open_set.get("threshold", {})
         if not thresholds:
