@@ -42,12 +42,49 @@ def robust_sigma(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
+def log_weights(ensemble, questioned: pd.DataFrame, held_out: pd.DataFrame):
+    """Where photos lie between the two medians of the single-device rule (openset.camera_thresholds), on its log
+    scale of cosine distance to a camera's training photos: (the other devices' photos, to their own camera; the
+    held-out photos of every other camera, to each camera). None without the rule's figures."""
+    from camid.inference.answers import score_photos
+    from camid.inference.openset import MIN_DISTANCE, camera_knn_score
+
+    single = ensemble.open_set.get("single_device") or {}
+    if ensemble.bank is None or "photo_labels" not in ensemble.bank or not single:
+        return None
+    bank, bank_labels = ensemble.bank["photo"], ensemble.bank["photo_labels"]
+
+    def position(features, camera: int) -> np.ndarray:
+        fit = single[ensemble.labels[camera]]
+        low, high = (np.log(max(1 - fit[key], MIN_DISTANCE)) for key in ("own_median", "other_cameras_median"))
+        distance = 1 - camera_knn_score(features, np.full(len(features), camera), bank, bank_labels)
+        return (np.log(np.maximum(distance, MIN_DISTANCE)) - low) / (high - low)
+
+    def features(frame: pd.DataFrame):
+        scored = score_photos(ensemble, [str(p) for p in frame.path])
+        return scored.features[scored.ok], frame.label.to_numpy()[scored.ok]
+
+    devices, device_labels = features(questioned)
+    held, held_labels = features(held_out)
+    on_devices, on_cameras = [], []
+    for camera, label in enumerate(ensemble.labels):
+        if label not in single:
+            continue
+        on_devices.append(position(devices[device_labels == label], camera))
+        on_cameras.append(position(held[held_labels != label], camera))
+    return np.concatenate(on_devices), np.concatenate(on_cameras)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-device", type=int, default=16)
     parser.add_argument("--train", type=int, default=10, help="photos of the reference device that train")
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--arch", default="smallcnn", help="the backbone (a smallcnn front end: smallcnn, "
+                        "smallcnn_learned, smallcnn_rgb; any registry arch runs)")
+    parser.add_argument("--patch", type=int, help="patch side (default: params.yaml's train.patch)")
+    parser.add_argument("--batch-size", type=int, help="default: params.yaml's train.batch_size")
     args = parser.parse_args(argv)
     if not 0 < args.train < args.images_per_device:
         parser.error("--train must leave held-out photos of the reference device")
@@ -81,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             (root / "split").mkdir()
             for name, frames in parts.items():
                 pd.concat(frames)[["path", "label", "device"]].to_csv(root / "split" / f"{name}.csv", index=False)
-            prepare(root / "split", root / "cache", catalog, patch=params.train.patch)
-            settings = dataclasses.replace(params.train, archs=("smallcnn",), epochs=args.epochs,
-                                           steps_per_epoch=args.steps)
-            train("smallcnn", root / "cache", root / "model", settings, catalog.labels, catalog)
+            patch = args.patch or params.train.patch
+            prepare(root / "split", root / "cache", catalog, patch=patch)
+            settings = dataclasses.replace(params.train, archs=(args.arch,), epochs=args.epochs,
+                                           steps_per_epoch=args.steps, patch=patch,
+                                           batch_size=args.batch_size or params.train.batch_size)
+            train(args.arch, root / "cache", root / "model", settings, catalog.labels, catalog)
             evaluate([root / "model"], root / "cache", root / "bundle", params.evaluate,
                      metrics_file=root / "evaluate.json", plots_file=root / "confusion.csv", catalog=catalog)
             ensemble = Ensemble.load(root / "bundle")
@@ -103,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             served = {name: answer_photos(ensemble, [str(p) for p in questioned.path], {"jpeg_tables": tables})
                       for name, tables in (("served", True), ("pixels only", False))}
             held_out = answer_photos(ensemble, [str(p) for p in pd.concat(parts["val"]).path], {"jpeg_tables": False})
+            weights = log_weights(ensemble, questioned, pd.concat(parts["val"]))
 
     threshold = fit_threshold(same, 0.95)
     served_cut = ensemble.open_set["knn_threshold"]["photo"]
@@ -110,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     z = (np.median(same) - np.quantile(other, 0.05)) / sigma
     print(f"\ncamid device-gap bench: {len(catalog.labels)} camera models, one reference device each "
           f"({args.train} training photos, {len(same)} held-out photos of the same devices), {len(other)} photos of "
-          f"{synth.devices_per_model - 1} other devices per model; smallcnn {args.epochs}x{args.steps} steps; "
+          f"{synth.devices_per_model - 1} other devices per model; {args.arch} {args.epochs}x{args.steps} steps of "
+          f"{settings.batch_size} patches of {patch} px; "
           f"{time.perf_counter() - started:.0f} s")
     print(f"kNN score (cosine to the 5th nearest training photo): same device median {np.median(same):.4f}, "
           f"robust sigma {sigma:.4f}; other devices median {np.median(other):.4f}, 5th percentile "
@@ -131,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     for candidate in (2.0, 4.0, 8.0):
         cut = min(threshold, np.median(same) - candidate * sigma)
         print(f"  median - {candidate:4.1f} sigma = {cut:.4f}: other devices accepted {np.mean(other >= cut):.3f}")
+    if weights is not None:
+        devices, cameras = weights
+        print("where the other devices lie on the single-device rule's log scale of distance to their camera's training "
+              "photos (0: the reference device's held-out median, 1: the other catalog cameras' median): "
+              f"median {np.median(devices):.2f}, quartiles {np.quantile(devices, 0.25):.2f}-"
+              f"{np.quantile(devices, 0.75):.2f}; the other cameras' own photos: 5th percentile "
+              f"{np.quantile(cameras, 0.05):.2f}")
+        for w in (0.5, 0.6, 0.7, 0.8):
+            print(f"  a cut at {w:.1f} of the way: other devices accepted {np.mean(devices <= w):.3f}, other catalog "
+                  f"cameras' photos accepted {np.mean(cameras <= w):.3f}")
     return 0
 
 

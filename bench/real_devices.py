@@ -14,9 +14,18 @@ JPEG tables read (used / family / unseen), `consistent: false` on those genuine 
 models answered `unknown` and the share the pixels alone reject, and how long `dvc repro` took. Split: train and
 validation are photos of the reference devices; every figure is on devices or models training never saw.
 
+It also prints, per catalog camera, how well the features keep the camera's other devices nearer than other models,
+whatever the threshold: `sep_<label>`, the probability that a photo of another device of that model lies nearer
+that camera's training photos (the kNN score of camid.inference.openset.camera_knn_score) than a photo of another
+model does (an AUROC: 1 every other device nearer, 0.5 no better than chance), and `far_<label>`, how many times
+as far as the reference device's own held-out photos the other devices lie (median cosine distances); and, from
+the pixels alone, the share of the other devices' photos the single-device rule would accept and the share of other
+models' photos it would reject at other settings of evaluate.single_device_reach (`accept_<reach>`,
+`reject_<reach>`).
+
     python bench/real_devices.py                                  # ../shared/samples: each choice of references
     python bench/real_devices.py --refs largest                    # one run: the device with the most photos
-    python bench/real_devices.py --set train.patch=128 --set train.steps_per_epoch=40   # another configuration
+    python bench/real_devices.py --set train.patch=128 --set train.archs=[smallcnn_learned]  # another configuration
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from camid.core.imageio import list_images
@@ -94,6 +104,8 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
     other_dir = link_tree(work / "others", others)
     copy = make_copy(work / "project")
     env = stage_env(copy)
+    if overrides:  # before the catalog too, so that its training plan is made for the arch and patch overridden
+        set_params(overrides, str(copy / "params.yaml"))
     catalog = run(["camid", "catalog", "from-folder", str(reference), "--name", "bench_devices", "--params",
                    "params.yaml", "--workers", str(os.cpu_count() or 1), *catalog_args], copy, env)
     print(catalog.stdout, flush=True)
@@ -122,9 +134,63 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
         row.update(unknown_n=len(served), unknown_rejected=float((served["camera"] == "unknown").mean()),
                    unknown_rejected_pixels=float((pixels["camera"] == "unknown").mean()),
                    unknown_tables=served["tables_evidence"].value_counts().to_dict())
+    row.update(separation(copy / "models" / "ensemble", other_dir, unknown))
     evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
     row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")
     return row
+
+
+REACHES = (0.5, 0.6, 0.7, 0.8)  # single-device rule positions to report besides the bundle's own
+
+
+def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
+    """Per catalog camera with photos of other devices: `sep_<label>`, the AUROC of those photos' kNN score against
+    that camera's training photos over the other models' photos' score against the same photos, and `far_<label>`,
+    the other devices' median cosine distance over the reference device's validation photos' (module docstring).
+    Then, for the single-device rule at each of REACHES (evaluate.single_device_reach): the share of the other
+    devices' photos it would accept against their closest camera (`accept_<reach>`) and the share of other models'
+    photos it would reject (`reject_<reach>`), from the pixels alone."""
+    from camid.inference.answers import score_photos
+    from camid.inference.ensemble import Ensemble
+    from camid.inference.openset import auroc, camera_knn_score, log_midpoint
+
+    ensemble = Ensemble.load(bundle)
+    if ensemble.bank is None or "photo_labels" not in ensemble.bank:
+        return {}
+    bank, bank_labels = ensemble.bank["photo"], ensemble.bank["photo_labels"]
+
+    def scores(paths: list[Path]):
+        scored = score_photos(ensemble, [str(p) for p in paths])
+        return ([Path(p) for p, ok in zip(paths, scored.ok) if ok], scored.features[scored.ok],
+                scored.pixels[scored.ok].argmax(axis=1))
+
+    other_paths, other_features, other_closest = scores(list_images([others]))
+    unknown_features, unknown_closest = (scores(list_images([unknown]))[1:] if unknown is not None
+                                         else (np.zeros((0, bank.shape[1])), np.zeros(0, dtype=int)))
+    single = ensemble.open_set.get("single_device") or {}
+    out = {}
+    for camera, label in enumerate(ensemble.labels):
+        rows = np.array([p.parent.parent.name == label for p in other_paths], dtype=bool)
+        if not rows.any():
+            continue
+        near = lambda features: camera_knn_score(features, np.full(len(features), camera), bank, bank_labels)  # noqa: E731
+        own = near(other_features[rows])
+        if len(unknown_features):
+            out[f"sep_{label}"] = round(auroc(own, near(unknown_features)), 3)
+        if label in single:
+            out[f"far_{label}"] = round(float(np.median(1 - own)) / max(1 - single[label]["own_median"], 1e-6), 1)
+    fits = [single.get(label) for label in ensemble.labels]
+    if not all(fits) or any(fit["other_cameras_median"] is None for fit in fits):
+        return out
+    for reach in REACHES:
+        cut = np.array([min(fit["quantile"], log_midpoint([fit["own_median"]], [fit["other_cameras_median"]], reach))
+                        for fit in fits])
+        own = camera_knn_score(other_features, other_closest, bank, bank_labels)
+        out[f"accept_{reach}"] = round(float(np.mean(own >= cut[other_closest])), 3)
+        if len(unknown_features):
+            theirs = camera_knn_score(unknown_features, unknown_closest, bank, bank_labels)
+            out[f"reject_{reach}"] = round(float(np.mean(theirs < cut[unknown_closest])), 3)
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -150,6 +150,8 @@ class EvaluateParams:
     blend: str = "mean_square"
     balance: str = "none"
     open_set_accept: float = 0.95    # share of validation photos the open-set threshold accepts (the rest: unknown)
+    single_device_reach: float = 0.7  # a one-reference-device camera's threshold: how far, on a log scale of distance,
+                                      # from its held-out photos' median (0) to the other cameras' (1) (openset)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from camid.errors import CamidError
 from camid.tiny import inside
 
 
@@ -100,3 +101,18 @@ def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(
     with_t, without = ensemble.predict(patches, flags), uncalibrated.predict(patches, flags)
     assert np.array_equal(with_t.labels, without.labels)
     assert not np.allclose(with_t.probs, without.probs) or spec["temperature"]["patch"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("field,value,message", [("open_set_accept", 0.0, "evaluate.open_set_accept is 0.0"),
+                                                 ("single_device_reach", 1.5, "evaluate.single_device_reach is 1.5")])
+def test_open_set_settings_out_of_range_are_refused_before_any_work(tmp_path, field, value, message):
+    import dataclasses
+
+    from camid.config import EvaluateParams
+    from camid.stages.evaluate import evaluate
+
+    settings = dataclasses.replace(EvaluateParams(), **{field: value})
+    with pytest.raises(CamidError, match=message):
+        evaluate([tmp_path / "model"], tmp_path / "cache", tmp_path / "bundle", settings,
+                 metrics_file=tmp_path / "m.json", plots_file=tmp_path / "p.csv")
+    assert not (tmp_path / "bundle").exists()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from camid.errors import CamidError
-from camid.models import (BACKBONES, BackbonePreprocessing, HighPassResiduals, compile_model, configure_devices,
-                          create_model, get_backbone, list_backbones)
+from camid.models import (BACKBONES, BackbonePreprocessing, HighPassResiduals, PredictionErrors, compile_model,
+                          configure_devices, create_model, get_backbone, list_backbones)
 from camid.models.layers import PREPROCESSING_MODES
 from tests.conftest import ROOT
 
@@ -30,7 +30,7 @@ def batch(patch: int, n: int = 2, seed: int = 0):
 def test_registry_holds_the_issue_backbones():
     assert list_backbones() == sorted([
         "resnet50", "densenet201", "inceptionresnetv2", "mobilenet", "mobilenetv2", "mobilenetv3", "efficientnetv2",
-        "convnext", "xception", "inceptionv3", "vgg16", "densenet121", "smallcnn"])
+        "convnext", "xception", "inceptionv3", "vgg16", "densenet121", "smallcnn", "smallcnn_learned", "smallcnn_rgb"])
     for backbone in BACKBONES.values():
         assert backbone.preprocessing in PREPROCESSING_MODES
     assert {a: BACKBONES[a].min_size for a in ("inceptionresnetv2", "inceptionv3", "xception", "resnet50")} == {
@@ -50,7 +50,7 @@ def test_every_backbone_builds_trains_one_step_and_predicts(arch):
     compile_model(model, learning_rate=1e-3, aux_weight=0.2)
     # One step through a traced graph costs up to a minute per large backbone on a CPU; eager mode runs the same
     # losses, gradients and Adam update in seconds. smallcnn, the CPU demo model, goes through the graph.
-    model.run_eagerly = arch != "smallcnn"
+    model.run_eagerly = not arch.startswith("smallcnn")
     x, y = batch(patch)
     logs = model.train_on_batch(x, y, return_dict=True)
     assert {"loss", "camera_loss", "manipulation_loss", "camera_accuracy"} <= set(logs)
@@ -95,7 +95,7 @@ def test_registry_preprocessing_replaces_the_builtin_one(arch, constructor):
 
 
 def test_custom_layers_serialise():
-    for layer in [BackbonePreprocessing("caffe"), HighPassResiduals(truncate=0.5)]:
+    for layer in [BackbonePreprocessing("caffe"), HighPassResiduals(truncate=0.5), PredictionErrors(2, 0.5)]:
         config = keras.saving.serialize_keras_object(layer)
         assert config["registered_name"] == f"camid>{type(layer).__name__}"
         clone = keras.saving.deserialize_keras_object(config)
@@ -108,6 +108,37 @@ def test_high_pass_residuals_cancel_flat_and_linear_content():
     residuals = keras.ops.convert_to_numpy(HighPassResiduals()(x))
     assert residuals.shape == (1, 16, 16, 9)
     np.testing.assert_allclose(residuals[:, 2:-2, 2:-2], 0, atol=1e-4)  # away from the zero-padded border
+
+
+def test_prediction_errors_stay_prediction_errors_through_training():
+    """Bayar & Stamm's constraint as a reparametrisation: every filter is -1 at the centre and its neighbours are
+    positive and sum to 1, before and after optimiser steps, so flat content cancels and a saved model reloads it."""
+    layer = PredictionErrors(filters=2)
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(layer(inputs)))
+    model.compile(optimizer=keras.optimizers.Adam(0.5), loss="mse")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        model.train_on_batch(rng.uniform(0, 1, (4, 16, 16, 3)).astype("float32"), rng.normal(0, 1, (4, 6)))
+    kernel = keras.ops.convert_to_numpy(layer.kernel())
+    assert kernel.shape == (5, 5, 3, 2)
+    np.testing.assert_allclose(kernel[2, 2], -1)
+    np.testing.assert_allclose(kernel.sum(axis=(0, 1)), 0, atol=1e-5)
+    assert (np.delete(kernel.reshape(25, 3, 2), 12, axis=0) > 0).all()
+    assert not np.allclose(keras.ops.convert_to_numpy(layer.free), PredictionErrors(2).build_free((16, 16, 3)))
+    flat = np.full((1, 16, 16, 3), 0.4, "float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(flat))[:, 2:-2, 2:-2], 0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["smallcnn_learned", "smallcnn_rgb"])
+def test_the_smallcnn_front_ends_save_and_reload(arch, tmp_path):
+    model = create_model(arch, num_classes=CAMERAS, patch=32)
+    x, _ = batch(32)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0)["camera"], again.predict(x, verbose=0)["camera"],
+                               atol=1e-6)
+    keras.backend.clear_session()
 
 
 def test_flag_feeds_the_camera_head_and_not_the_manipulation_head():

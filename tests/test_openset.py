@@ -259,12 +259,16 @@ def test_one_reference_device_gets_a_threshold_of_its_own_halfway_on_a_log_scale
     bank_labels = np.array([0] * 12 + [1] * 12)
     val = np.concatenate([around(a, 0.004, 6, 2), around(b, 0.004, 6, 3)])
     labels = np.array([0] * 6 + [1] * 6)
-    fitted = camera_thresholds(val, labels, bank, bank_labels, [0, 1], accept=0.95)
+    fitted = camera_thresholds(val, labels, bank, bank_labels, [0, 1], accept=0.95, reach=0.5)
     own = camera_knn_score(val[:6], [0] * 6, bank, bank_labels)
     other = camera_knn_score(val[6:], [0] * 6, bank, bank_labels)
     assert fitted[0]["quantile"] == pytest.approx(fit_threshold(own, 0.95))
     expected = 1 - np.sqrt((1 - np.median(own)) * (1 - np.median(other)))
     assert log_midpoint(own, other) == pytest.approx(expected)
+    assert log_midpoint(own, other, 0.0) == pytest.approx(np.median(own))  # reach: 0 the own median, 1 the other's
+    assert log_midpoint(own, other, 1.0) == pytest.approx(np.median(other))
+    further = camera_thresholds(val, labels, bank, bank_labels, [0, 1], accept=0.95, reach=0.75)
+    assert further[0]["threshold"] < fitted[0]["threshold"]
     assert fitted[0]["threshold"] == pytest.approx(min(fit_threshold(own, 0.95), expected))
     assert fitted[0]["threshold"] < fitted[0]["quantile"] - 0.01  # room for another device of the model
     another_device = camera_knn_score(around(a, 0.02, 20, 4), [0] * 20, bank, bank_labels)  # 5x as far

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pandas as pd
 import pytest
 
 from camid.config import load_params
@@ -34,6 +35,12 @@ def test_more_time_or_cores_buy_more_steps_until_coverage_stops_them():
     few = Photos(train=20, held_out=10, val=5, megapixels=0.3)  # little to learn from: coverage stops it early
     plan = plan_training(few, budget_s=60 * 60, cores=2)
     assert plan.limited_by == "coverage" and plan.coverage <= MAX_COVERAGE * 1.01 and plan.total_s < 60 * 60 / 2
+
+
+def test_a_costlier_front_end_gets_fewer_steps_in_the_same_budget():
+    srm, learned = (plan_training(REAL, budget_s=15 * 60, cores=2, arch=arch) for arch in ("smallcnn", "smallcnn_learned"))
+    assert learned.steps_per_epoch * learned.epochs < srm.steps_per_epoch * srm.epochs
+    assert learned.total_s <= 15 * 60 * 1.02
 
 
 def test_from_folder_prints_the_plan_and_writes_it_unless_told_to_keep_the_train_block(tmp_path, capsys):
@@ -73,3 +80,25 @@ def test_no_plan_for_backbones_its_costs_were_not_measured_for(tmp_path, capsys)
 def test_the_plan_is_plain_numbers_params_yaml_can_hold(cores):
     plan = plan_training(REAL, cores=cores)
     assert all(isinstance(v, int) and v > 0 for v in plan.params().values())
+
+
+def test_the_plan_counts_photos_with_the_split_stages_own_dealing():
+    """expected_photos deals the catalog's photos with camid.data.splitting.device_split: whole devices where a
+    camera has three or more, photo splits of split.photo_fraction otherwise."""
+    from camid.config import SplitParams
+    from camid.data.splitting import device_split
+    from camid.tools.catalog import expected_photos
+
+    def record(device):
+        return {"error": None, "format": "JPEG", "edited": False, "model": "X", "height": 1000, "width": 2000,
+                "device": device}
+
+    many = [record(f"d{i % 4}") for i in range(4 * 9 + 2)]  # four devices of 9-10 photos
+    one = [record("only") for _ in range(20)]
+    split = SplitParams()
+    photos = expected_photos({"Many": many, "One": one}, split)
+    assert photos.total == 58 and photos.megapixels == 2.0
+    sets = device_split(pd.DataFrame([{"path": f"One/{i}", "label": "One", "device": "only"} for i in range(20)]),
+                        split.val_fraction, split.test_fraction, split.seed, split.photo_fraction)[0]
+    held_many = photos.held_out - len(sets["val"]) - len(sets["test"])
+    assert held_many in (19, 20)  # two whole devices of the four (9 or 10 photos each), not a share of photos

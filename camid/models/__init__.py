@@ -3,8 +3,8 @@
 Importing this package registers camid's custom layers, so `keras.models.load_model` reads camid's .keras files.
 """
 from camid.models.devices import configure_devices
-from camid.models.layers import BackbonePreprocessing, HighPassResiduals
+from camid.models.layers import BackbonePreprocessing, HighPassResiduals, PredictionErrors
 from camid.models.registry import BACKBONES, Backbone, compile_model, create_model, get_backbone, list_backbones
 
 __all__ = ["BACKBONES", "Backbone", "BackbonePreprocessing", "HighPassResiduals", "compile_model",
-           "configure_devices", "create_model", "get_backbone", "list_backbones"]
+           "PredictionErrors", "configure_devices", "create_model", "get_backbone", "list_backbones"]

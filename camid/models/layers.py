@@ -99,3 +99,57 @@ class HighPassResiduals(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "truncate": self.truncate}
+
+
+@keras.saving.register_keras_serializable(package="camid")
+class PredictionErrors(keras.layers.Layer):
+    """Learned noise residuals: `filters` prediction-error filters per input channel (C in -> filters*C out).
+
+    Bayar & Stamm's constrained convolution (2016, 2018): each 5x5 filter predicts the centre pixel from its 24
+    neighbours and subtracts the pixel, so the layer can only ever emit a prediction error, never scene content,
+    yet it learns which neighbours predict well for the cameras at hand (a demosaicing's interpolation, say). The
+    constraint is a reparametrisation, not a clip after each step: the neighbours' weights are a softmax of free
+    weights (positive, summing to 1) and the centre weight is -1, so every filter sums to zero on any backend and
+    any optimiser. As in `HighPassResiduals`, the errors are truncated at `truncate` and divided by it.
+    """
+
+    SIZE = 5
+
+    def __init__(self, filters: int = 3, truncate: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.truncate = truncate
+
+    def build_free(self, input_shape) -> np.ndarray:
+        """The free weights' start, (24, C, filters): near the mean of the 8 nearest neighbours (free weights 0
+        there, -2 further out), each filter a little apart (seeded noise, so a build is reproducible)."""
+        start = np.full((self.SIZE, self.SIZE), -2.0)
+        start[1:4, 1:4] = 0.0
+        start = np.delete(start.reshape(-1), self.SIZE * self.SIZE // 2)
+        shape = (self.SIZE * self.SIZE - 1, input_shape[-1], self.filters)
+        return (start[:, None, None] + np.random.default_rng(0).normal(0, 0.1, shape)).astype("float32")
+
+    def build(self, input_shape):
+        start = self.build_free(input_shape)
+        self.free = self.add_weight(name="free", shape=start.shape,
+                                    initializer=lambda shape, dtype=None: ops.convert_to_tensor(start, dtype=dtype))
+
+    def kernel(self):
+        """The (5, 5, C, filters) depthwise kernel: softmax weights on the neighbours, -1 at the centre."""
+        weights = ops.softmax(self.free, axis=0)
+        centre = self.SIZE * self.SIZE // 2
+        minus_one = -ops.ones((1, *self.free.shape[1:]), dtype=weights.dtype)
+        full = ops.concatenate([weights[:centre], minus_one, weights[centre:]], axis=0)
+        return ops.reshape(full, (self.SIZE, self.SIZE, *self.free.shape[1:]))
+
+    def call(self, images):
+        errors = ops.depthwise_conv(images, ops.cast(self.kernel(), images.dtype), padding="same")
+        if self.truncate is not None:
+            errors = ops.clip(errors, -self.truncate, self.truncate) / self.truncate
+        return errors
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] * self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "truncate": self.truncate}

@@ -95,6 +95,11 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("smallcnn", SmallCNN, "raw", SMALLCNN_MIN_SIZE, None,
              "fixed SRM noise residuals + 7 conv/BN/ReLU layers, no early downsampling; 0.15M parameters; "
              "learns camera traces from 64-px patches on a CPU"),
+    Backbone("smallcnn_learned", partial(SmallCNN, front="learned"), "raw", SMALLCNN_MIN_SIZE, None,
+             "smallcnn with learned prediction-error filters (Bayar & Stamm's constrained convolution) in place of "
+             "the fixed SRM residuals"),
+    Backbone("smallcnn_rgb", partial(SmallCNN, front="rgb"), "raw", SMALLCNN_MIN_SIZE, None,
+             "smallcnn on the pixels themselves, no residual front end (a control)"),
 ]}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from camid.models.layers import HighPassResiduals
+from camid.models.layers import HighPassResiduals, PredictionErrors
 
 BLOCK_FILTERS = (16, 32, 64)
 HEAD_FILTERS = 128
@@ -18,6 +18,10 @@ RESIDUAL_TRUNCATE = 3 / 255  # three grey levels, for inputs scaled to 0..1
 # Demo runs last a few hundred steps: at Keras's default momentum (0.99) the moving statistics that inference
 # uses would still be far from the training batches' and validation accuracy would lag far behind training.
 BN_MOMENTUM = 0.9
+# The front ends `SmallCNN(front=...)` takes: "srm" the fixed SRM residuals (the default backbone, `smallcnn`),
+# "learned" Bayar & Stamm's constrained prediction errors (`smallcnn_learned`), "rgb" the pixels themselves
+# (`smallcnn_rgb`, the control that shows what a residual front end buys). README, "Choosing the CPU default".
+FRONTS = ("srm", "learned", "rgb")
 
 
 def _conv_bn_relu(x, filters: int, name: str):
@@ -26,10 +30,19 @@ def _conv_bn_relu(x, filters: int, name: str):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def SmallCNN(input_shape: tuple[int, int, int], weights: str | None = None, name: str = "smallcnn") -> keras.Model:
-    """Images scaled to 0..1 in, average-pooled features (HEAD_FILTERS) out; `weights` a weights file or None."""
+def SmallCNN(input_shape: tuple[int, int, int], weights: str | None = None, name: str = "smallcnn",
+             front: str = "srm") -> keras.Model:
+    """Images scaled to 0..1 in, average-pooled features (HEAD_FILTERS) out; `weights` a weights file or None;
+    `front` one of FRONTS."""
     inputs = keras.Input(input_shape)
-    x = HighPassResiduals(truncate=RESIDUAL_TRUNCATE, name="residuals")(inputs)
+    if front == "srm":
+        x = HighPassResiduals(truncate=RESIDUAL_TRUNCATE, name="residuals")(inputs)
+    elif front == "learned":
+        x = PredictionErrors(filters=3, truncate=RESIDUAL_TRUNCATE, name="residuals")(inputs)
+    elif front == "rgb":
+        x = inputs
+    else:
+        raise ValueError(f"unknown front {front!r}; expected one of {FRONTS}")
     for block, filters in enumerate(BLOCK_FILTERS, start=1):
         x = _conv_bn_relu(x, filters, f"block{block}a")
         x = _conv_bn_relu(x, filters, f"block{block}b")

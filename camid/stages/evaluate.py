@@ -180,11 +180,12 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         # threshold halfway (log scale) to the other cameras (camid.inference.openset.camera_thresholds).
         single = [c for c in range(len(ensemble.labels)) if not by_device[c]]
         per_camera = camera_thresholds(scores.features[ok], y, bank["photo"], bank["photo_labels"], single,
-                                       settings.open_set_accept)
+                                       settings.open_set_accept, reach=settings.single_device_reach)
         rule.update(score=KNN_SCORE, k=K_NEIGHBOURS,
                     bank_size={k: int(len(v)) for k, v in bank.items() if k != "photo_labels"}, knn_threshold=knn,
                     knn_threshold_camera={ensemble.labels[c]: fit["threshold"] for c, fit in per_camera.items()},
-                    single_device={ensemble.labels[c]: fit for c, fit in per_camera.items()})
+                    single_device={ensemble.labels[c]: fit for c, fit in per_camera.items()},
+                    single_device_reach=settings.single_device_reach)
     return temperature, rule, bank, metadata
 
 
@@ -297,6 +298,10 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
     if not 0 < settings.open_set_accept <= 1:
         raise CamidError(f"evaluate.open_set_accept is {settings.open_set_accept}; it is the share of validation "
                          "photos to accept, in (0, 1] (1: never answer unknown)")
+    if not 0 <= settings.single_device_reach <= 1:
+        raise CamidError(f"evaluate.single_device_reach is {settings.single_device_reach}; it places a one-reference-"
+                         "device camera's threshold between its own held-out photos (0) and the other cameras' (1): "
+                         "give a number in [0, 1]")
     Ensemble.write_bundle(model_dirs, bundle)
     with tracking.run("evaluate", tags={"stage": "evaluate", "data_version": tracking.data_version(cache)}):
         first = Ensemble.load(bundle)
@@ -315,7 +320,8 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         # reference device) each camera's own threshold, and whether unseen JPEG tables count as unknown.
         rule = ensemble.open_set
         metrics["open_set_rule"] = {key: rule[key] for key in ("reference", "reference_devices", "single_device",
-                                                               "unseen_tables", "val_tables_seen")
+                                                               "single_device_reach", "unseen_tables",
+                                                               "val_tables_seen")
                                     if key in rule and rule[key] == rule[key]}  # NaN (no JPEG in val): left out
         metrics["split_summary"] = read_meta(cache).get("split", {})
         metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))

@@ -45,22 +45,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camid.config import SplitParams, load_params
+from camid.config import load_params
 from camid.errors import CamidError
 from camid.core.fileio import atomic_dir, write_json
 from camid.core.imageio import list_labelled
+from camid.data.splitting import MODES, PHOTO_FRACTION, SETS, device_split, split_camera  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-SETS = ("train", "val", "test")
-# How each camera was split (summary "mode"): only "devices" gives a model-identification test figure.
-MODES = {
-    "devices": "train, val and test have devices of their own",
-    "val_photo_split": "two devices: test has its own; val and train are photos of the other",
-    "photo_split": "one device (or none known): photos of it in all three sets",
-}
-
-
-PHOTO_FRACTION = SplitParams.photo_fraction  # params.yaml's default (camid.config), for callers that pass none
 
 # Sources of device identity, in the order they are tried; a device id is "<source>:<id>" ("" is unknown).
 DEVICE_SOURCES = ("folder", "manifest", "owner", "serial")
@@ -138,79 +129,6 @@ def device_sources(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
     ids = pd.concat([table["device"] for table in tables.values()])
     source = ids.str.split(":", n=1).str[0].where(ids != "", "unknown")
     return {name: int((source == name).sum()) for name in (*DEVICE_SOURCES, "unknown")}
-
-
-def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(val, test) out of n >= 3 groups: the fractions rounded, at least one each, leaving train at least one."""
-    n_test = max(1, round(n * test_fraction))
-    n_val = max(1, round(n * val_fraction))
-    while n_val + n_test > n - 1:
-        if n_val >= n_test and n_val > 1:
-            n_val -= 1
-        elif n_test > 1:
-            n_test -= 1
-        else:
-            break
-    return n_val, n_test
-
-
-def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rest, held) with about `fraction` of the photos held, at least one each side when there are two."""
-    order = rng.permutation(len(photos))
-    n_held = min(len(photos) - 1, max(1, round(len(photos) * fraction)))
-    return photos.iloc[order[n_held:]], photos.iloc[order[:n_held]]
-
-
-def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float, rng: np.random.Generator,
-                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], str]:
-    """One camera's photos (columns path, label, device) dealt to SETS; returns the sets and the mode. With three
-    devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo splits holding out
-    `photo_fraction` of the photos for each held-out set."""
-    known = photos[photos["device"] != ""]
-    unknown = photos[photos["device"] == ""]
-    ids = np.array(sorted(known["device"].unique()))
-    if len(ids) >= 3:
-        order = rng.permutation(ids)
-        n_val, n_test = _counts(len(ids), val_fraction, test_fraction)
-        chosen = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-        sets = {name: known[known["device"].isin(group)] for name, group in chosen.items()}
-        sets["train"] = pd.concat([sets["train"], unknown])
-        return sets, "devices"
-    if len(photos) < 3:
-        raise CamidError(f"camera {photos['label'].iloc[0]!r} has {len(photos)} photo(s) after filtering; the split "
-                         "needs at least 3 (one each for train, val and test)")
-    if len(ids) == 2:
-        held_device = rng.permutation(ids)[0]
-        test = known[known["device"] == held_device]
-        rest = pd.concat([known[known["device"] != held_device], unknown])
-        train, val = _photo_split(rest, photo_fraction, rng)
-        if len(train) and len(val):
-            return {"train": train, "val": val, "test": test}, "val_photo_split"
-    rest, test = _photo_split(photos, photo_fraction, rng)
-    train, val = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
-    return {"train": train, "val": val, "test": test}, "photo_split"
-
-
-def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """Split `files` (path, label, device) per camera; returns {set: table} and {label: mode}."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
-                         "between 0 and 1, and leave some photos for training")
-    if not 0 < photo_fraction < 0.5:
-        raise CamidError(f"split.photo_fraction ({photo_fraction}) must be between 0 and 0.5: it is held out twice "
-                         "(validation and test) and must leave photos for training")
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SETS}
-    modes = {}
-    for label, photos in files.groupby("label", sort=True):
-        sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng,
-                                          photo_fraction)
-        for name in SETS:
-            parts[name].append(sets[name])
-    tables = {name: pd.concat(parts[name])[["path", "label", "device"]].sort_values("path").reset_index(drop=True)
-              for name in SETS}
-    return tables, modes
 
 
 def summarize(tables: dict[str, pd.DataFrame], modes: dict[str, str]) -> dict:

@@ -22,14 +22,16 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from tqdm import tqdm
 
 from camid.config import PARAMS_FILE, FilterParams, SplitParams, load_params, load_raw
+from camid.data.splitting import device_split
 from camid.errors import CamidError
 from camid.forensics.inspect import error_kind, inspect_paths
-from camid.tools.plan import PLANNED_ARCH, Photos, plan_training
+from camid.tools.plan import PLANNED_ARCHS, Photos, plan_training
 from camid.tools.profile import set_params
 
 MIN_DEVICES = 3  # one each for train, validation and test
@@ -198,35 +200,38 @@ def _folder_setting(folder: str, params_path: str) -> str:
 
 
 def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams) -> Photos:
-    """How the split stage will deal the usable photos (camid.stages.split: devices where a camera has three or
-    more, else photo splits of `photo_fraction`), as counts for the training plan."""
-    train = held = val = 0
-    pixels = []
-    for records in records_by_label.values():
+    """How the split stage will deal the usable photos, as counts for the training plan: its own rules
+    (camid.data.splitting.device_split) on the catalog's devices (folders, else serials). A camera of fewer than
+    three usable photos, which the split stage refuses, counts as training photos here."""
+    rows, pixels, few = [], [], 0
+    for label, records in records_by_label.items():
         kept = usable(records)[0]
         pixels += [r["height"] * r["width"] / 1e6 for r in kept]
-        n, devices = len(kept), Counter(r["device"] for r in kept if r["device"])
-        if len(devices) >= MIN_DEVICES:
-            n_val, n_test = round(n * split.val_fraction), round(n * split.test_fraction)
-        elif len(devices) == 2:
-            n_test = min(devices.values())
-            n_val = round((n - n_test) * split.photo_fraction)
-        else:
-            n_val = n_test = round(n * split.photo_fraction)
-        train, held, val = train + n - n_val - n_test, held + n_val + n_test, val + n_val
-    return Photos(train=train, held_out=held, val=val, megapixels=sum(pixels) / max(1, len(pixels)))
+        if len(kept) < 3:
+            few += len(kept)
+            continue
+        rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or ""} for i, r in enumerate(kept)]
+    if rows:
+        sets = device_split(pd.DataFrame(rows), split.val_fraction, split.test_fraction, split.seed,
+                            split.photo_fraction)[0]
+        counts = {name: len(table) for name, table in sets.items()}
+    else:
+        counts = {"train": 0, "val": 0, "test": 0}
+    return Photos(train=counts["train"] + few, held_out=counts["val"] + counts["test"], val=counts["val"],
+                  megapixels=sum(pixels) / max(1, len(pixels)))
 
 
 def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float) -> tuple[dict, list[str]]:
     """The training plan's params.yaml keys and its lines (camid.tools.plan), or none where the active backbones
     are not the one the plan's costs were measured with."""
     photos = expected_photos(records_by_label, params.split)
-    if tuple(params.train.archs) != (PLANNED_ARCH,):
-        return {}, [f"no training plan: train.archs is {list(params.train.archs)}, and the plan's costs are measured "
-                    f"for {PLANNED_ARCH} alone; set train.steps_per_epoch, train.epochs and train.crops_per_decode "
-                    "by hand"]
+    archs = tuple(params.train.archs)
+    if len(archs) != 1 or archs[0] not in PLANNED_ARCHS:
+        return {}, [f"no training plan: train.archs is {list(archs)}, and the plan's costs are measured for one of "
+                    f"{', '.join(PLANNED_ARCHS)} alone; set train.steps_per_epoch, train.epochs and "
+                    "train.crops_per_decode by hand"]
     plan = plan_training(photos, patch=params.train.patch, batch_size=params.train.batch_size,
-                         budget_s=minutes * 60)
+                         budget_s=minutes * 60, arch=archs[0])
     return plan.params(), plan.lines(photos)
 
 

@@ -14,7 +14,8 @@ time budget for the whole `dvc repro`, and chooses:
   and `MAX_EPOCHS` (each pass decodes every validation photo).
 
 The cost figures are wall seconds measured on a 2-core x86 machine (the project's CI machine) with the default
-backbone, `smallcnn`, and scaled by the number of cores; other backbones are given no time estimate. The plan is
+backbone, `smallcnn` (its other front ends scaled by their networks' measured cost), and scaled by the number of
+cores; other backbones are given no time estimate. The plan is
 written into params.yaml as plain numbers, so a run is a function of params.yaml alone and `dvc repro` on another
 machine trains exactly the same; every value stays editable there. `bench/real_devices.py` prints the expected and
 the measured time of `dvc repro` side by side.
@@ -44,7 +45,19 @@ MAX_COVERAGE = 12                 # passes over the training photos' pixels beyo
 MIN_EPOCHS, MAX_EPOCHS = 6, 30
 VAL_SHARE = 0.1                   # validation passes may cost at most this share of the training time
 MIN_TRAIN_S = 120.0
-PLANNED_ARCH = "smallcnn"
+# The network alone, training, per megapixel of 64-px patches (one core pair, batch 32; the smallcnn front ends, see
+# camid/models/smallcnn.py): the other costs of an arch scale from smallcnn's by these.
+NETWORK_S_PER_MEGAPIXEL = {"smallcnn": 0.60, "smallcnn_learned": 0.76, "smallcnn_rgb": 0.56}
+PLANNED_ARCHS = tuple(NETWORK_S_PER_MEGAPIXEL)
+
+
+def train_s_per_megapixel(arch: str) -> float:
+    """Training with the input pipeline: smallcnn's measured figure, the network's part swapped for `arch`'s."""
+    return TRAIN_S_PER_MEGAPIXEL + NETWORK_S_PER_MEGAPIXEL[arch] - NETWORK_S_PER_MEGAPIXEL["smallcnn"]
+
+
+def infer_s_per_megapixel(arch: str) -> float:
+    return INFER_S_PER_MEGAPIXEL * NETWORK_S_PER_MEGAPIXEL[arch] / NETWORK_S_PER_MEGAPIXEL["smallcnn"]
 
 
 @dataclass(frozen=True)
@@ -101,13 +114,13 @@ def _scale(cores: int) -> float:
     return REFERENCE_CORES / max(1, cores)
 
 
-def stage_seconds(photos: Photos, patch: int, cores: int) -> dict:
+def stage_seconds(photos: Photos, patch: int, cores: int, arch: str = "smallcnn") -> dict:
     """Expected wall seconds of every stage but training (their work from the photos' count and size)."""
     k = _scale(cores)
     patch_mp = patch * patch / 1e6
     decode = DECODE_S_PER_MEGAPIXEL * photos.megapixels / REFERENCE_CORES  # one photo, all cores decoding
     evaluate = (decode * (2 * photos.held_out + photos.train)
-                + INFER_S_PER_MEGAPIXEL * patch_mp * (EVAL_ROWS_HELD_OUT * photos.held_out
+                + infer_s_per_megapixel(arch) * patch_mp * (EVAL_ROWS_HELD_OUT * photos.held_out
                                                       + EVAL_ROWS_TRAIN * photos.train))
     return {"acquire, filter, split": 3 * STAGE_S + FILTER_S_PER_PHOTO * photos.total * k,
             "prepare": STAGE_S + decode * photos.total * k,
@@ -116,17 +129,18 @@ def stage_seconds(photos: Photos, patch: int, cores: int) -> dict:
 
 
 def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budget_s: float = 15 * 60,
-                  cores: int | None = None) -> Plan:
-    """The plan for `photos` in `budget_s` seconds of `dvc repro` on `cores` cores (default: this machine's)."""
+                  cores: int | None = None, arch: str = "smallcnn") -> Plan:
+    """The plan for `photos` in `budget_s` seconds of `dvc repro` on `cores` cores (default: this machine's), training
+    `arch` (one of PLANNED_ARCHS)."""
     cores = cores or os.cpu_count() or 1
     k = _scale(cores)
     patch_mp = patch * patch / 1e6
-    others = stage_seconds(photos, patch, cores)
-    train_patch_s = TRAIN_S_PER_MEGAPIXEL * patch_mp * k
+    others = stage_seconds(photos, patch, cores, arch)
+    train_patch_s = train_s_per_megapixel(arch) * patch_mp * k
     decode_s = DECODE_S_PER_MEGAPIXEL * photos.megapixels * k / REFERENCE_CORES
     crops = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, decode_s / (DECODE_SHARE * train_patch_s)))))))
     step_s = batch_size * (train_patch_s + decode_s / crops)
-    val_pass_s = EPOCH_S * k + photos.val * (decode_s + 9 * INFER_S_PER_MEGAPIXEL * patch_mp * k)
+    val_pass_s = EPOCH_S * k + photos.val * (decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
     train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S)
     pixels = photos.train * photos.megapixels * 1e6
     max_steps = MAX_COVERAGE * pixels / (batch_size * patch * patch)
