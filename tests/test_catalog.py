@@ -91,6 +91,19 @@ def test_device_subfolders_and_orientations(tmp_path, params_file, capsys):
     assert re.search(r"^Cam-B\s+3\s+2\s", out, flags=re.MULTILINE)
     assert "warning: Cam-B has 2 known device(s) and 1 photo(s) of unknown device; the split keeps" in out
     assert "warning: Cam-A" not in out
+    assert "note: Cam-A" not in out and "note: Cam-B" not in out  # several devices: no coverage note
+
+
+def test_a_one_device_reference_is_told_what_it_covers(tmp_path, params_file, capsys):
+    """Real photos (README, one reference device each): a Nikon's full-size Fine photos lay outside a reference of
+    its downscaled Normal ones. The catalog says what a one-device reference covers and what lies outside it."""
+    for i in range(4):
+        jpeg(tmp_path / "Cam-A" / "d1" / f"{i}.jpg", size=(64, 96), quality=90 + i)
+    run_catalog(tmp_path, params_file)
+    out = capsys.readouterr().out
+    assert "note: Cam-A's reference is one device, and what it covers is what camid can recognise: sizes 64x96, " \
+           "JPEG quality 90-93." in out
+    assert "add photos of every size and quality mode you will be asked about" in out
 
 
 def test_kaggle_layout_and_hidden_names(tmp_path):

@@ -170,6 +170,14 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 + f"; the split keeps train, validation and test device-disjoint and needs {MIN_DEVICES}. With fewer "
                 "it falls back to a photo split for this camera, whose accuracy then measures device identification, "
                 f"not model identification: add photos of more devices, one folder each ({label}/<device>/<photos>).")
+        if len(devices) <= 1:
+            notes.append(
+                f"note: {label}'s reference is one device, and what it covers is what camid can recognise: sizes "
+                + ", ".join(f"{h}x{w}" for h, w in entry["sizes"])
+                + f", JPEG quality {low if low == high else f'{low}-{high}'}. A questioned photo of another size (a "
+                "camera's smaller sizes are resampled in the camera, which erases most demosaicing traces) or "
+                "another quality mode (other JPEG tables) lies outside it and may be answered unknown: add photos "
+                "of every size and quality mode you will be asked about.")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] + notes
 
