@@ -42,11 +42,11 @@ def robust_sigma(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def log_weights(ensemble, questioned: pd.DataFrame, held_out: pd.DataFrame):
+def log_weights(ensemble, questioned, questioned_labels, held_out, held_out_labels):
     """Where photos lie between the two medians of the single-device rule (openset.camera_thresholds), on its log
     scale of cosine distance to a camera's training photos: (the other devices' photos, to their own camera; the
-    held-out photos of every other camera, to each camera). None without the rule's figures."""
-    from camid.inference.answers import score_photos
+    held-out photos of every other camera, to each camera), from their PhotoScores (`questioned`, `held_out`) and
+    true labels. None without the rule's figures."""
     from camid.inference.openset import MIN_DISTANCE, camera_knn_score
 
     single = ensemble.open_set.get("single_device") or {}
@@ -60,12 +60,11 @@ def log_weights(ensemble, questioned: pd.DataFrame, held_out: pd.DataFrame):
         distance = 1 - camera_knn_score(features, np.full(len(features), camera), bank, bank_labels)
         return (np.log(np.maximum(distance, MIN_DISTANCE)) - low) / (high - low)
 
-    def features(frame: pd.DataFrame):
-        scored = score_photos(ensemble, [str(p) for p in frame.path])
-        return scored.features[scored.ok], frame.label.to_numpy()[scored.ok]
+    def features(scored, labels):
+        return scored.features[scored.ok], np.asarray(labels)[scored.ok]
 
-    devices, device_labels = features(questioned)
-    held, held_labels = features(held_out)
+    devices, device_labels = features(questioned, questioned_labels)
+    held, held_labels = features(held_out, held_out_labels)
     on_devices, on_cameras = [], []
     for camera, label in enumerate(ensemble.labels):
         if label not in single:
@@ -92,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from camid.config import load_params
     from camid.data.cache import prepare
     from camid.data.synth import synthesize
-    from camid.inference.answers import answer_photos, score_photos
+    from camid.inference.answers import answers, score_photos
+    from camid.inference.options import DEFAULTS, blend_for
     from camid.inference.ensemble import Ensemble
     from camid.inference.openset import fit_threshold, knn_score
     from camid.stages.evaluate import evaluate
@@ -138,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             other = knn(pd.concat(parts["test"]).path)
             # The answers as served (camid predict --full-image): the bundle's own rule (one reference device per
             # model: each camera's threshold, openset.camera_thresholds), with the tables and from the pixels alone.
-            questioned = pd.concat(parts["test"])
-            served = {name: answer_photos(ensemble, [str(p) for p in questioned.path], {"jpeg_tables": tables})
+            # Each set of photos is scored once, as answer_photos scores it under the served defaults; both answers
+            # and the log-scale positions come from those scores.
+            questioned, reference = pd.concat(parts["test"]), pd.concat(parts["val"])
+            scored = {name: score_photos(ensemble, [str(p) for p in frame.path], patches=DEFAULTS["patches"],
+                                         tta=DEFAULTS["tta"], blend=blend_for(DEFAULTS["blend"]))
+                      for name, frame in (("questioned", questioned), ("reference", reference))}
+            served = {name: answers(ensemble, scored["questioned"], {**DEFAULTS, "jpeg_tables": tables})
                       for name, tables in (("served", True), ("pixels only", False))}
-            held_out = answer_photos(ensemble, [str(p) for p in pd.concat(parts["val"]).path], {"jpeg_tables": False})
-            weights = log_weights(ensemble, questioned, pd.concat(parts["val"]))
+            held_out = answers(ensemble, scored["reference"], {**DEFAULTS, "jpeg_tables": False})
+            weights = log_weights(ensemble, scored["questioned"], questioned.label, scored["reference"],
+                                  reference.label)
 
     threshold = fit_threshold(same, 0.95)
     served_cut = ensemble.open_set["knn_threshold"]["photo"]

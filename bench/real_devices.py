@@ -152,7 +152,7 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     photos it would reject (`reject_<reach>`), from the pixels alone."""
     from camid.inference.answers import score_photos
     from camid.inference.ensemble import Ensemble
-    from camid.inference.openset import auroc, camera_knn_score, log_midpoint
+    from camid.inference.openset import auroc, camera_knn_score, reach_threshold
 
     ensemble = Ensemble.load(bundle)
     if ensemble.bank is None or "photo_labels" not in ensemble.bank:
@@ -182,13 +182,12 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     fits = [single.get(label) for label in ensemble.labels]
     if not all(fits) or any(fit["other_cameras_median"] is None for fit in fits):
         return out
+    own = camera_knn_score(other_features, other_closest, bank, bank_labels)
+    theirs = camera_knn_score(unknown_features, unknown_closest, bank, bank_labels)
     for reach in REACHES:
-        cut = np.array([min(fit["quantile"], log_midpoint([fit["own_median"]], [fit["other_cameras_median"]], reach))
-                        for fit in fits])
-        own = camera_knn_score(other_features, other_closest, bank, bank_labels)
+        cut = np.array([reach_threshold(fit, reach) for fit in fits])
         out[f"accept_{reach}"] = round(float(np.mean(own >= cut[other_closest])), 3)
         if len(unknown_features):
-            theirs = camera_knn_score(unknown_features, unknown_closest, bank, bank_labels)
             out[f"reject_{reach}"] = round(float(np.mean(theirs < cut[unknown_closest])), 3)
     return out
 

@@ -19,6 +19,8 @@ MODES = {
     "photo_split": "one device (or none known): photos of it in all three sets",
 }
 PHOTO_FRACTION = SplitParams.photo_fraction  # params.yaml's default (camid.config), for callers that pass none
+MIN_DEVICES = 3  # a camera is dealt by device from this many known devices on: one each for train, val and test
+MIN_PHOTOS = 3   # fewer photos than this cannot be dealt at all
 
 
 def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -50,14 +52,14 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]
     ids = np.array(sorted(known["device"].unique()))
-    if len(ids) >= 3:
+    if len(ids) >= MIN_DEVICES:
         order = rng.permutation(ids)
         n_val, n_test = _counts(len(ids), val_fraction, test_fraction)
         chosen = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
         sets = {name: known[known["device"].isin(group)] for name, group in chosen.items()}
         sets["train"] = pd.concat([sets["train"], unknown])
         return sets, "devices"
-    if len(photos) < 3:
+    if len(photos) < MIN_PHOTOS:
         raise CamidError(f"camera {photos['label'].iloc[0]!r} has {len(photos)} photo(s) after filtering; the split "
                          "needs at least 3 (one each for train, val and test)")
     if len(ids) == 2:

@@ -177,12 +177,18 @@ def camera_thresholds(features: np.ndarray, labels: np.ndarray, bank: np.ndarray
             continue
         own = knn_score(features[own_rows], bank[bank_rows], k)
         other = knn_score(features[~own_rows], bank[bank_rows], k) if (~own_rows).any() else np.zeros(0)
-        quantile = fit_threshold(own, accept)
-        threshold = min(quantile, log_midpoint(own, other, reach)) if len(other) else quantile
-        fitted[int(camera)] = {"threshold": threshold, "quantile": quantile, "own_median": float(np.median(own)),
-                               "other_cameras_median": float(np.median(other)) if len(other) else None,
-                               "photos": int(own_rows.sum())}
+        fit = {"quantile": fit_threshold(own, accept), "own_median": float(np.median(own)),
+               "other_cameras_median": float(np.median(other)) if len(other) else None, "photos": int(own_rows.sum())}
+        fitted[int(camera)] = {"threshold": reach_threshold(fit, reach), **fit}
     return fitted
+
+
+def reach_threshold(fit: dict, reach: float) -> float:
+    """A `camera_thresholds` fit's threshold at `reach`: the lower of its quantile and the score `reach` of the way
+    (log scale) from its own median to the other cameras' median; the quantile alone without the latter."""
+    if fit["other_cameras_median"] is None:
+        return fit["quantile"]
+    return min(fit["quantile"], log_midpoint([fit["own_median"]], [fit["other_cameras_median"]], reach))
 
 
 def fit_threshold(scores: np.ndarray, accept: float) -> float:

@@ -71,6 +71,13 @@ def srm_kernels() -> np.ndarray:
     return np.stack([second_order_2d, square_5x5, second_order_row], axis=-1).astype("float32")
 
 
+def truncated(residuals, truncate: float | None):
+    """Residuals clipped at +-`truncate` and divided by it (spanning [-1, 1]); unchanged where `truncate` is None."""
+    if truncate is None:
+        return residuals
+    return ops.clip(residuals, -truncate, truncate) / truncate
+
+
 @keras.saving.register_keras_serializable(package="camid")
 class HighPassResiduals(keras.layers.Layer):
     """Noise residuals: each SRM kernel applied to each input channel (C in -> 3C out), then truncated.
@@ -90,9 +97,7 @@ class HighPassResiduals(keras.layers.Layer):
         channels = images.shape[-1]
         kernel = np.repeat(srm_kernels()[:, :, None, :], channels, axis=2)  # (5, 5, C, 3): depthwise multiplier 3
         residuals = ops.depthwise_conv(images, ops.convert_to_tensor(kernel, dtype=images.dtype), padding="same")
-        if self.truncate is not None:
-            residuals = ops.clip(residuals, -self.truncate, self.truncate) / self.truncate
-        return residuals
+        return truncated(residuals, self.truncate)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] * 3)
@@ -144,9 +149,7 @@ class PredictionErrors(keras.layers.Layer):
 
     def call(self, images):
         errors = ops.depthwise_conv(images, ops.cast(self.kernel(), images.dtype), padding="same")
-        if self.truncate is not None:
-            errors = ops.clip(errors, -self.truncate, self.truncate) / self.truncate
-        return errors
+        return truncated(errors, self.truncate)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] * self.filters)

@@ -177,7 +177,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         knn = {"patch": fit_threshold(patch_scores[rows["patch"]], settings.open_set_accept),
                "photo": fit_threshold(photo_scores[rows["photo"]], settings.open_set_accept)}
         # Cameras with one reference device: whole photos against that camera's own training photos, each with a
-        # threshold halfway (log scale) to the other cameras (camid.inference.openset.camera_thresholds).
+        # threshold `single_device_reach` of the way (log scale) to the other cameras (openset.camera_thresholds).
         single = [c for c in range(len(ensemble.labels)) if not by_device[c]]
         per_camera = camera_thresholds(scores.features[ok], y, bank["photo"], bank["photo_labels"], single,
                                        settings.open_set_accept, reach=settings.single_device_reach)

@@ -28,13 +28,12 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from tqdm import tqdm
 
 from camid.config import PARAMS_FILE, FilterParams, SplitParams, load_params, load_raw
-from camid.data.splitting import device_split
+from camid.data.splitting import MIN_DEVICES, MIN_PHOTOS, device_split
 from camid.errors import CamidError
 from camid.forensics.inspect import error_kind, inspect_paths
 from camid.tools.plan import PLANNED_ARCHS, Photos, plan_training
 from camid.tools.profile import set_params
 
-MIN_DEVICES = 3  # one each for train, validation and test
 DEFAULT_MINUTES = 15.0  # the training plan's budget for the whole `dvc repro` (camid.tools.plan)
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -210,12 +209,12 @@ def _folder_setting(folder: str, params_path: str) -> str:
 def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams) -> Photos:
     """How the split stage will deal the usable photos, as counts for the training plan: its own rules
     (camid.data.splitting.device_split) on the catalog's devices (folders, else serials). A camera of fewer than
-    three usable photos, which the split stage refuses, counts as training photos here."""
+    MIN_PHOTOS usable photos, which the split stage refuses, counts as training photos here."""
     rows, pixels, few = [], [], 0
     for label, records in records_by_label.items():
         kept = usable(records)[0]
         pixels += [r["height"] * r["width"] / 1e6 for r in kept]
-        if len(kept) < 3:
+        if len(kept) < MIN_PHOTOS:
             few += len(kept)
             continue
         rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or ""} for i, r in enumerate(kept)]
