@@ -10,7 +10,7 @@ of this checkout (bench/scale.py's copy: the code as it is now, its own MLflow s
    of those models and on the photos of other camera models (`--unknown`, one folder of JPEGs).
 
 It prints, per run: the closest camera right on the other devices, the share accepted (not `unknown`), how the
-JPEG tables read (used / family / unseen), `consistent: false` on those genuine photos, the share of the other
+JPEG tables read (used / family / unseen) and which ground made answers `unknown` (`unknown_by`), `consistent: false` on those genuine photos, the share of the other
 models answered `unknown` and the share the pixels alone reject, and how long `dvc repro` took. Split: train and
 validation are photos of the reference devices; every figure is on devices or models training never saw.
 
@@ -94,6 +94,12 @@ def predict(copy: Path, env: dict, paths: list[Path], out: Path, pixels_only: bo
     return pd.read_csv(out.with_suffix(".probs.csv"))
 
 
+def unknown_by(answers: pd.DataFrame) -> dict:
+    """How many answers each ground made `unknown` (the answer's `unknown_by`: pixels, tables, or both)."""
+    grounds = answers["unknown_by"].fillna("") if "unknown_by" in answers else pd.Series([], dtype=str)
+    return grounds[grounds != ""].value_counts().to_dict()
+
+
 def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | None, overrides: dict,
             catalog_args: list[str]) -> dict:
     work = base / "_".join(f"{label}-{device[:8]}" for label, device in refs.items())
@@ -122,7 +128,8 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
     row.update(other_n=len(answers), other_closest_right=float((answers["closest_camera"] == truth).mean()),
                other_accepted=float((answers["camera"] != "unknown").mean()),
                other_consistent_false=int((answers["consistent"].astype(str) == "False").sum()),
-               other_tables=answers["tables_evidence"].value_counts().to_dict())
+               other_tables=answers["tables_evidence"].value_counts().to_dict(),
+               other_unknown_by=unknown_by(answers))
     pixels = predict(copy, env, [other_dir], work / "others_pixels.csv", pixels_only=True)
     row.update(other_closest_right_pixels=float((pixels["closest_camera"] == truth).mean()),
                other_accepted_pixels=float((pixels["camera"] != "unknown").mean()))
@@ -133,7 +140,7 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
         pixels = pixels[pixels["error"].fillna("") == ""] if "error" in pixels else pixels
         row.update(unknown_n=len(served), unknown_rejected=float((served["camera"] == "unknown").mean()),
                    unknown_rejected_pixels=float((pixels["camera"] == "unknown").mean()),
-                   unknown_tables=served["tables_evidence"].value_counts().to_dict())
+                   unknown_tables=served["tables_evidence"].value_counts().to_dict(), unknown_by=unknown_by(served))
     row.update(separation(copy / "models" / "ensemble", other_dir, unknown))
     evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
     row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")

@@ -152,6 +152,8 @@ class EvaluateParams:
     open_set_accept: float = 0.95    # share of validation photos the open-set threshold accepts (the rest: unknown)
     single_device_reach: float = 0.7  # a one-reference-device camera's threshold: how far, on a log scale of distance,
                                       # from its held-out photos' median (0) to the other cameras' (1) (openset)
+    unseen_tables_reach: float = 0.5  # the same camera's threshold for a photo whose JPEG tables are unseen: the
+                                      # tables then raise the pixels' bar instead of deciding `unknown` alone
 
 
 @dataclass(frozen=True)

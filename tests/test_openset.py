@@ -151,6 +151,7 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     from camid.config import load_params
     from camid.data.cache import read_index
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
+    from camid.inference.openset import UNSEEN_DEVICES
     from camid.stages.evaluate import fit_confidence
     from camid.tiny import ROOT
 
@@ -161,11 +162,14 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 1.0 and rule["unseen_tables"]
     assert set(rule["threshold"]) == {"patch", "photo", "patch_pixels_only", "photo_pixels_only"}
+    # Every camera split by device: the unseen tables rule measured on the unseen devices, no per-camera rule.
+    assert rule["reference"] == UNSEEN_DEVICES and not rule["knn_threshold_camera"]
     knows_nothing = TablePrior.fit([], [], tiny_model.labels)  # as if every camera picked new tables per photo
     _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
     assert rule["val_tables_seen"] == 0.0 and not rule["unseen_tables"]
     _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
     assert set(rule["threshold"]) == {"patch", "photo"} and not rule["unseen_tables"]
+    assert "knn_threshold_camera_unseen_tables" not in rule
 
 
 def test_knn_score_is_the_similarity_to_the_kth_nearest_training_feature():
@@ -306,3 +310,91 @@ def test_a_photo_whose_closest_camera_has_its_own_threshold_is_judged_against_th
     one = judged.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])
     assert one[0] == pytest.approx(float(ensemble.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])[0]))
     Ensemble.set_confidence(bundle, {}, ensemble.open_set)  # the module's fixture as it was
+
+
+def test_unseen_tables_raise_a_single_device_cameras_bar_instead_of_deciding_alone(knn_bundle, tiny_model):
+    """Issue 20: one reference device cannot show the quality modes of the model's other devices, so for a photo
+    judged by such a camera's own threshold, unseen JPEG tables ask its pixels to pass a stricter threshold
+    (`knn_threshold_camera_unseen_tables`) rather than answer `unknown` alone; elsewhere they decide as before.
+    Each answer says which ground decided (`unknown_by`)."""
+    from camid.core.imageio import decode_image
+    from camid.core.patches import grid_crops
+    from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED
+    from camid.inference.openset import camera_knn_score
+
+    bundle, images, probe, margin, cut = knn_bundle
+    ensemble = Ensemble.load(bundle)
+    crops = [grid_crops(decode_image(b), ensemble.patch, 0) for b in images]
+    pred = ensemble.predict_photos(crops)
+    counts = [len(c) for c in crops]
+    closest = pred.probs.argmax(1)
+    own = camera_knn_score(pred.features, closest, ensemble.bank["photo"], ensemble.bank["photo_labels"])
+    first = ensemble.labels[int(closest[0])]
+    mine = closest == int(closest[0])
+    evidence = np.full(len(images), USED, dtype=object)
+    unseen = evidence.copy()
+    unseen[0] = UNSEEN
+    try:
+        # The first photo's camera has one reference device: its own threshold lets every photo of it in, the
+        # stricter one for unseen tables lets the first photo's score just miss.
+        per_camera = {first: float(own[mine].min()) - 1e-3}
+        rule = {**ensemble.open_set, "unseen_tables": True, "knn_threshold_camera": per_camera,
+                "knn_threshold_camera_unseen_tables": {first: float(own[0]) + 1e-6}}
+        Ensemble.set_confidence(bundle, {}, rule)
+        judged = Ensemble.load(bundle)
+        seen = judged.unknown_grounds(pred.probs, counts, evidence, pred.features)
+        assert (seen[mine] == "").all()  # seen tables: the camera's own threshold, which every one passes
+        grounds = judged.unknown_grounds(pred.probs, counts, unseen, pred.features)
+        assert grounds[0] == "tables"  # passes its own threshold, not the stricter one the unseen tables ask
+        assert (grounds[1:] == seen[1:]).all()
+        assert judged.is_unknown(pred.probs, counts, unseen, pred.features)[0]
+        family = unseen.copy()
+        family[0] = FAMILY
+        assert judged.unknown_grounds(pred.probs, counts, family, pred.features)[0] == ""
+        # Pixels near enough the reference outweigh unseen tables.
+        Ensemble.set_confidence(bundle, {}, {**rule, "knn_threshold_camera_unseen_tables": {first: float(own[0]) - 1e-6}})
+        assert Ensemble.load(bundle).unknown_grounds(pred.probs, counts, unseen, pred.features)[0] == ""
+        # Pixels beyond the camera's own threshold: both grounds say so.
+        Ensemble.set_confidence(bundle, {}, {**rule, "knn_threshold_camera": {first: float(own[0]) + 1e-3}})
+        assert Ensemble.load(bundle).unknown_grounds(pred.probs, counts, unseen, pred.features)[0] == "pixels and tables"
+        assert Ensemble.load(bundle).unknown_grounds(pred.probs, counts, evidence, pred.features)[0] == "pixels"
+        # A bundle without the stricter threshold (made before it): unseen tables decide alone, where allowed.
+        old = {k: v for k, v in rule.items() if k != "knn_threshold_camera_unseen_tables"}
+        Ensemble.set_confidence(bundle, {}, old)
+        assert Ensemble.load(bundle).unknown_grounds(pred.probs, counts, unseen, pred.features)[0] == "tables"
+        Ensemble.set_confidence(bundle, {}, {**old, "unseen_tables": False})
+        assert Ensemble.load(bundle).unknown_grounds(pred.probs, counts, unseen, pred.features)[0] == ""
+    finally:
+        Ensemble.set_confidence(bundle, {}, ensemble.open_set)  # the module's fixture as it was
+
+
+def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_tables(tiny_model, tmp_path):
+    """fit_confidence on a catalog whose cameras each had one reference device (the split's photo mode): each
+    camera's own threshold at `single_device_reach`, and a stricter one at `unseen_tables_reach` that unseen JPEG
+    tables ask of the pixels (Ensemble.unknown_grounds); without the tables' evidence, none."""
+    import dataclasses
+    import json
+
+    from camid.config import load_params
+    from camid.data.cache import META
+    from camid.inference.openset import SINGLE_DEVICE, reach_threshold
+    from camid.stages.evaluate import fit_confidence
+    from camid.tiny import ROOT
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model.root / "cache", cache)
+    meta = json.loads((cache / META).read_text())
+    meta["split"]["modes"] = {label: "photos" for label in tiny_model.labels}
+    (cache / META).write_text(json.dumps(meta))
+    settings = load_params(ROOT / "params.yaml").evaluate
+    ensemble = dataclasses.replace(Ensemble.load(tiny_model.bundle), use_tables=True)
+    _, rule, _, _ = fit_confidence(ensemble, cache, settings)
+    per_camera, stricter = rule["knn_threshold_camera"], rule["knn_threshold_camera_unseen_tables"]
+    assert rule["reference"] == SINGLE_DEVICE and per_camera and set(stricter) == set(per_camera)
+    assert rule["unseen_tables_reach"] == settings.unseen_tables_reach < settings.single_device_reach
+    for label, fit in rule["single_device"].items():
+        assert per_camera[label] == pytest.approx(reach_threshold(fit, settings.single_device_reach))
+        assert stricter[label] == pytest.approx(reach_threshold(fit, settings.unseen_tables_reach))
+        assert stricter[label] >= per_camera[label]
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
+    assert rule["knn_threshold_camera"] and "knn_threshold_camera_unseen_tables" not in rule

@@ -149,3 +149,20 @@ def test_the_tables_reading_names_the_firmware_family():
     assert "entered the answer" in text
     unseen = _tables_reading({**card, "answer": {"tables_evidence": "unseen"}, "firmware_family": []}, True)
     assert "or tables of their family" in unseen and "did not enter" in unseen
+
+
+def test_an_unknown_answer_says_which_ground_decided_it():
+    """Issue 20: an analyst acts on an `unknown` differently when the pixels decided it (another camera) and when
+    the JPEG tables did (perhaps a quality mode the reference never shot): the card's reading says which."""
+    from camid.tools.cards import UNKNOWN_BY, readings
+
+    answer = {"camera": "unknown", "closest_camera": "Aster-A1", "confidence": 0.9, "camera_group": "Aster-A1",
+              "reference_devices": 1, "patches": 12, "manipulated": False, "tables_evidence": "unseen",
+              "exif_model": "", "exif_camera": "", "consistent": None}
+    card = {"error": None, "answer": answer, "firmware": [], "firmware_family": [], "inspection": None,
+            "flag_from_name": None, "prnu": None}
+    for ground, words in UNKNOWN_BY.items():
+        text = readings({**card, "answer": {**answer, "unknown_by": ground}}, True)["answer"]
+        assert text.startswith(f"unlike every catalog camera ({words})") and "closest is Aster-A1" in text
+        assert "one device only" in text
+    assert "quality mode" in UNKNOWN_BY["tables"]

@@ -33,8 +33,8 @@ from camid.inference.openset import UNKNOWN, confidence
 from camid.inference.options import DEFAULTS, blend_for
 
 # The answer columns before one probability column per camera label (the served signature declares the same).
-ANSWER_COLUMNS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "reference_devices", "manipulated", "manipulated_estimated",
-                  "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
+ANSWER_COLUMNS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "unknown_by", "reference_devices",
+                  "manipulated", "manipulated_estimated", "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 BATCH_PATCHES = 256  # patches scored per network call (a photo is never split across calls)
 
 
@@ -233,7 +233,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     good = np.flatnonzero(ok)
     out = pd.DataFrame({"camera": [""] * n, "closest_camera": [""] * n, "camera_group": [""] * n,
                         "confidence": np.full(n, np.nan),
-                        "unknown": pd.array([None] * n, dtype="boolean"),
+                        "unknown": pd.array([None] * n, dtype="boolean"), "unknown_by": [""] * n,
                         "reference_devices": pd.array([None] * n, dtype="Int64"),
                         "manipulated": pd.array([None] * n, dtype="boolean"),
                         "manipulated_estimated": pd.array([None] * n, dtype="boolean"),
@@ -249,9 +249,10 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     picked = calibrated.argmax(1) if settings["balance"] == "none" else \
         balance_to_quota(calibrated, groups=flags, method=settings["balance"])
     closest = np.asarray(labels)[picked]
-    unknown = ensemble.is_unknown(calibrated, counts, evidence[good],
-                                  None if scores.features is None else scores.features[good]) \
-        if settings["open_set"] else np.zeros(len(good), dtype=bool)
+    grounds = ensemble.unknown_grounds(calibrated, counts, evidence[good],
+                                       None if scores.features is None else scores.features[good]) \
+        if settings["open_set"] else np.full(len(good), "", dtype=object)
+    unknown = grounds != ""
     groups = ensemble.camera_groups(calibrated, picked)
     named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], calibrated, groups)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
@@ -259,6 +260,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]
     out.loc[good, "confidence"] = confidence(calibrated)
     out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
+    out.loc[good, "unknown_by"] = list(grounds)
     reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)
     out.loc[good, "reference_devices"] = pd.array([reference.get(c) for c in closest], dtype="Int64")
     out.loc[good, "manipulated"] = pd.array(flags, dtype="boolean")

@@ -55,6 +55,9 @@ class Prediction:
 # camera originals far more confident, so one threshold for both rejects almost every pixels-only answer.
 KINDS = ("patch", "photo")
 PIXELS_ONLY = "_pixels_only"
+# Why an answer is `unknown` (the answer's `unknown_by`, `Ensemble.unknown_grounds`): the pixel ground, the JPEG
+# tables' (no catalog firmware's family writes them), or both.
+UNKNOWN_GROUNDS = ("pixels", "tables", "pixels and tables")
 
 
 @dataclass
@@ -139,44 +142,72 @@ class Ensemble:
         the camera's own threshold, `open_set.knn_threshold_camera`), else the calibrated top
         probability of `probs` (N, C) against the threshold of its setting (as in `calibrate`: one patch or
         many, with or without the JPEG tables, `tables_evidence` per row). NaN for a bundle without a rule."""
+        return self._margins(probs, patch_counts, tables_evidence, features)[0]
+
+    def _margins(self, probs: np.ndarray, patch_counts, tables_evidence, features):
+        """(margin, raised): `open_set_margin`, and (N,) for a whole photo judged by its closest camera's own
+        threshold where that camera has a stricter one for unseen JPEG tables (`open_set.
+        knn_threshold_camera_unseen_tables`), the same score minus that one (NaN for every other row)."""
         from camid.inference.openset import camera_knn_score, confidence, knn_score
 
         kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
+        raised = np.full(len(kinds), np.nan)
         knn = self.open_set.get("knn_threshold")
         if knn and self.bank is not None and features is not None:
             margin = np.empty(len(kinds))
             # A whole photo whose closest camera had one reference device is scored against that camera's training
             # photos and its own threshold (openset.camera_thresholds); every other row against the whole bank.
             per_camera = self.open_set.get("knn_threshold_camera") or {}
+            stricter = self.open_set.get("knn_threshold_camera_unseen_tables") or {}
             own = np.zeros(len(kinds), dtype=bool)
             if per_camera and "photo_labels" in self.bank:
                 closest = np.asarray(probs).argmax(axis=1)
                 cut = np.array([per_camera.get(self.labels[c], np.nan) for c in closest], dtype=np.float64)
                 own = np.array([k == "photo" for k in kinds]) & np.isfinite(cut)
                 if own.any():
-                    margin[own] = camera_knn_score(features[own], closest[own], self.bank["photo"],
-                                                   self.bank["photo_labels"]) - cut[own]
+                    score = camera_knn_score(features[own], closest[own], self.bank["photo"],
+                                             self.bank["photo_labels"])
+                    margin[own] = score - cut[own]
+                    raised[own] = score - np.array([stricter.get(self.labels[c], np.nan) for c in closest[own]])
             for kind in set(kinds):
                 rows = np.array([k == kind for k in kinds]) & ~own
                 if rows.any():
                     margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
-            return margin
+            return margin, raised
         thresholds = self.open_set.get("threshold", {})
         if not thresholds:
-            return np.full(len(kinds), np.nan)
+            return np.full(len(kinds), np.nan), raised
         evidence = self._evidence_rows(tables_evidence, len(kinds))
         cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, entered(evidence))), dtype=np.float64)
-        return confidence(probs) - cut
+        return confidence(probs) - cut, raised
+
+    def unknown_grounds(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
+        """(N,) why each photo is unlike every catalog camera (UNKNOWN_GROUNDS): "" where it is not; "pixels"
+        where the pixel ground says so (`open_set_margin` below 0); "tables" where its JPEG tables are UNSEEN (no
+        catalog firmware's family writes them) and that decides: on a catalog where validation found the devices'
+        originals almost always carry seen tables (the bundle's `open_set.unseen_tables`), or, for a whole photo
+        whose closest camera had one reference device, where the pixels are not near enough that camera's
+        reference to outweigh them (its stricter threshold, `evaluate.unseen_tables_reach`: one reference device
+        cannot show which quality modes the model's other devices use, so unseen tables there raise the pixels'
+        bar rather than decide alone); "pixels and tables" where both do. All "" for a bundle without a rule."""
+        out = np.full(len(probs), "", dtype=object)
+        if not len(probs) or not (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
+            return out
+        evidence = self._evidence_rows(tables_evidence, len(probs))
+        margin, raised = self._margins(probs, patch_counts, evidence, features)
+        unseen = evidence == UNSEEN
+        weighed = unseen & np.isfinite(raised)  # one reference device: the tables raise the pixels' bar
+        pixels = margin < 0
+        tables = (unseen & ~weighed & bool(self.open_set.get("unseen_tables"))) | (weighed & (raised < 0))
+        out[pixels & ~tables] = UNKNOWN_GROUNDS[0]
+        out[tables & ~pixels] = UNKNOWN_GROUNDS[1]
+        out[pixels & tables] = UNKNOWN_GROUNDS[2]
+        return out
 
     def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
-        """(N,) True where a photo is unlike every catalog camera: by its pixels (`open_set_margin` below 0), or,
-        where validation found every catalog camera's originals carry tables training saw (the bundle's
-        `open_set.unseen_tables`), by its JPEG tables being UNSEEN. All False for a bundle without a rule."""
-        if not len(probs) or not (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
-            return np.zeros(len(probs), dtype=bool)
-        evidence = self._evidence_rows(tables_evidence, len(probs))
-        return (self.open_set_margin(probs, patch_counts, evidence, features) < 0) | \
-            (bool(self.open_set.get("unseen_tables")) & (evidence == UNSEEN))
+        """(N,) True where a photo is unlike every catalog camera, by its pixels, its JPEG tables or both
+        (`unknown_grounds`). All False for a bundle without a rule."""
+        return self.unknown_grounds(probs, patch_counts, tables_evidence, features) != ""
 
     def apply_tables(self, probs: np.ndarray, signatures, usable, force: bool = False) -> np.ndarray:
         """The JPEG-table evidence multiplied into (N, C) probabilities where `usable` (see jpeg_tables), if the

@@ -134,7 +134,9 @@ def confidence(probs: np.ndarray) -> np.ndarray:
 # accepted 5/5 after a short and after a planned training (0.5 accepted it 5/5 and 1/5: the longer training
 # learns the reference device better and pushes the other device from 9 to 27 times as far as its own held-out
 # photos), and the pixels alone reject 0.84-0.90 of 81 other real models (0.975-1.0 at 0.5). Both medians come
-# from the catalog's own photos.
+# from the catalog's own photos. One reference device cannot show either which JPEG quality modes the model's other
+# devices use, so for such a camera unseen tables do not answer `unknown` alone: they ask the pixels to pass the
+# same scale's threshold at `evaluate.unseen_tables_reach` (0.5) instead (`Ensemble.unknown_grounds`).
 MIN_UNSEEN_DEVICE_PHOTOS = 5
 UNSEEN_DEVICES, SINGLE_DEVICE = "unseen devices", "single device (per camera, log scale)"
 MIN_DISTANCE = 1e-6  # a floor under cosine distances before their logarithm (identical features)

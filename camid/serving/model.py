@@ -12,7 +12,8 @@ input with `camera` (a catalog label, or `unknown` when the photo is unlike ever
 are far from the training photos', below the kNN threshold fitted on validation, or its JPEG tables are unseen
 where validation allowed that ground, `camid.inference.openset`; param `open_set: false` never answers
 unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (the
-calibrated top probability), `unknown`, `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
+calibrated top probability), `unknown`, `unknown_by` (why it is unknown: `pixels`, `tables` or `pixels and tables`;
+"" when it is not), `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
 `tables_evidence` (what the JPEG quantisation tables said: `used`, a catalog camera's firmware wrote them and the
 evidence entered the answer, whose `confidence` is then calibrated and `unknown` decided on that setting's own
 scale; `family`, tables of a catalog firmware's family at another quality, which enter the answer as `used` does;
@@ -65,7 +66,8 @@ def signature(labels: list[str]):
     inputs = Schema([ColSpec("string", "image"), ColSpec("boolean", "manipulated", required=False)])
     outputs = Schema([ColSpec("string", "camera"), ColSpec("string", "closest_camera"),
                       ColSpec("string", "camera_group"), ColSpec("double", "confidence"),
-                      ColSpec("boolean", "unknown", required=False), ColSpec("long", "reference_devices", required=False),
+                      ColSpec("boolean", "unknown", required=False), ColSpec("string", "unknown_by", required=False),
+                      ColSpec("long", "reference_devices", required=False),
                       ColSpec("boolean", "manipulated"),
                       ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
                       ColSpec("string", "tables_evidence"),

@@ -109,7 +109,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     from camid.inference.metadata import fit_metadata
     from camid.data.cache import read_meta
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
-                                         UNSEEN_DEVICES, camera_thresholds, confidence, fit_threshold, knn_score)
+                                         UNSEEN_DEVICES, camera_thresholds, confidence, fit_threshold, knn_score,
+                                         reach_threshold)
 
     val = val or validation_scores(ensemble, cache, settings)
     evalset, labels = val.evalset, np.asarray(val.evalset.labels)
@@ -159,7 +160,9 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         # Tables no training photo had are another camera's firmware, or a re-save; they count as "unknown" only
         # if the validation devices' originals (catalog cameras, unseen devices) almost never show any, i.e. the
         # rule costs known cameras no more than the threshold does. Phones that pick tables per scene fail this.
-        jpegs = photo_evidence != NONE
+        # Measured device-out where the rule rests on unseen devices: another device of a model may shoot in a
+        # quality mode the training devices never used, which the reference device's own held-out photos cannot show.
+        jpegs = (photo_evidence != NONE) & (unseen["photo"] if basis == UNSEEN_DEVICES else True)
         seen = float(np.mean(entered(photo_evidence[jpegs]))) if jpegs.any() else float("nan")
         rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
     pixel_key = "photo" + PIXELS_ONLY if ensemble.use_tables else "photo"
@@ -186,6 +189,10 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
                     knn_threshold_camera={ensemble.labels[c]: fit["threshold"] for c, fit in per_camera.items()},
                     single_device={ensemble.labels[c]: fit for c, fit in per_camera.items()},
                     single_device_reach=settings.single_device_reach)
+        if ensemble.use_tables:  # unseen tables raise a one-reference-device camera's bar (Ensemble.unknown_grounds)
+            rule.update(knn_threshold_camera_unseen_tables={
+                ensemble.labels[c]: reach_threshold(fit, settings.unseen_tables_reach) for c, fit in per_camera.items()},
+                unseen_tables_reach=settings.unseen_tables_reach)
     return temperature, rule, bank, metadata
 
 
@@ -298,10 +305,11 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
     if not 0 < settings.open_set_accept <= 1:
         raise CamidError(f"evaluate.open_set_accept is {settings.open_set_accept}; it is the share of validation "
                          "photos to accept, in (0, 1] (1: never answer unknown)")
-    if not 0 <= settings.single_device_reach <= 1:
-        raise CamidError(f"evaluate.single_device_reach is {settings.single_device_reach}; it places a one-reference-"
-                         "device camera's threshold between its own held-out photos (0) and the other cameras' (1): "
-                         "give a number in [0, 1]")
+    for key in ("single_device_reach", "unseen_tables_reach"):
+        if not 0 <= getattr(settings, key) <= 1:
+            raise CamidError(f"evaluate.{key} is {getattr(settings, key)}; it places a one-reference-device camera's "
+                             "threshold between its own held-out photos (0) and the other cameras' (1): give a "
+                             "number in [0, 1]")
     Ensemble.write_bundle(model_dirs, bundle)
     with tracking.run("evaluate", tags={"stage": "evaluate", "data_version": tracking.data_version(cache)}):
         first = Ensemble.load(bundle)
@@ -320,7 +328,8 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         # reference device) each camera's own threshold, and whether unseen JPEG tables count as unknown.
         rule = ensemble.open_set
         metrics["open_set_rule"] = {key: rule[key] for key in ("reference", "reference_devices", "single_device",
-                                                               "single_device_reach", "unseen_tables",
+                                                               "single_device_reach", "unseen_tables_reach",
+                                                               "knn_threshold_camera_unseen_tables", "unseen_tables",
                                                                "val_tables_seen")
                                     if key in rule and rule[key] == rule[key]}  # NaN (no JPEG in val): left out
         metrics["split_summary"] = read_meta(cache).get("split", {})

@@ -296,6 +296,15 @@ def flags(card: dict) -> list[str]:
     return out
 
 
+# What decided an `unknown` (the answer's `unknown_by`, camid.inference.ensemble.UNKNOWN_GROUNDS), in words.
+UNKNOWN_BY = {"pixels": "by its pixels, which lie further from the closest camera's training photos than the "
+                        "open-set threshold allows",
+              "tables": "by its JPEG tables, which no catalog firmware's family writes; for a camera of one reference "
+                        "device, also because the pixels are not near enough its reference to outweigh them: a "
+                        "reference photo in the questioned photo's quality mode would settle it",
+              "pixels and tables": "by its pixels and by its JPEG tables, which no catalog firmware's family writes"}
+
+
 def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
     """One sentence per piece of evidence: answer, tables, exif, inspection, prnu."""
     answer, out = card["answer"], {}
@@ -304,7 +313,8 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
     else:
         closest, p = answer["closest_camera"], answer["confidence"]
         if answer["camera"] == UNKNOWN:
-            out["answer"] = f"unlike every catalog camera (the open-set rule); the closest is {closest} (p={p:.2f})"
+            out["answer"] = (f"unlike every catalog camera ({UNKNOWN_BY.get(answer.get('unknown_by'), 'the open-set rule')});"
+                             f" the closest is {closest} (p={p:.2f})")
         else:
             out["answer"] = f"{closest} with calibrated confidence {p:.2f}"
             if p < LOW_CONFIDENCE:
