@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from camid.inference.answers import answers, score_photos
     from camid.inference.options import DEFAULTS, blend_for
     from camid.inference.ensemble import Ensemble
-    from camid.inference.openset import fit_threshold, knn_score
+    from camid.inference.openset import fit_threshold, knn_score, nearest_camera
     from camid.stages.evaluate import evaluate
     from camid.stages.train import train
 
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             held_out = answers(ensemble, scored["reference"], {**DEFAULTS, "jpeg_tables": False})
             weights = log_weights(ensemble, scored["questioned"], questioned.label, scored["reference"],
                                   reference.label)
+            found = scored["questioned"]
+            nearest_right = {k: float(np.mean(np.asarray(ensemble.labels)[nearest_camera(
+                found.features[found.ok], ensemble.bank["photo"], ensemble.bank["photo_labels"], len(ensemble.labels),
+                k)] == questioned.label.to_numpy()[found.ok])) for k in (1, 5)}
 
     threshold = fit_threshold(same, 0.95)
     served_cut = ensemble.open_set["knn_threshold"]["photo"]
@@ -168,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"answers as served, {name}: other devices' closest camera right "
               f"{np.mean(table.closest_camera.to_numpy() == truth):.3f}, accepted (the bundle's rule, "
               f"{ensemble.open_set.get('reference')}) {np.mean(~table.unknown.to_numpy(bool)):.3f}")
+    for k, right in nearest_right.items():
+        print(f"the closest camera by the features instead (openset.nearest_camera: the camera whose {k}-th nearest "
+              f"training photo is nearest), pixels only: other devices right {right:.3f}")
     print(f"the reference devices' own held-out photos accepted (pixels only): "
           f"{np.mean(~held_out.unknown.to_numpy(bool)):.3f}")
     print(f"plain threshold (accepts 95% of the same device's held-out photos) {threshold:.4f}: other devices "

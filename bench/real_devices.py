@@ -15,7 +15,8 @@ models answered `unknown` and the share the pixels alone reject, and how long `d
 validation are photos of the reference devices; every figure is on devices or models training never saw.
 
 It also prints, per catalog camera, how well the features keep the camera's other devices nearer than other models,
-whatever the threshold: `sep_<label>`, the probability that a photo of another device of that model lies nearer
+whatever the threshold: `nearest_right`, the share of the other devices' photos whose nearest training photo
+(features, not the network's probabilities) is of the right camera; `sep_<label>`, the probability that a photo of another device of that model lies nearer
 that camera's training photos (the kNN score of camid.inference.openset.camera_knn_score) than a photo of another
 model does (an AUROC: 1 every other device nearer, 0.5 no better than chance), and `far_<label>`, how many times
 as far as the reference device's own held-out photos the other devices lie (median cosine distances); and, from
@@ -159,7 +160,7 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     photos it would reject (`reject_<reach>`), from the pixels alone."""
     from camid.inference.answers import score_photos
     from camid.inference.ensemble import Ensemble
-    from camid.inference.openset import auroc, camera_knn_score, reach_threshold
+    from camid.inference.openset import auroc, camera_knn_score, nearest_camera, reach_threshold
 
     ensemble = Ensemble.load(bundle)
     if ensemble.bank is None or "photo_labels" not in ensemble.bank:
@@ -175,7 +176,12 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     unknown_features, unknown_closest = (scores(list_images([unknown]))[1:] if unknown is not None
                                          else (np.zeros((0, bank.shape[1])), np.zeros(0, dtype=int)))
     single = ensemble.open_set.get("single_device") or {}
-    out = {}
+    truth = np.array([ensemble.labels.index(p.parent.parent.name) if p.parent.parent.name in ensemble.labels else -1
+                      for p in other_paths])
+    # The closest camera by the features instead of the network's probabilities: the camera whose nearest training
+    # photo is nearest (bench/device_gap.py prints the same on the zoo).
+    out = {"nearest_right": round(float(np.mean(nearest_camera(other_features, bank, bank_labels,
+                                                               len(ensemble.labels)) == truth)), 3)}
     for camera, label in enumerate(ensemble.labels):
         rows = np.array([p.parent.parent.name == label for p in other_paths], dtype=bool)
         if not rows.any():

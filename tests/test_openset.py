@@ -398,3 +398,16 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
         assert stricter[label] >= per_camera[label]
     _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
     assert rule["knn_threshold_camera"] and "knn_threshold_camera_unseen_tables" not in rule
+
+
+def test_nearest_camera_is_the_camera_of_the_nearest_training_photo():
+    """openset.nearest_camera: the camera whose k-th nearest training photo lies nearest (the benches compare it
+    with the network's closest camera). A query beside one photo of a camera whose others lie far: k=1 follows
+    that photo, k=2 the camera whose photos lie together."""
+    from camid.inference.openset import nearest_camera, unit
+
+    bank = unit(np.array([[1, 0, 0], [0, 1, 0], [0.9, 0.1, 0], [0.8, 0.2, 0], [0, 0, 1]], dtype=np.float32))
+    bank_labels = np.array([0, 0, 1, 1, 2])
+    query = unit(np.array([[1, 0.01, 0], [0.85, 0.15, 0], [0.1, 0, 1]], dtype=np.float32))
+    assert list(nearest_camera(query, bank, bank_labels, 3)) == [0, 1, 2]
+    assert list(nearest_camera(query[:1], bank, bank_labels, 3, k=2)) == [1]  # camera 0's 2nd photo lies far

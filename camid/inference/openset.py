@@ -155,6 +155,16 @@ def camera_knn_score(features: np.ndarray, cameras, bank: np.ndarray, bank_label
     return out
 
 
+def nearest_camera(features: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray, cameras: int,
+                   k: int = 1) -> np.ndarray:
+    """(N,) for each feature row, the camera index whose training photos lie nearest: the highest
+    `camera_knn_score` (cosine similarity to its k-th nearest training photo) over the `cameras` catalog cameras.
+    The benches compare it with the network's closest camera (bench/device_gap.py, bench/real_devices.py)."""
+    near = np.stack([camera_knn_score(features, np.full(len(features), camera), bank, bank_labels, k)
+                     for camera in range(cameras)], axis=1)
+    return np.nanargmax(near, axis=1)
+
+
 def log_midpoint(own: np.ndarray, other: np.ndarray, reach: float = 0.5) -> float:
     """The score `reach` of the way, on a log scale of cosine distance (1 - score), from the median of `own` to the
     median of `other` (0.5: halfway, the geometric mean of the two median distances)."""
