@@ -105,7 +105,8 @@ def test_calibration_temperatures_are_fitted_on_val_stored_and_change_no_answer(
 
 @pytest.mark.parametrize("field,value,message", [("open_set_accept", 0.0, "evaluate.open_set_accept is 0.0"),
                                                  ("single_device_reach", 1.5, "evaluate.single_device_reach is 1.5"),
-                                                 ("unseen_tables_reach", -0.1, "evaluate.unseen_tables_reach is -0.1")])
+                                                 ("unseen_tables_reach", -0.1, "evaluate.unseen_tables_reach is -0.1"),
+                                                 ("unseen_tables_reach", 0.8, r"unseen_tables_reach \(0.8\) is above")])
 def test_open_set_settings_out_of_range_are_refused_before_any_work(tmp_path, field, value, message):
     import dataclasses
 

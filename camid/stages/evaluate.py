@@ -310,6 +310,10 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
             raise CamidError(f"evaluate.{key} is {getattr(settings, key)}; it places a one-reference-device camera's "
                              "threshold between its own held-out photos (0) and the other cameras' (1): give a "
                              "number in [0, 1]")
+    if settings.unseen_tables_reach > settings.single_device_reach:
+        raise CamidError(f"evaluate.unseen_tables_reach ({settings.unseen_tables_reach}) is above single_device_reach "
+                         f"({settings.single_device_reach}): unseen JPEG tables may only raise a one-reference-device "
+                         "camera's bar; set them equal to let the pixels alone decide for such cameras")
     Ensemble.write_bundle(model_dirs, bundle)
     with tracking.run("evaluate", tags={"stage": "evaluate", "data_version": tracking.data_version(cache)}):
         first = Ensemble.load(bundle)
