@@ -8,8 +8,9 @@ photos are the validation (same device, held out); the photos of every other dev
 The real stage functions run (prepare -> train smallcnn -> evaluate, which fits the kNN threshold on validation:
 with no unseen devices in validation, camid's single-device rule, camid.inference.openset.camera_thresholds: each
 camera's own threshold); then both groups of photos are answered as served (`camid predict --full-image`, with the
-JPEG tables and from the pixels alone), and the bench prints the other devices' closest-camera accuracy and the
-share the bundle's rule accepts; then, on the bank-wide kNN score, the share of the other devices' photos that
+JPEG tables and from the pixels alone), and the bench prints the other devices' closest-camera accuracy, the
+share the bundle's rule accepts and how many of these genuine photos read `consistent: false` (by EXIF camera and
+the pixels' closest camera, twins marked); then, on the bank-wide kNN score, the share of the other devices' photos that
 other thresholds would accept: the plain quantile (95% of the same device's held-out photos) and, for scale, the
 median minus 2 to 8 robust standard deviations of the same-device scores (1.4826 x their median absolute
 deviation).
@@ -172,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"answers as served, {name}: other devices' closest camera right "
               f"{np.mean(table.closest_camera.to_numpy() == truth):.3f}, accepted (the bundle's rule, "
               f"{ensemble.open_set.get('reference')}) {np.mean(~table.unknown.to_numpy(bool)):.3f}")
+    twins = {frozenset(t["cameras"]) for t in ensemble.metadata.get("twins", [])}
+    for name, table in served.items():
+        alarms = table[table.consistent.astype(str) == "False"]
+        pairs = alarms.groupby(["exif_camera", "closest_camera"]).size().sort_values(ascending=False)
+        print(f"genuine photos of the other devices that read consistent: false (EXIF against the pixels), {name}: "
+              f"{len(alarms)} of {int(table.consistent.notna().sum())}; EXIF camera -> pixels' closest: "
+              + ", ".join(f"{a} -> {b} {n}{' (twins)' if frozenset((a, b)) in twins else ''}"
+                          for (a, b), n in pairs.items()))
+    print(f"the twins validation found: {[(t['cameras'], round(t['confused'], 2)) for t in ensemble.metadata.get('twins', [])]}")
     for k, right in nearest_right.items():
         print(f"the closest camera by the features instead (openset.nearest_camera: the camera whose {k}-th nearest "
               f"training photo is nearest), pixels only: other devices right {right:.3f}")

@@ -51,3 +51,24 @@ def test_validation_twins_widen_the_group_and_are_reported():
     assert check(["NIKON D70s"], row)[0] == [["Nikon-D70"]]
     groups, (_, consistent) = check(["NIKON D70s"], row, rule)
     assert groups == [["Nikon-D70", "Nikon-D70s"]] and consistent == [True]
+
+
+def test_a_twin_named_by_exif_is_never_contradicted_however_sure_the_network_is():
+    """One reference device per model: the network learns each twin's reference device and may give a genuine
+    D70s photo of another device 0.995 D70. Validation found the pair twins, so the pixels cannot say which of the
+    two took it: consistent. A camera that is no twin at the same probability is still contradicted, and
+    validation counts the twin's photo as no false alarm."""
+    twins = {"inconsistent_below": INCONSISTENT_BELOW,
+             "twins": [{"cameras": ["Nikon-D70", "Nikon-D70s"], "confused": 0.4, "photos": 20}]}
+    row = [[0.995, 0.004, 0.001, 0.0]]
+    groups, (_, consistent) = check(["NIKON D70s"], row, twins)
+    assert groups == [["Nikon-D70"]] and consistent == [True]  # under a tenth of the lead: not in the group
+    assert check(["NIKON D70s"], row)[1][1] == [False]  # without the twins: read as a forgery
+    assert check(["NIKON D200"], row, twins)[1][1] == [False]
+    actual = np.repeat([0, 1, 2, 3], 10)
+    probs = np.eye(4)[actual] * 0.9 + 0.025
+    probs[10:14] = [0.97, 0.01, 0.01, 0.01]  # four D70s photos read D70 at 0.97: twins, no false alarm
+    probs[20] = [0.01, 0.01, 0.01, 0.97]      # a D200 photo read Canon at 0.97: a false alarm
+    rule = fit_metadata(probs, probs, actual, LABELS)
+    assert [t["cameras"] for t in rule["twins"]] == [["Nikon-D70", "Nikon-D70s"]]
+    assert rule["val_false_alarms"] == 1 / 40

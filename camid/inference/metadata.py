@@ -5,7 +5,10 @@ Nikon D70 and D70s, the zoo's Aster-A1 and A1s) leave nearly the same traces, an
 D70 at 0.6 against 0.4. That is no evidence of a swapped EXIF, so the check says `consistent: false` only where
 the pixels give the EXIF camera itself a low probability: below `inconsistent_below` (0.05 by default, a fixed
 level, not tuned: validation reports how often genuine photos fall under it), and never where the EXIF camera is
-in the photo's camera group.
+in the photo's camera group or is a twin of its closest camera. The last matters with one reference device per
+model: the network then learns each twin's reference *device* and may name the wrong twin of another device's
+photo at 0.99 (the zoo, one reference device per model: 15 of 23 false alarms on other devices' genuine photos were
+twins, `bench/device_gap.py`); the pixels cannot say which of two twins took a photo, however sure the network is.
 
 A photo's camera group (`camera_groups`) is the closest camera together with every camera the pixels find at least
 half as likely, and the closest camera's twins (`fit_twins`: pairs that validation could not tell apart) that are at
@@ -49,10 +52,23 @@ def fit_metadata(pixels: np.ndarray, served: np.ndarray, actual: np.ndarray, lab
     level under which EXIF contradicts the pixels, and how many genuine validation photos (served probabilities)
     that level would have called inconsistent (`val_false_alarms`)."""
     actual = np.asarray(actual, dtype=int)
-    true_prob = served[np.arange(len(actual)), actual] if len(actual) else np.zeros(0)
-    return {"inconsistent_below": float(inconsistent_below), "twins": fit_twins(pixels, actual, labels),
-            "fitted_on": int(len(actual)),
-            "val_false_alarms": float(np.mean(true_prob < inconsistent_below)) if len(actual) else float("nan")}
+    rule = {"inconsistent_below": float(inconsistent_below), "twins": fit_twins(pixels, actual, labels)}
+    served = np.asarray(served)
+    picked = served.argmax(1) if len(actual) else np.zeros(0, dtype=int)
+    groups = camera_groups(served, picked, labels, rule)
+    alarms = [contradicts(row, labels[a], group, labels, rule) for row, a, group in zip(served, actual, groups)]
+    return {**rule, "fitted_on": int(len(actual)),
+            "val_false_alarms": float(np.mean(alarms)) if len(actual) else float("nan")}
+
+
+def contradicts(probs: np.ndarray, named: str, group: list[str], labels: list[str], metadata: dict | None) -> bool:
+    """Whether the pixels (a photo's (C,) calibrated probabilities and its camera group, the closest camera first)
+    contradict the catalog camera `named` by its EXIF: it is outside the group, it is not a twin of the closest
+    camera (a pair validation could not tell apart: the pixels cannot say which of the two took the photo, however
+    sure the network is), and the pixels give it less than the rule's `inconsistent_below`."""
+    below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
+    return not (named in group or named in twin_map(metadata).get(group[0], ()) or
+                probs[labels.index(named)] >= below)
 
 
 def twin_map(metadata: dict | None) -> dict[str, set[str]]:
@@ -82,11 +98,10 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     """EXIF against pixels. For each photo's EXIF Model (None: none), its (C,) calibrated probabilities and its
     camera group: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether the
     pixels agree with it (None when the photo has no EXIF Model or the bundle no catalog to match with): False
-    only where that camera is outside the group and the pixels give it less than `inconsistent_below`, or where
-    EXIF names no catalog camera while the pixels point to one."""
+    only where the pixels contradict that camera (`contradicts`: outside the group, not a twin of the closest
+    camera, and under `inconsistent_below`), or where EXIF names no catalog camera while the pixels point to one."""
     from camid.config import Camera
 
-    below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
     cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in catalog]
     named, consistent = [], []
     for model, row, group in zip(models, np.asarray(probs), groups):
@@ -97,5 +112,5 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
         elif not match or match not in labels:
             consistent.append(False)
         else:
-            consistent.append(bool(match in group or row[labels.index(match)] >= below))
+            consistent.append(not contradicts(row, match, group, labels, metadata))
     return named, consistent
