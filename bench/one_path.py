@@ -3,7 +3,7 @@
 Reads the answers the evaluate stage wrote for every test photo (`plots/test_photos.csv`, from `dvc repro`),
 answers the same files with `camid predict --full-image` (in process) and with the registered champion behind
 a real `mlflow models serve` on 127.0.0.1 (one /invocations request per `--batch` photos), and prints how many
-photos agree on the camera, the verdict (`unknown`), the JPEG-table evidence and the manipulated flag, and the
+photos agree on the camera, the verdict (`unknown`, `unknown_by`), the JPEG-table evidence and the manipulated flag, and the
 largest difference in any probability. Run it from the project folder after `make run`:
 
     python bench/one_path.py [--answers plots/test_photos.csv] [--model models:/camid@champion] [--batch 32]
@@ -24,7 +24,7 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
-COLUMNS = ("camera", "closest_camera", "camera_group", "unknown", "tables_evidence", "consistent", "manipulated", "patches")
+COLUMNS = ("camera", "closest_camera", "camera_group", "unknown", "unknown_by", "tables_evidence", "consistent", "manipulated", "patches")
 
 
 def _as_text(values) -> list[str]:

@@ -55,20 +55,20 @@ def fit_metadata(pixels: np.ndarray, served: np.ndarray, actual: np.ndarray, lab
     rule = {"inconsistent_below": float(inconsistent_below), "twins": fit_twins(pixels, actual, labels)}
     served = np.asarray(served)
     picked = served.argmax(1) if len(actual) else np.zeros(0, dtype=int)
-    groups = camera_groups(served, picked, labels, rule)
-    alarms = [contradicts(row, labels[a], group, labels, rule) for row, a, group in zip(served, actual, groups)]
+    groups, twins = camera_groups(served, picked, labels, rule), twin_map(rule)
+    alarms = [contradicts(row, labels[a], group, labels, inconsistent_below, twins)
+              for row, a, group in zip(served, actual, groups)]
     return {**rule, "fitted_on": int(len(actual)),
             "val_false_alarms": float(np.mean(alarms)) if len(actual) else float("nan")}
 
 
-def contradicts(probs: np.ndarray, named: str, group: list[str], labels: list[str], metadata: dict | None) -> bool:
+def contradicts(probs: np.ndarray, named: str, group: list[str], labels: list[str], below: float,
+                twins: dict[str, set[str]]) -> bool:
     """Whether the pixels (a photo's (C,) calibrated probabilities and its camera group, the closest camera first)
     contradict the catalog camera `named` by its EXIF: it is outside the group, it is not a twin of the closest
-    camera (a pair validation could not tell apart: the pixels cannot say which of the two took the photo, however
-    sure the network is), and the pixels give it less than the rule's `inconsistent_below`."""
-    below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
-    return not (named in group or named in twin_map(metadata).get(group[0], ()) or
-                probs[labels.index(named)] >= below)
+    camera (`twins`, twin_map: a pair validation could not tell apart, so the pixels cannot say which of the two
+    took the photo, however sure the network is), and the pixels give it less than `below` (inconsistent_below)."""
+    return not (named in group or named in twins.get(group[0], ()) or probs[labels.index(named)] >= below)
 
 
 def twin_map(metadata: dict | None) -> dict[str, set[str]]:
@@ -102,6 +102,8 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     camera, and under `inconsistent_below`), or where EXIF names no catalog camera while the pixels point to one."""
     from camid.config import Camera
 
+    below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
+    twins = twin_map(metadata)
     cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in catalog]
     named, consistent = [], []
     for model, row, group in zip(models, np.asarray(probs), groups):
@@ -112,5 +114,5 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
         elif not match or match not in labels:
             consistent.append(False)
         else:
-            consistent.append(not contradicts(row, match, group, labels, metadata))
+            consistent.append(not contradicts(row, match, group, labels, below, twins))
     return named, consistent

@@ -28,6 +28,7 @@ from camid.core.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image, lis
 from camid.errors import CamidError
 from camid.forensics.inspect import header_facts, inspect_file
 from camid.inference.answers import ANSWER_COLUMNS, answer_photos, flag_from_name
+from camid.inference.ensemble import UNKNOWN_GROUNDS
 from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED
 from camid.inference.openset import UNKNOWN
 from camid.inference.options import batch_options
@@ -297,12 +298,12 @@ def flags(card: dict) -> list[str]:
 
 
 # What decided an `unknown` (the answer's `unknown_by`, camid.inference.ensemble.UNKNOWN_GROUNDS), in words.
-UNKNOWN_BY = {"pixels": "by its pixels, which lie further from the closest camera's training photos than the "
-                        "open-set threshold allows",
-              "tables": "by its JPEG tables, which no catalog firmware's family writes; for a camera of one reference "
-                        "device, also because the pixels are not near enough its reference to outweigh them: a "
-                        "reference photo in the questioned photo's quality mode would settle it",
-              "pixels and tables": "by its pixels and by its JPEG tables, which no catalog firmware's family writes"}
+UNKNOWN_BY = dict(zip(UNKNOWN_GROUNDS, (
+    "by its pixels, which lie further from the closest camera's training photos than the open-set threshold allows",
+    "by its JPEG tables, which no catalog firmware's family writes; for a camera of one reference device, also "
+    "because the pixels are not near enough its reference to outweigh them: a reference photo in the questioned "
+    "photo's quality mode would settle it",
+    "by its pixels and by its JPEG tables, which no catalog firmware's family writes")))
 
 
 def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
