@@ -75,6 +75,79 @@ def log_weights(ensemble, questioned, questioned_labels, held_out, held_out_labe
     return np.concatenate(on_devices), np.concatenate(on_cameras)
 
 
+ANCHORS = ("pooled", "per-camera median", "without twins", "without the nearest", "farthest")
+
+
+def anchor_thresholds(ensemble, reference_scores, reference_labels, reach: float) -> dict[str, dict[str, float]]:
+    """For each way of placing the single-device rule's far end (ANCHORS), each one-reference camera's threshold at
+    `reach` (openset.log_midpoint, capped by its quantile as openset.reach_threshold caps it): "pooled", the
+    median over every other camera's held-out photos (the rule as built); "per-camera median", the median of
+    each other camera's own median; "without twins", pooled without the twins validation found
+    (`metadata.twins`); "without the nearest", pooled without the other camera whose photos lie nearest;
+    "farthest", the farthest other camera's median."""
+    from camid.inference.metadata import twin_map
+    from camid.inference.openset import camera_knn_score, log_midpoint
+
+    single = ensemble.open_set.get("single_device") or {}
+    bank, bank_labels = ensemble.bank["photo"], ensemble.bank["photo_labels"]
+    ok = reference_scores.ok
+    features, labels = reference_scores.features[ok], np.asarray(reference_labels)[ok]
+    twins = twin_map(ensemble.metadata)
+    out = {name: {} for name in ANCHORS}
+    for camera, label in enumerate(ensemble.labels):
+        if label not in single:
+            continue
+        fit = single[label]
+        others = [other for other in ensemble.labels if other != label and (labels == other).any()]
+        scores = {other: camera_knn_score(features[labels == other], np.full(int((labels == other).sum()), camera),
+                                          bank, bank_labels) for other in others}
+        medians = {other: float(np.median(values)) for other, values in scores.items()}
+        nearest = max(medians, key=medians.get)
+
+        def pooled(chosen):
+            chosen = chosen or others
+            return float(np.median(np.concatenate([scores[o] for o in chosen])))
+
+        far = {"pooled": pooled(others), "per-camera median": float(np.median(list(medians.values()))),
+               "without twins": pooled([o for o in others if o not in twins.get(label, ())]),
+               "without the nearest": pooled([o for o in others if o != nearest] if len(others) > 1 else others),
+               "farthest": min(medians.values())}
+        for name, value in far.items():
+            out[name][label] = min(fit["quantile"], log_midpoint([fit["own_median"]], [value], reach))
+    return out
+
+
+def anchors(ensemble, scored, questioned_labels, reference_labels) -> None:
+    """Print, for each ANCHORS choice and reach, the share of the other devices accepted and of the unknown
+    models' photos answered `unknown`, as served (with the tables) and from the pixels alone."""
+    from camid.inference.answers import answers
+    from camid.inference.options import DEFAULTS
+
+    rule = dict(ensemble.open_set)
+    print("\nwhere the single-device rule's far end sits (other devices accepted / unknown models answered unknown; "
+          "served with the tables | pixels only):")
+    try:
+        for reach in (0.5, 0.7):
+            strict = min(reach, ensemble.open_set.get("unseen_tables_reach", reach))
+            loose, tight = (anchor_thresholds(ensemble, scored["reference"], reference_labels, r)
+                            for r in (reach, strict))
+            for name in ANCHORS:
+                ensemble.open_set = {**rule, "knn_threshold_camera": loose[name],
+                                     **({"knn_threshold_camera_unseen_tables": tight[name]}
+                                        if "knn_threshold_camera_unseen_tables" in rule else {})}
+                figures = []
+                for tables in (True, False):
+                    options = {**DEFAULTS, "jpeg_tables": tables}
+                    mine = answers(ensemble, scored["questioned"], options)
+                    theirs = answers(ensemble, scored["unknown models"], options)
+                    figures.append(f"{np.mean(~mine.unknown.to_numpy(bool)):.3f} / "
+                                   f"{np.mean(theirs.unknown.to_numpy(bool)):.3f}")
+                print(f"  reach {reach}, {name:22s}: {' | '.join(figures)}   thresholds "
+                      f"{ {k: round(v, 4) for k, v in loose[name].items()} }")
+    finally:
+        ensemble.open_set = rule
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-device", type=int, default=16)
@@ -85,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                         "smallcnn_learned, smallcnn_rgb; any registry arch runs)")
     parser.add_argument("--patch", type=int, help="patch side (default: params.yaml's train.patch)")
     parser.add_argument("--batch-size", type=int, help="default: params.yaml's train.batch_size")
+    parser.add_argument("--cameras", help="comma-separated zoo labels: the catalog is these cameras alone, and every "
+                        "photo of the other zoo cameras is questioned as an unknown model (e.g. a catalog of firmware "
+                        "twins and one other camera: Aster-A1,Aster-A1s,Dune-D5)")
+    parser.add_argument("--save", type=Path, help="write the photos' pixel features, labels and closest cameras "
+                        "(and the bank) to this .npz, for measuring other open-set scores on the same bundle")
     args = parser.parse_args(argv)
     if not 0 < args.train < args.images_per_device:
         parser.error("--train must leave held-out photos of the reference device")
@@ -100,15 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     from camid.stages.train import train
 
     params = load_params(ROOT / "params.yaml")
-    catalog = params.catalog
+    zoo = catalog = params.catalog
+    if args.cameras:
+        chosen = [label.strip() for label in args.cameras.split(",") if label.strip()]
+        for label in chosen:
+            zoo.index(label)  # a clear message for a label the zoo lacks
+        catalog = dataclasses.replace(zoo, cameras=tuple(c for c in zoo.cameras if c.label in chosen))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="camid-device-gap-") as tmp:
         root = Path(tmp)
         with inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="camid-bench",
                     CAMID_CHECKPOINTS=str(root / "checkpoints")):
             synth = dataclasses.replace(params.synth, images_per_device=args.images_per_device, bad_fraction=0.0)
-            manifest = synthesize(root / "raw", catalog, synth, progress=False)
+            manifest = synthesize(root / "raw", zoo, synth, progress=False)
             manifest["path"] = [str(root / "raw" / f) for f in manifest.file]
+            unknown_models = manifest[~manifest.label.isin(catalog.labels)]
+            manifest = manifest[manifest.label.isin(catalog.labels)]
             parts = {"train": [], "val": [], "test": []}
             for _, photos in manifest.groupby("label", sort=True):
                 devices = sorted(photos.device.unique())
@@ -144,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             questioned, reference = pd.concat(parts["test"]), pd.concat(parts["val"])
             scored = {name: score_photos(ensemble, [str(p) for p in frame.path], patches=DEFAULTS["patches"],
                                          tta=DEFAULTS["tta"], blend=blend_for(DEFAULTS["blend"]))
-                      for name, frame in (("questioned", questioned), ("reference", reference))}
+                      for name, frame in (("questioned", questioned), ("reference", reference),
+                                          ("unknown models", unknown_models)) if len(frame)}
             served = {name: answers(ensemble, scored["questioned"], {**DEFAULTS, "jpeg_tables": tables})
                       for name, tables in (("served", True), ("pixels only", False))}
             held_out = answers(ensemble, scored["reference"], {**DEFAULTS, "jpeg_tables": False})
@@ -155,6 +241,22 @@ def main(argv: list[str] | None = None) -> int:
                 found.features[found.ok], ensemble.bank["photo"], ensemble.bank["photo_labels"], len(ensemble.labels),
                 k)] == questioned.label.to_numpy()[found.ok])) for k in (1, 5)}
 
+    if args.save:
+        pixels_only = {"questioned": served["pixels only"]}
+        if "unknown models" in scored:
+            pixels_only["unknown models"] = answers(ensemble, scored["unknown models"], {**DEFAULTS, "jpeg_tables": False})
+        frames = {"questioned": questioned, "reference": reference, "unknown models": unknown_models}
+        arrays = {"bank": ensemble.bank["photo"], "bank_labels": ensemble.bank["photo_labels"],
+                  "labels": np.asarray(ensemble.labels)}
+        for name, found in scored.items():
+            key = name.replace(" ", "_")
+            arrays[key + "_features"] = found.features[found.ok]
+            arrays[key + "_labels"] = frames[name].label.to_numpy().astype(str)[found.ok]
+            if name in pixels_only:
+                arrays[key + "_closest"] = pixels_only[name].closest_camera.to_numpy().astype(str)[found.ok]
+        np.savez_compressed(args.save, **arrays)
+    if "unknown models" in scored:
+        anchors(ensemble, scored, questioned.label.to_numpy(), reference.label.to_numpy())
     threshold = fit_threshold(same, 0.95)
     served_cut = ensemble.open_set["knn_threshold"]["photo"]
     sigma = robust_sigma(same)

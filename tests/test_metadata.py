@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from camid.inference.metadata import INCONSISTENT_BELOW, camera_groups, fit_metadata, fit_twins, metadata_check
+from camid.inference.metadata import (FIRMWARE, INCONSISTENT_BELOW, VALIDATION, camera_groups, firmware_twins,
+                                      fit_metadata, fit_twins, metadata_check)
 
 LABELS = ["Nikon-D70", "Nikon-D70s", "Nikon-D200", "Canon-450D"]
 CATALOG = [{"label": "Nikon-D70", "make": "NIKON", "models": ["NIKON D70"]},
@@ -72,3 +73,30 @@ def test_a_twin_named_by_exif_is_never_contradicted_however_sure_the_network_is(
     rule = fit_metadata(probs, probs, actual, LABELS)
     assert [t["cameras"] for t in rule["twins"]] == [["Nikon-D70", "Nikon-D70s"]]
     assert rule["val_false_alarms"] == 1 / 40
+
+
+def test_one_reference_device_cameras_with_the_same_tables_and_size_are_twins_by_firmware():
+    """With one reference device per model, validation measures how the network tells the two reference *devices*
+    apart. The D70 and D70s reference photos were told apart on every validation photo, but nothing besides the
+    pixels separates the two models (same tables, same size): firmware twins, so a genuine D70s photo of another
+    device that the network reads D70 at 0.995 is consistent. The D200 shares a table with the D70 but not its
+    size; the Canon shares both with nobody. Cameras whose validation held unseen devices are not paired."""
+    same, d200, canon = (3008, 2000), (3872, 2592), (4272, 2848)
+    counts = {"nikon-fine": [5, 4, 0, 0], "nikon-normal": [2, 0, 6, 0], "canon": [0, 0, 0, 9]}
+    sizes = {0: {same}, 1: {same}, 2: {d200}, 3: {canon}}
+    assert firmware_twins(counts, sizes, single={0, 1, 2, 3}) == [(0, 1)]
+    assert firmware_twins(counts, sizes, single={1}) == [(0, 1)]  # one of the two is enough
+    assert firmware_twins(counts, sizes, single={2, 3}) == []      # both had devices validation never saw
+    assert firmware_twins(counts, {**sizes, 2: {same, d200}}, single={0, 1, 2, 3}) == [(0, 1), (0, 2)]
+    actual = np.repeat([0, 1, 2, 3], 10)
+    probs = np.eye(4)[actual] * 0.9 + 0.025  # validation separates every reference device
+    assert fit_twins(probs, actual, LABELS) == []
+    rule = fit_metadata(probs, probs, actual, LABELS, firmware=firmware_twins(counts, sizes, {0, 1, 2, 3}))
+    assert rule["twins"] == [{"cameras": ["Nikon-D70", "Nikon-D70s"], "confused": 0.0, "photos": 20, "by": FIRMWARE}]
+    row = [[0.995, 0.004, 0.001, 0.0]]
+    assert check(["NIKON D70s"], row)[1][1] == [False]
+    assert check(["NIKON D70s"], row, rule)[1][1] == [True]
+    assert check(["NIKON D200"], row, rule)[1][1] == [False]
+    probs[10:14] = [0.7, 0.2, 0.05, 0.05]  # validation confuses them too: one entry, found by validation
+    assert [(t["cameras"], t["by"]) for t in fit_twins(probs, actual, LABELS, firmware=[(1, 0)])] == \
+        [(["Nikon-D70", "Nikon-D70s"], VALIDATION)]

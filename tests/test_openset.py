@@ -371,12 +371,14 @@ def test_unseen_tables_raise_a_single_device_cameras_bar_instead_of_deciding_alo
 def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_tables(tiny_model, tmp_path):
     """fit_confidence on a catalog whose cameras each had one reference device (the split's photo mode): each
     camera's own threshold at `single_device_reach`, and a stricter one at `unseen_tables_reach` that unseen JPEG
-    tables ask of the pixels (Ensemble.unknown_grounds); without the tables' evidence, none."""
+    tables ask of the pixels (Ensemble.unknown_grounds); without the tables' evidence, none. Two such cameras whose
+    training photos share exact tables and a size are twins in the metadata rule (by firmware)."""
     import dataclasses
     import json
 
     from camid.config import load_params
     from camid.data.cache import META
+    from camid.inference.metadata import FIRMWARE, TWIN_CONFUSION
     from camid.inference.openset import SINGLE_DEVICE, reach_threshold
     from camid.stages.evaluate import fit_confidence
     from camid.tiny import ROOT
@@ -396,8 +398,21 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
         assert per_camera[label] == pytest.approx(reach_threshold(fit, settings.single_device_reach))
         assert stricter[label] == pytest.approx(reach_threshold(fit, settings.unseen_tables_reach))
         assert stricter[label] >= per_camera[label]
-    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
+    # Without the tables' evidence, none; and where two such cameras' training photos share exact tables and a
+    # native size (Aster-A1 and A1s: 288x384), they are twins by firmware in the metadata rule, whatever
+    # validation's confusion (camid.inference.metadata.firmware_twins); A1 and Boreal-B7 (320x240) share tables only.
+    from camid.inference.jpeg_tables import TablePrior
+
+    labels = list(ensemble.labels)
+    sharing = {"aster": ("Aster-A1", "Aster-A1s"), "mixed": ("Aster-A1", "Boreal-B7")}
+    shared = TablePrior({signature: [int(label in cameras) for label in labels]
+                         for signature, cameras in sharing.items()}, labels)
+    _, rule, _, metadata = fit_confidence(dataclasses.replace(ensemble, use_tables=False, tables=shared), cache,
+                                          settings)
     assert rule["knn_threshold_camera"] and "knn_threshold_camera_unseen_tables" not in rule
+    pair = [t for t in metadata["twins"] if t["cameras"] == ["Aster-A1", "Aster-A1s"]]
+    assert len(pair) == 1 and (pair[0]["by"] == FIRMWARE or pair[0]["confused"] >= TWIN_CONFUSION)
+    assert "Boreal-B7" not in [c for t in metadata["twins"] if t["by"] == FIRMWARE for c in t["cameras"]]
 
 
 def test_nearest_camera_is_the_camera_of_the_nearest_training_photo():

@@ -15,6 +15,15 @@ half as likely, and the closest camera's twins (`fit_twins`: pairs that validati
 least a tenth as likely; an answer reads "Nikon-D70 or Nikon-D70s" where a photo sits between them. Validation
 finds the twins from its photo-level confusion of the pixels alone: a pair is reported where at least
 `TWIN_CONFUSION` of the two cameras' validation photos were named the other.
+
+Validation's confusion says how the pixels separate two *models* only where validation holds devices training never
+saw. With one reference device per model it is a photo split of that device, and it measures how the network tells
+the two reference *devices* apart: two firmware twins may look separate there and still be named one for the other
+on every photo of their other devices. So where one of two cameras had a single reference device, the pair is also
+a twin when nothing but the pixels could separate them: their training photos share exact JPEG tables (the
+firmware's quantization tables and chroma sampling, `camid.inference.jpeg_tables`) and a native size
+(`firmware_twins`; `metadata.twins` entries say `by`: "validation" or "firmware"). The price is the twins' price:
+an EXIF swapped between the two is not flagged, which pixels that learnt one device each could not have shown.
 """
 from __future__ import annotations
 
@@ -27,32 +36,62 @@ TWIN_RATIO = 0.1            # ... and a twin of the closest camera at this share
 SEPARATOR = " or "
 
 
+VALIDATION, FIRMWARE = "validation", "firmware"  # what found a pair of twins (`by`)
+
+
+def _confusion(predicted: np.ndarray, actual: np.ndarray, a: int, b: int) -> tuple[float, int]:
+    """(the share of the two cameras' validation photos named the other of the pair, how many photos they have)."""
+    photos = int(np.sum(actual == a) + np.sum(actual == b))
+    confused = int(np.sum((actual == a) & (predicted == b)) + np.sum((actual == b) & (predicted == a)))
+    return (confused / photos if photos else 0.0), photos
+
+
 def fit_twins(probs: np.ndarray, actual: np.ndarray, labels: list[str], min_confusion: float = TWIN_CONFUSION,
-              min_photos: int = 4) -> list[dict]:
-    """The camera pairs validation could not separate: from (N, C) pixel probabilities of validation photos and
-    their cameras, every pair whose photos (at least `min_photos` of the two) were named the other of the pair at
-    least `min_confusion` of the time, most confused first."""
+              min_photos: int = 4, firmware: list[tuple[int, int]] = ()) -> list[dict]:
+    """The camera pairs the pixels cannot be trusted to separate: from (N, C) pixel probabilities of validation
+    photos and their cameras, every pair whose photos (at least `min_photos` of the two) were named the other of
+    the pair at least `min_confusion` of the time (`by`: "validation"), then the `firmware` pairs of camera indices
+    (`firmware_twins`) not among them (`by`: "firmware", with their validation confusion); most confused first."""
     predicted = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, dtype=int)
     actual = np.asarray(actual)
-    twins = []
+    twins, found = [], set()
     for a in range(len(labels)):
         for b in range(a + 1, len(labels)):
-            photos = int(np.sum(actual == a) + np.sum(actual == b))
-            if photos < min_photos:
-                continue
-            confused = int(np.sum((actual == a) & (predicted == b)) + np.sum((actual == b) & (predicted == a)))
-            if confused / photos >= min_confusion:
-                twins.append({"cameras": [labels[a], labels[b]], "confused": confused / photos, "photos": photos})
+            confused, photos = _confusion(predicted, actual, a, b)
+            if photos >= min_photos and confused >= min_confusion:
+                twins.append({"cameras": [labels[a], labels[b]], "confused": confused, "photos": photos,
+                              "by": VALIDATION})
+                found.add(frozenset((a, b)))
+    for a, b in sorted({tuple(sorted(pair)) for pair in firmware if frozenset(pair) not in found and pair[0] != pair[1]}):
+        confused, photos = _confusion(predicted, actual, a, b)
+        twins.append({"cameras": [labels[a], labels[b]], "confused": confused, "photos": photos, "by": FIRMWARE})
     return sorted(twins, key=lambda t: -t["confused"])
 
 
+def firmware_twins(table_counts: dict[str, list[int]], sizes: dict[int, set], single: set[int]) -> list[tuple[int, int]]:
+    """The camera pairs (indices) of which at least one had a single reference device (`single`) and whose training
+    photos share exact JPEG tables (`table_counts`: signature -> training photos per camera, `TablePrior.counts`)
+    and a native size (`sizes`: camera -> its training photos' (long side, short side) sizes): nothing but the
+    pixels separates them, and validation on one reference device cannot show whether the pixels do (module
+    docstring)."""
+    pairs = set()
+    for per_camera in table_counts.values():
+        cameras = [c for c, n in enumerate(per_camera) if n > 0]
+        for i, a in enumerate(cameras):
+            for b in cameras[i + 1:]:
+                if (a in single or b in single) and sizes.get(a, set()) & sizes.get(b, set()):
+                    pairs.add((a, b))
+    return sorted(pairs)
+
+
 def fit_metadata(pixels: np.ndarray, served: np.ndarray, actual: np.ndarray, labels: list[str],
-                 inconsistent_below: float = INCONSISTENT_BELOW) -> dict:
-    """The bundle's metadata rule from validation photos: the twins (from the calibrated pixel probabilities), the
-    level under which EXIF contradicts the pixels, and how many genuine validation photos (served probabilities)
-    that level would have called inconsistent (`val_false_alarms`)."""
+                 inconsistent_below: float = INCONSISTENT_BELOW, firmware: list[tuple[int, int]] = ()) -> dict:
+    """The bundle's metadata rule from validation photos: the twins (from the calibrated pixel probabilities, and
+    the `firmware` pairs, `firmware_twins`), the level under which EXIF contradicts the pixels, and how many genuine
+    validation photos (served probabilities) that level would have called inconsistent (`val_false_alarms`)."""
     actual = np.asarray(actual, dtype=int)
-    rule = {"inconsistent_below": float(inconsistent_below), "twins": fit_twins(pixels, actual, labels)}
+    rule = {"inconsistent_below": float(inconsistent_below),
+            "twins": fit_twins(pixels, actual, labels, firmware=firmware)}
     served = np.asarray(served)
     picked = served.argmax(1) if len(actual) else np.zeros(0, dtype=int)
     groups, twins = camera_groups(served, picked, labels, rule), twin_map(rule)

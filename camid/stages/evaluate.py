@@ -103,7 +103,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     the kNN thresholds (`knn_threshold`, per kind) that accept the same share, and for each camera with one
     reference device a whole-photo threshold of its own (`knn_threshold_camera`, `single_device`); the metadata rule
     (`camid.inference.metadata.fit_metadata`: the twins validation's whole photos cannot tell apart by their pixels,
-    and how often genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
+    and, for cameras of one reference device, those that share exact JPEG tables and a native size; how often
+    genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
     rule). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
     from camid.inference.metadata import fit_metadata
@@ -171,7 +172,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     if ensemble.use_tables and photo_evidence.size:
         tabled_rows = entered(photo_evidence)
         served[tabled_rows] = apply_temperature(tabled["photo"][tabled_rows], temperature["photo"])
-    metadata = fit_metadata(pixel_probs, served, y, list(ensemble.labels))
+    metadata = fit_metadata(pixel_probs, served, y, list(ensemble.labels),
+                            firmware=training_firmware_twins(ensemble, cache, by_device))
     bank = training_bank(ensemble, cache)
     if bank is not None and val.features is not None and scores.features is not None:
         patch_scores = knn_score(val.features[originals], bank["patch"])
@@ -194,6 +196,23 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
                 ensemble.labels[c]: reach_threshold(fit, settings.unseen_tables_reach) for c, fit in per_camera.items()},
                 unseen_tables_reach=settings.unseen_tables_reach)
     return temperature, rule, bank, metadata
+
+
+def training_firmware_twins(ensemble: Ensemble, cache: Path, by_device: np.ndarray) -> list[tuple[int, int]]:
+    """`camid.inference.metadata.firmware_twins` of the bundle's catalog: the training photos' JPEG tables (the
+    bundle's table counts) and native sizes (the cache's index), for the cameras that validation does not hold
+    unseen devices of (`by_device[c]` False)."""
+    from camid.data.cache import split_photos
+    from camid.inference.metadata import firmware_twins
+
+    if ensemble.tables is None:
+        return []
+    photos = split_photos(cache, "train")
+    sizes: dict[int, set] = {}
+    for camera, height, width in zip(photos["label_index"], photos["height"], photos["width"]):
+        sizes.setdefault(int(camera), set()).add((max(int(height), int(width)), min(int(height), int(width))))
+    single = {c for c in range(len(ensemble.labels)) if not by_device[c]}
+    return firmware_twins(ensemble.tables.counts, sizes, single)
 
 
 def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:
