@@ -106,6 +106,21 @@ def test_a_one_device_reference_is_told_what_it_covers(tmp_path, params_file, ca
     assert "add photos of every size and quality mode you will be asked about" in out
 
 
+def test_one_device_cameras_with_the_same_tables_and_size_are_named_twins(tmp_path, params_file, capsys):
+    """Two one-device cameras whose photos carry the same JPEG tables at the same size (a D70 and a D70s): only the
+    pixels can separate them, which one device each cannot show, and the evaluate stage treats them as twins
+    (camid.inference.metadata.firmware_twins): the catalog says so. A third at another size is not named."""
+    for label, model in (("Nikon-D70", "NIKON D70"), ("Nikon-D70s", "NIKON D70s")):
+        for i in range(3):
+            jpeg(tmp_path / label / "d1" / f"{i}.jpg", model, make="NIKON", size=(64, 96), quality=95)
+    jpeg(tmp_path / "Nikon-D200" / "d1" / "0.jpg", "NIKON D200", make="NIKON", size=(80, 96), quality=95)
+    run_catalog(tmp_path, params_file)
+    out = capsys.readouterr().out
+    assert "note: Nikon-D70 and Nikon-D70s write the same JPEG tables at the same size (96x64), so only the pixels " \
+           "can tell them apart" in out
+    assert "D200 write the same" not in out and "and Nikon-D200" not in out
+
+
 def test_kaggle_layout_and_hidden_names(tmp_path):
     jpeg(tmp_path / "train" / "Cam-A" / "1.jpg")
     jpeg(tmp_path / "train" / "Cam-A" / "dev" / "2.jpg")

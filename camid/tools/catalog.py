@@ -178,7 +178,40 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 "another quality mode (other JPEG tables) lies outside it and may be answered unknown: add photos "
                 "of every size and quality mode you will be asked about.")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] + notes
+    return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] + notes \
+        + _twin_notes(records_by_label, entries)
+
+
+def _twin_notes(records_by_label: dict[str, list[dict]], entries: list[dict]) -> list[str]:
+    """A note for each pair of cameras that the evaluate stage will treat as firmware twins
+    (`camid.inference.metadata.firmware_twins`): one of the two is one device, and their photos share exact JPEG
+    tables and a size, so nothing but the pixels separates them."""
+    from camid.inference.metadata import firmware_twins
+
+    labels = [entry["label"] for entry in entries]
+    counts: dict[str, list[int]] = {}
+    sizes: dict[int, set] = {}
+    single = set()
+    for index, label in enumerate(labels):
+        kept = usable(records_by_label[label])[0]
+        if len({r["device"] for r in kept if r["device"]}) <= 1:
+            single.add(index)
+        for record in kept:
+            if record["jpeg_tables"]:
+                counts.setdefault(record["jpeg_tables"], [0] * len(labels))[index] += 1
+            sizes.setdefault(index, set()).add((max(record["height"], record["width"]),
+                                                min(record["height"], record["width"])))
+    notes = []
+    for a, b in firmware_twins(counts, sizes, single):
+        shared = sorted(sizes[a] & sizes[b], reverse=True)
+        notes.append(
+            f"note: {labels[a]} and {labels[b]} write the same JPEG tables at the same size "
+            f"({', '.join(f'{long}x{short}' for long, short in shared)}), so only the pixels can tell them apart, and "
+            "with one reference device validation cannot show whether they do (it tells two devices apart). camid "
+            "treats them as twins: an answer between them names both, and EXIF naming one is never read as a forgery "
+            "because the pixels point to the other. Photos of a second device of each would show whether the pixels "
+            "separate the two models.")
+    return notes
 
 
 def _quality_update(records_by_label: dict[str, list[dict]], min_quality: int, keep: bool) -> tuple[dict, str | None]:
