@@ -166,3 +166,22 @@ def test_an_unknown_answer_says_which_ground_decided_it():
         assert text.startswith(f"unlike every catalog camera ({words})") and "closest is Aster-A1" in text
         assert "one device only" in text
     assert "quality mode" in UNKNOWN_BY["tables"]
+
+
+def test_the_exif_reading_says_when_a_twin_is_why_there_is_no_contradiction():
+    """EXIF naming a twin of the closest camera is consistent however sure the pixels are (metadata.contradicts):
+    the card says it is the twins, not that the pixels leave the EXIF camera a chance; a camera in the group reads
+    as before."""
+    from camid.tools.cards import readings
+
+    answer = {"camera": "Nikon-D70", "closest_camera": "Nikon-D70", "confidence": 0.99, "camera_group": "Nikon-D70",
+              "reference_devices": 1, "patches": 12, "manipulated": False, "tables_evidence": "used",
+              "unknown_by": "", "exif_model": "NIKON D70s", "exif_camera": "Nikon-D70s", "consistent": True}
+    card = {"error": None, "answer": answer, "probs": {"Nikon-D70": 0.995, "Nikon-D70s": 0.004}, "firmware": [],
+            "firmware_family": [], "inspection": None, "flag_from_name": None, "prnu": None}
+    text = readings(card, True)["exif"]
+    assert "give Nikon-D70s 0.00" in text and "twins the pixels cannot be trusted to tell apart" in text
+    grouped = {**card, "answer": {**answer, "camera_group": "Nikon-D70 or Nikon-D70s"},
+               "probs": {"Nikon-D70": 0.6, "Nikon-D70s": 0.4}}
+    text = readings(grouped, True)["exif"]
+    assert "do not rule Nikon-D70s out (group Nikon-D70 or Nikon-D70s)" in text and "twins" not in text

@@ -21,8 +21,9 @@ scale; `family`, tables of a catalog firmware's family at another quality, which
 where validation allowed it; `none`, not applicable: no JPEG, flagged manipulated, or `jpeg_tables: false`), what the
 metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model names, "" if none;
 `consistent`: false only where the pixels give that camera under 5% and it is not in the photo's
-`camera_group`, the closest camera with every camera the pixels find nearly as likely, and its validation twins,
-e.g. "Nikon-D70 or Nikon-D70s"; null without an EXIF Model) and the probability
+`camera_group`, the closest camera with every camera the pixels find nearly as likely, and its twins (pairs
+validation could not separate, or one-reference-device cameras that share JPEG tables and size), e.g. "Nikon-D70
+or Nikon-D70s"; null without an EXIF Model) and the probability
 of every camera (one column per camera label).
 
 The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server

@@ -30,6 +30,7 @@ from camid.forensics.inspect import header_facts, inspect_file
 from camid.inference.answers import ANSWER_COLUMNS, answer_photos, flag_from_name
 from camid.inference.ensemble import UNKNOWN_GROUNDS
 from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED
+from camid.inference.metadata import INCONSISTENT_BELOW, SEPARATOR
 from camid.inference.openset import UNKNOWN
 from camid.inference.options import batch_options
 
@@ -380,10 +381,17 @@ def _exif_reading(card: dict) -> str:
     if consistent is None:
         return f"EXIF Model {model!r}; the model carries no catalog to match it with"
     if consistent:
-        if named == answer["closest_camera"]:
+        closest = answer["closest_camera"]
+        if named == closest:
             return f"EXIF Model {model!r} names {named}, the camera the pixels point to"
-        return (f"EXIF Model {model!r} names {named}; the pixels lean to {answer['closest_camera']} but do not rule "
-                f"{named} out (group {answer.get('camera_group') or answer['closest_camera']}): no contradiction")
+        group = str(answer.get("camera_group") or closest).split(SEPARATOR)
+        given = (card.get("probs") or {}).get(named)
+        if named not in group and given is not None and given < INCONSISTENT_BELOW:  # metadata.contradicts: twins
+            return (f"EXIF Model {model!r} names {named}; the pixels point to {closest} and give {named} {given:.2f}, "
+                    f"but the two are twins the pixels cannot be trusted to tell apart (validation could not, or "
+                    "one reference device each with the same JPEG tables and size): no contradiction")
+        return (f"EXIF Model {model!r} names {named}; the pixels lean to {closest} but do not rule "
+                f"{named} out (group {SEPARATOR.join(group)}): no contradiction")
     if named:
         return (f"EXIF says {named} ({model!r}) but the pixels point to {answer['closest_camera']} and give {named} "
                 "under 5%: they disagree")
