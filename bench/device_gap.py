@@ -21,6 +21,7 @@ deviation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", help="comma-separated zoo labels: the catalog is these cameras alone, and every "
                         "photo of the other zoo cameras is questioned as an unknown model (e.g. a catalog of firmware "
                         "twins and one other camera: Aster-A1,Aster-A1s,Dune-D5)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (photos, split, bundle)")
     parser.add_argument("--save", type=Path, help="write the photos' pixel features, labels and closest cameras "
                         "(and the bank) to this .npz, for measuring other open-set scores on the same bundle")
     args = parser.parse_args(argv)
@@ -185,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             zoo.index(label)  # a clear message for a label the zoo lacks
         catalog = dataclasses.replace(zoo, cameras=tuple(c for c in zoo.cameras if c.label in chosen))
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="camid-device-gap-") as tmp:
+    if args.keep:
+        if args.keep.exists() and any(args.keep.iterdir()):
+            parser.error(f"--keep {args.keep} is not empty: name a new folder")
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else
+          tempfile.TemporaryDirectory(prefix="camid-device-gap-")) as tmp:
         root = Path(tmp)
         with inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", MLFLOW_EXPERIMENT_NAME="camid-bench",
                     CAMID_CHECKPOINTS=str(root / "checkpoints")):
