@@ -62,13 +62,15 @@ def fit_twins(probs: np.ndarray, actual: np.ndarray, labels: list[str], min_conf
                 twins.append({"cameras": [labels[a], labels[b]], "confused": confused, "photos": photos,
                               "by": VALIDATION})
                 found.add(frozenset((a, b)))
-    for a, b in sorted({tuple(sorted(pair)) for pair in firmware if frozenset(pair) not in found and pair[0] != pair[1]}):
+    extra = {tuple(sorted(pair)) for pair in firmware if pair[0] != pair[1] and frozenset(pair) not in found}
+    for a, b in sorted(extra):
         confused, photos = _confusion(predicted, actual, a, b)
         twins.append({"cameras": [labels[a], labels[b]], "confused": confused, "photos": photos, "by": FIRMWARE})
     return sorted(twins, key=lambda t: -t["confused"])
 
 
-def firmware_twins(table_counts: dict[str, list[int]], sizes: dict[int, set], single: set[int]) -> list[tuple[int, int]]:
+def firmware_twins(table_counts: dict[str, list[int]], sizes: dict[int, set],
+                   single: set[int]) -> list[tuple[int, int]]:
     """The camera pairs (indices) of which at least one had a single reference device (`single`) and whose training
     photos share exact JPEG tables (`table_counts`: signature -> training photos per camera, `TablePrior.counts`)
     and a native size (`sizes`: camera -> its training photos' (long side, short side) sizes): nothing but the
