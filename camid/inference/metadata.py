@@ -86,6 +86,14 @@ def firmware_twins(table_counts: dict[str, list[int]], sizes: dict[int, set],
     return sorted(pairs)
 
 
+def native_sizes(cameras, heights, widths) -> dict[int, set[tuple[int, int]]]:
+    """Each camera index's photo sizes, orientation-free ((long side, short side)), as `firmware_twins` takes them."""
+    sizes: dict[int, set[tuple[int, int]]] = {}
+    for camera, height, width in zip(cameras, heights, widths):
+        sizes.setdefault(int(camera), set()).add((max(int(height), int(width)), min(int(height), int(width))))
+    return sizes
+
+
 def fit_metadata(pixels: np.ndarray, served: np.ndarray, actual: np.ndarray, labels: list[str],
                  inconsistent_below: float = INCONSISTENT_BELOW, firmware: list[tuple[int, int]] = ()) -> dict:
     """The bundle's metadata rule from validation photos: the twins (from the calibrated pixel probabilities, and

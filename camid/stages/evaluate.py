@@ -203,16 +203,14 @@ def training_firmware_twins(ensemble: Ensemble, cache: Path, by_device: np.ndarr
     bundle's table counts) and native sizes (the cache's index), for the cameras that validation does not hold
     unseen devices of (`by_device[c]` False)."""
     from camid.data.cache import split_photos
-    from camid.inference.metadata import firmware_twins
+    from camid.inference.metadata import firmware_twins, native_sizes
 
     if ensemble.tables is None:
         return []
     photos = split_photos(cache, "train")
-    sizes: dict[int, set] = {}
-    for camera, height, width in zip(photos["label_index"], photos["height"], photos["width"]):
-        sizes.setdefault(int(camera), set()).add((max(int(height), int(width)), min(int(height), int(width))))
     single = {c for c in range(len(ensemble.labels)) if not by_device[c]}
-    return firmware_twins(ensemble.tables.counts, sizes, single)
+    return firmware_twins(ensemble.tables.counts, native_sizes(photos["label_index"], photos["height"],
+                                                               photos["width"]), single)
 
 
 def training_bank(ensemble: Ensemble, cache: Path) -> dict | None:

@@ -149,11 +149,12 @@ def _flow(entry: dict) -> CommentedMap:
 def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> list[str]:
     """The per-camera table, then what was skipped and the device warnings."""
     rows = [("camera", "photos", "devices", "quality", "sizes (h x w)", "EXIF models")]
-    notes = []
+    notes, kept_by_label, single = [], {}, set()
     for entry in entries:
         label = entry["label"]
         kept, skipped = usable(records_by_label[label])
         devices = {r["device"] for r in kept if r["device"]}
+        kept_by_label[label] = kept
         low, high = min(r["quality"] for r in kept), max(r["quality"] for r in kept)
         rows.append((label, str(len(kept)), str(len(devices)) if devices else "unknown",
                      str(low) if low == high else f"{low}-{high}",
@@ -170,6 +171,7 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 "it falls back to a photo split for this camera, whose accuracy then measures device identification, "
                 f"not model identification: add photos of more devices, one folder each ({label}/<device>/<photos>).")
         if len(devices) <= 1:
+            single.add(label)
             notes.append(
                 f"note: {label}'s reference is one device, and what it covers is what camid can recognise: sizes "
                 + ", ".join(f"{h}x{w}" for h, w in entry["sizes"])
@@ -179,30 +181,24 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 "of every size and quality mode you will be asked about.")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] + notes \
-        + _twin_notes(records_by_label, entries)
+        + _twin_notes(kept_by_label, single)
 
 
-def _twin_notes(records_by_label: dict[str, list[dict]], entries: list[dict]) -> list[str]:
+def _twin_notes(kept_by_label: dict[str, list[dict]], single: set[str]) -> list[str]:
     """A note for each pair of cameras that the evaluate stage will treat as firmware twins
-    (`camid.inference.metadata.firmware_twins`): one of the two is one device, and their photos share exact JPEG
-    tables and a size, so nothing but the pixels separates them."""
-    from camid.inference.metadata import firmware_twins
+    (`camid.inference.metadata.firmware_twins`), from each camera's usable records and the cameras of one device
+    (`single`): one of the two is one device, and their photos share exact JPEG tables and a size, so nothing but
+    the pixels separates them."""
+    from camid.inference.jpeg_tables import TablePrior
+    from camid.inference.metadata import firmware_twins, native_sizes
 
-    labels = [entry["label"] for entry in entries]
-    counts: dict[str, list[int]] = {}
-    sizes: dict[int, set] = {}
-    single = set()
-    for index, label in enumerate(labels):
-        kept = usable(records_by_label[label])[0]
-        if len({r["device"] for r in kept if r["device"]}) <= 1:
-            single.add(index)
-        for record in kept:
-            if record["jpeg_tables"]:
-                counts.setdefault(record["jpeg_tables"], [0] * len(labels))[index] += 1
-            sizes.setdefault(index, set()).add((max(record["height"], record["width"]),
-                                                min(record["height"], record["width"])))
+    labels = list(kept_by_label)
+    records = [(index, r) for index, label in enumerate(labels) for r in kept_by_label[label]]
+    cameras = [index for index, _ in records]
+    counts = TablePrior.fit([r["jpeg_tables"] or None for _, r in records], cameras, labels).counts
+    sizes = native_sizes(cameras, [r["height"] for _, r in records], [r["width"] for _, r in records])
     notes = []
-    for a, b in firmware_twins(counts, sizes, single):
+    for a, b in firmware_twins(counts, sizes, {labels.index(label) for label in single}):
         shared = sorted(sizes[a] & sizes[b], reverse=True)
         notes.append(
             f"note: {labels[a]} and {labels[b]} write the same JPEG tables at the same size "
