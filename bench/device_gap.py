@@ -17,6 +17,11 @@ deviation).
 
     python bench/device_gap.py                                   # 16 photos per device, 10 train, make-run budget
     python bench/device_gap.py --images-per-device 12 --train 8 --epochs 6 --steps 40       # quicker
+    python bench/device_gap.py --cameras Aster-A1,Aster-A1s,Dune-D5 --background Boreal-B7,Corvid-C3,Ember-E2,Fjord-F9
+
+`--background` trains the named models' reference devices as one background camera (`background: true`, never an
+answer); the models in neither list are the unknown models, and the bench prints, per model, the share answered
+`unknown` and the share the pixels put with the background.
 """
 from __future__ import annotations
 
@@ -36,7 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from camid.config import Camera  # noqa: E402
 from camid.tiny import inside  # noqa: E402
+
+BACKGROUND = "other-cameras"  # --background's camera label
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cameras", help="comma-separated zoo labels: the catalog is these cameras alone, and every "
                         "photo of the other zoo cameras is questioned as an unknown model (e.g. a catalog of firmware "
                         "twins and one other camera: Aster-A1,Aster-A1s,Dune-D5)")
+    parser.add_argument("--background", help="comma-separated zoo labels whose photos train one background camera "
+                        f"({BACKGROUND!r}, never an answer: camid.config.Camera): the reference device's photos of each, "
+                        "as the catalog's; the models neither in --cameras nor here are the unknown models")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (photos, split, bundle)")
     parser.add_argument("--save", type=Path, help="write the photos' pixel features, labels and closest cameras "
                         "(and the bank) to this .npz, for measuring other open-set scores on the same bundle")
@@ -181,11 +192,21 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(ROOT / "params.yaml")
     zoo = catalog = params.catalog
+    background = [label.strip() for label in (args.background or "").split(",") if label.strip()]
     if args.cameras:
         chosen = [label.strip() for label in args.cameras.split(",") if label.strip()]
-        for label in chosen:
+        for label in chosen + background:
             zoo.index(label)  # a clear message for a label the zoo lacks
+        if set(chosen) & set(background):
+            parser.error("a camera cannot be both in --cameras and in --background")
         catalog = dataclasses.replace(zoo, cameras=tuple(c for c in zoo.cameras if c.label in chosen))
+    elif background:
+        parser.error("--background needs --cameras: the catalog without the background's models")
+    if background:  # one background camera made of the named models' photos
+        others = [zoo.get(label) for label in background]
+        catalog = dataclasses.replace(catalog, cameras=catalog.cameras + (Camera(
+            BACKGROUND, "", tuple(m for c in others for m in c.models), tuple(s for c in others for s in c.sizes),
+            any(c.rot90 for c in others), background=True),))
     started = time.perf_counter()
     if args.keep:
         if args.keep.exists() and any(args.keep.iterdir()):
@@ -199,10 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             synth = dataclasses.replace(params.synth, images_per_device=args.images_per_device, bad_fraction=0.0)
             manifest = synthesize(root / "raw", zoo, synth, progress=False)
             manifest["path"] = [str(root / "raw" / f) for f in manifest.file]
+            manifest["model"] = manifest.label
+            manifest.loc[manifest.label.isin(background), "label"] = BACKGROUND
             unknown_models = manifest[~manifest.label.isin(catalog.labels)]
             manifest = manifest[manifest.label.isin(catalog.labels)]
             parts = {"train": [], "val": [], "test": []}
-            for _, photos in manifest.groupby("label", sort=True):
+            for label, photos in manifest.groupby("label", sort=True):
+                if label == BACKGROUND:  # each background model's first device, as a catalog camera's reference
+                    for _, mine in photos.groupby("model", sort=True):
+                        reference = mine[mine.device == sorted(mine.device.unique())[0]].sort_values("file")
+                        parts["train"].append(reference.iloc[:args.train])
+                        parts["val"].append(reference.iloc[args.train:])
+                    continue
                 devices = sorted(photos.device.unique())
                 reference = photos[photos.device == devices[0]].sort_values("file")
                 parts["train"].append(reference.iloc[:args.train])
@@ -241,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             served = {name: answers(ensemble, scored["questioned"], {**DEFAULTS, "jpeg_tables": tables})
                       for name, tables in (("served", True), ("pixels only", False))}
             held_out = answers(ensemble, scored["reference"], {**DEFAULTS, "jpeg_tables": False})
+            held_out = held_out[(reference.label != BACKGROUND).to_numpy()]  # the catalog cameras' own
             weights = log_weights(ensemble, scored["questioned"], questioned.label, scored["reference"],
                                   reference.label)
             found = scored["questioned"]
@@ -262,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in pixels_only:
                 arrays[key + "_closest"] = pixels_only[name].closest_camera.to_numpy().astype(str)[found.ok]
         np.savez_compressed(args.save, **arrays)
-    if "unknown models" in scored:
+    if "unknown models" in scored and not background:
         anchors(ensemble, scored, questioned.label.to_numpy(), reference.label.to_numpy())
     threshold = fit_threshold(same, 0.95)
     served_cut = ensemble.open_set["knn_threshold"]["photo"]
@@ -290,6 +320,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(alarms)} of {int(table.consistent.notna().sum())}; EXIF camera -> pixels' closest: "
               + ", ".join(f"{a} -> {b} {n}{' (twins)' if frozenset((a, b)) in twins else ''}"
                           for (a, b), n in pairs.items()))
+    if "unknown models" in scored:
+        found = scored["unknown models"]
+        for name, tables in (("served", True), ("pixels only", False)):
+            theirs = answers(ensemble, found, {**DEFAULTS, "jpeg_tables": tables})
+            print(f"unknown models ({', '.join(sorted(unknown_models.label.unique()))}; {int(found.ok.sum())} photos) "
+                  f"answered unknown, {name}: {np.mean(theirs.unknown.to_numpy(bool)[found.ok]):.3f}"
+                  + (f"; the pixels put them with the background cameras: "
+                     f"{np.mean(ensemble.in_background(found.pixels)[found.ok]):.3f}" if background else "")
+                  + "; by model: " + ", ".join(
+                      f"{model} {np.mean(theirs.unknown.to_numpy(bool)[found.ok & (unknown_models.label == model).to_numpy()]):.2f}"
+                      for model in sorted(unknown_models.label.unique())))
     print(f"the twins validation found: {[(t['cameras'], round(t['confused'], 2)) for t in ensemble.metadata.get('twins', [])]}")
     for k, right in nearest_right.items():
         print(f"the closest camera by the features instead (openset.nearest_camera: the camera whose {k}-th nearest "

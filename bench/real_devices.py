@@ -27,6 +27,12 @@ models' photos it would reject at other settings of evaluate.single_device_reach
     python bench/real_devices.py                                  # ../shared/samples: each choice of references
     python bench/real_devices.py --refs largest                    # one run: the device with the most photos
     python bench/real_devices.py --set train.patch=128 --set train.archs=[smallcnn_learned]  # another configuration
+    python bench/real_devices.py --refs largest --background-half A   # background cameras (below)
+
+Background cameras (`camid catalog from-folder --background`): `--background DIR` adds a folder of other models'
+photos to the reference folder as one more class that is never an answer; `--background-half A` (or B) takes
+half of the `--unknown` photos for it, dealt by a hash of the file name, and questions the other half, so that the
+models questioned as unknown are never the background's.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -101,11 +108,28 @@ def unknown_by(answers: pd.DataFrame) -> dict:
     return grounds[grounds != ""].value_counts().to_dict()
 
 
+BACKGROUND = "other-cameras"  # the background folder's label in the reference folder
+
+
+def halves(photos: list[Path]) -> dict[str, list[Path]]:
+    """Photos dealt into halves "A" and "B" by a hash of the file name (the same deal on every machine)."""
+    out = {"A": [], "B": []}
+    for path in photos:
+        out["A" if zlib.crc32(path.name.encode()) % 2 == 0 else "B"].append(path)
+    return out
+
+
 def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | None, overrides: dict,
-            catalog_args: list[str]) -> dict:
+            catalog_args: list[str], background: list[Path] = ()) -> dict:
     work = base / "_".join(f"{label}-{device[:8]}" for label, device in refs.items())
     work.mkdir(parents=True)
     reference = link_tree(work / "reference", {label: devices[label][refs[label]] for label in refs})
+    for path in background:  # one folder per photo: each is its own device (of another model)
+        target = reference / BACKGROUND / re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path.resolve())
+    if background:
+        catalog_args = [*catalog_args, "--background", BACKGROUND]
     others = {label: [p for device, photos in devs.items() if device != refs[label] for p in photos]
               for label, devs in devices.items()}
     other_dir = link_tree(work / "others", others)
@@ -226,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="a params.yaml override after the catalog is written (repeatable)")
     parser.add_argument("--catalog-args", default="", help="more arguments for `camid catalog from-folder`, e.g. "
                         "'--minutes 8' or '--keep-train' (the train block as params.yaml has it)")
+    parser.add_argument("--background", type=Path,
+                        help="a folder of photos of other camera models, trained as background cameras "
+                             "(`camid catalog from-folder --background`)")
+    parser.add_argument("--background-half", choices=("A", "B"),
+                        help="train on this half of the --unknown photos (dealt by a hash of the file name) as "
+                             "background cameras and question the other half as unknown models")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON lines")
     args = parser.parse_args(argv)
@@ -236,10 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     base = args.keep or Path(tempfile.mkdtemp(prefix="camid-real-devices-"))
     base.mkdir(parents=True, exist_ok=True)
+    background = list_images([args.background]) if args.background else []
+    if args.background_half:
+        if unknown is None:
+            raise SystemExit("--background-half deals the --unknown photos: give --unknown a folder")
+        dealt = halves(list_images([unknown]))
+        background = dealt[args.background_half]
+        unknown = link_tree(base / "unknown-half", {"": dealt["B" if args.background_half == "A" else "A"]})
+        print(f"background: {len(background)} photos of half {args.background_half}; questioned as unknown "
+              f"models: the other half, {len(list_images([unknown]))} photos", flush=True)
     rows = []
     for refs in reference_choices(devices, args.refs):
         print(f"references: {refs}", flush=True)
-        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split())
+        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split(), background)
+        row["background"] = f"{len(background)} photos" + (f" (half {args.background_half})"
+                                                            if args.background_half else "") if background else "none"
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:

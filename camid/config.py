@@ -28,12 +28,17 @@ class ConfigError(CamidError, ValueError):
 
 @dataclass(frozen=True)
 class Camera:
+    """A catalog camera. `background: true` marks a class of *other* cameras' photos (known unknowns): it is trained
+    like any camera, so that the features learn what sets the catalog's cameras apart from cameras in general
+    rather than only from each other, but it is never an answer: a photo whose pixels the network puts with it is
+    answered `unknown` (camid.inference.ensemble, `Ensemble.background`)."""
     label: str
     make: str
     models: tuple[str, ...]          # EXIF Model glob patterns (fnmatch, case-sensitive)
     sizes: tuple[tuple[int, int], ...]  # native (h, w); either orientation is accepted
     rot90: bool                      # photos come in both orientations, so rot90 is a valid augmentation
     search: str = ""                 # free text for photo-site searches
+    background: bool = False         # photos of other cameras: trained as a class, never an answer
 
     def matches_model(self, model: str | None) -> bool:
         model = (model or "").strip()
@@ -237,13 +242,16 @@ def _catalog(raw: dict) -> Catalog:
             cameras.append(Camera(
                 label=entry["label"], make=entry.get("make", ""), models=tuple(entry["models"]),
                 sizes=tuple((int(h), int(w)) for h, w in entry["sizes"]), rot90=bool(entry.get("rot90", False)),
-                search=entry.get("search", entry["label"]),
+                search=entry.get("search", entry["label"]), background=bool(entry.get("background", False)),
             ))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"catalog {active!r}: malformed camera entry {entry!r}: {exc}") from None
     labels = [c.label for c in cameras]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"catalog {active!r} has duplicate labels")
+    if all(c.background for c in cameras):
+        raise ConfigError(f"catalog {active!r} has only background cameras (`background: true`): they are never an "
+                          "answer, so at least one camera must be a catalog camera of its own")
     return Catalog(active, tuple(cameras))
 
 

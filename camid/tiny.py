@@ -38,10 +38,17 @@ class TinyModel:
         return {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "CAMID_PARAMS": str(ROOT / "params.yaml")}
 
 
+# What MLflow itself exports while runs are made (set_experiment exports the experiment's id): restored on leaving
+# `inside` too, so that a later run in the same process, or a child process given os.environ, is not steered
+# into an experiment of a store it does not use.
+_MLFLOW_EXPORTS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
 @contextlib.contextmanager
 def inside(root: Path, **env: str):
-    """Run with `root` as working directory (MLflow's ./mlruns, .camid/checkpoints land there) and `env` set."""
-    old_cwd, old_env = Path.cwd(), {k: os.environ.get(k) for k in env}
+    """Run with `root` as working directory (MLflow's ./mlruns, .camid/checkpoints land there) and `env` set; on
+    leaving, the working directory, `env`'s variables and MLflow's run and experiment variables are as before."""
+    old_cwd, old_env = Path.cwd(), {k: os.environ.get(k) for k in (*env, *_MLFLOW_EXPORTS)}
     os.chdir(root)
     os.environ.update(env)
     try:

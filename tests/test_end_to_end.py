@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.helpers_data import RUN_VARIABLES
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -46,7 +47,8 @@ def project(tmp_path_factory):
     for (section, key), value in TINY.items():
         params[section][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+    inherited = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}  # no other store's run or experiment
+    env = {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
            "PYTHONPATH": str(root), "CAMID_PARAMS": str(root / "params.yaml")}
     run(["git", "init", "-q"], root, env)
     run(["dvc", "init", "-q"], root, env)

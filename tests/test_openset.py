@@ -368,26 +368,34 @@ def test_unseen_tables_raise_a_single_device_cameras_bar_instead_of_deciding_alo
         Ensemble.set_confidence(bundle, {}, ensemble.open_set)  # the module's fixture as it was
 
 
+def one_device_cache(tiny_model, cache):
+    """A copy of the tiny model's cache whose split says every camera was dealt by photos: one reference device
+    each, as the single-device rule sees it."""
+    import json
+
+    from camid.data.cache import META
+
+    shutil.copytree(tiny_model.root / "cache", cache)
+    meta = json.loads((cache / META).read_text())
+    meta["split"]["modes"] = {label: "photos" for label in tiny_model.labels}
+    (cache / META).write_text(json.dumps(meta))
+    return cache
+
+
 def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_tables(tiny_model, tmp_path):
     """fit_confidence on a catalog whose cameras each had one reference device (the split's photo mode): each
     camera's own threshold at `single_device_reach`, and a stricter one at `unseen_tables_reach` that unseen JPEG
     tables ask of the pixels (Ensemble.unknown_grounds); without the tables' evidence, none. Two such cameras whose
     training photos share exact tables and a size are twins in the metadata rule (by firmware)."""
     import dataclasses
-    import json
 
     from camid.config import load_params
-    from camid.data.cache import META
     from camid.inference.metadata import FIRMWARE, TWIN_CONFUSION
     from camid.inference.openset import SINGLE_DEVICE, reach_threshold
     from camid.stages.evaluate import fit_confidence
     from camid.tiny import ROOT
 
-    cache = tmp_path / "cache"
-    shutil.copytree(tiny_model.root / "cache", cache)
-    meta = json.loads((cache / META).read_text())
-    meta["split"]["modes"] = {label: "photos" for label in tiny_model.labels}
-    (cache / META).write_text(json.dumps(meta))
+    cache = one_device_cache(tiny_model, tmp_path / "cache")
     settings = load_params(ROOT / "params.yaml").evaluate
     ensemble = dataclasses.replace(Ensemble.load(tiny_model.bundle), use_tables=True)
     _, rule, _, _ = fit_confidence(ensemble, cache, settings)

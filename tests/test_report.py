@@ -168,6 +168,27 @@ def test_an_unknown_answer_says_which_ground_decided_it():
     assert "quality mode" in UNKNOWN_BY["tables"]
 
 
+def test_a_card_says_when_the_photo_is_most_like_the_background_cameras():
+    """With background cameras (other models' photos, never an answer), an unknown whose probabilities lead with
+    them says so, and EXIF naming no catalog camera agrees with it."""
+    from camid.tools.cards import readings
+
+    answer = {"camera": "unknown", "closest_camera": "Nikon-D60", "confidence": 0.1, "camera_group": "Nikon-D60",
+              "reference_devices": 1, "patches": 12, "manipulated": False, "tables_evidence": "unseen",
+              "unknown_by": "pixels", "exif_model": "E995", "exif_camera": "", "consistent": True}
+    card = {"error": None, "answer": answer, "probs": {"DJI-FC6360": 0.02, "Nikon-D60": 0.1, "other-cameras": 0.88},
+            "background": ["other-cameras"], "firmware": [], "firmware_family": [], "inspection": None,
+            "flag_from_name": None, "prnu": None}
+    text = readings(card, True)
+    assert text["answer"].startswith("unlike every catalog camera: the photo is most like the background cameras")
+    assert "(other-cameras, p=0.88)" in text["answer"] and "closest catalog camera is Nikon-D60 (p=0.10)" in text["answer"]
+    assert "its pixel ground is the background cameras" in text["answer"]
+    assert text["exif"] == ("EXIF Model 'E995' names no catalog camera, and the pixels put the photo with the "
+                            "background cameras (other models): no contradiction")
+    led = readings({**card, "probs": {"DJI-FC6360": 0.02, "Nikon-D60": 0.9, "other-cameras": 0.08}}, True)["answer"]
+    assert led.startswith("unlike every catalog camera (by its pixels")
+
+
 def test_the_exif_reading_says_when_a_twin_is_why_there_is_no_contradiction():
     """EXIF naming a twin of the closest camera is consistent however sure the pixels are (metadata.contradicts):
     the card says it is the twins, not that the pixels leave the EXIF camera a chance; a camera in the group reads

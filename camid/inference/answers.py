@@ -245,20 +245,29 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
         return out
     counts = scores.patches[good]
     calibrated = ensemble.calibrate(probs[good], kinds(counts), entered(evidence[good]))
+    # The answer names catalog cameras only: background cameras' columns stay in the probabilities, but the
+    # closest camera, its group and the EXIF check read them renormalised over the catalog (Ensemble.catalog_probs);
+    # a photo whose pixels find it more like the background cameras than like its closest camera is unknown on
+    # the pixel ground.
+    answerable = ensemble.catalog_probs(calibrated)
     flags = scores.manipulated[good]
-    picked = calibrated.argmax(1) if settings["balance"] == "none" else \
-        balance_to_quota(calibrated, groups=flags, method=settings["balance"])
+    columns = np.flatnonzero(~ensemble.background)  # balancing deals the photos among the catalog cameras
+    picked = answerable.argmax(1) if settings["balance"] == "none" else \
+        columns[balance_to_quota(answerable[:, columns], groups=flags, method=settings["balance"])]
     closest = np.asarray(labels)[picked]
-    grounds = ensemble.unknown_grounds(calibrated, counts, evidence[good],
-                                       None if scores.features is None else scores.features[good]) \
+    elsewhere = ensemble.in_background(scores.pixels[good], picked)
+    grounds = ensemble.unknown_grounds(answerable, counts, evidence[good],
+                                       None if scores.features is None else scores.features[good], elsewhere,
+                                       ensemble.in_background(calibrated, picked) & entered(evidence[good])) \
         if settings["open_set"] else np.full(len(good), "", dtype=object)
     unknown = grounds != ""
-    groups = ensemble.camera_groups(calibrated, picked)
-    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], calibrated, groups)
+    groups = ensemble.camera_groups(answerable, picked)
+    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], answerable, groups, elsewhere)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
     out.loc[good, "closest_camera"] = closest
     out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]
-    out.loc[good, "confidence"] = confidence(calibrated)
+    out.loc[good, "confidence"] = confidence(calibrated) if answerable is calibrated else \
+        calibrated[np.arange(len(good)), picked]
     out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
     out.loc[good, "unknown_by"] = list(grounds)
     reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)

@@ -86,7 +86,9 @@ def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict 
     if tables is not None:
         tables.write(bundle)
     if catalog is not None:
-        spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
+        spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models), **({"background": True}
+                                                                                            if c.background else {})}
+                           for c in catalog.cameras]
     write_json(spec_file, spec)
 
 def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None,

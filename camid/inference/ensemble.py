@@ -87,6 +87,42 @@ class Ensemble:
     def load(cls, bundle: Path) -> "Ensemble":
         return cls(**bundle_io.read(bundle))
 
+    @property
+    def background(self) -> np.ndarray:
+        """(C,) True for the background cameras (a catalog entry's `background: true`, camid.config.Camera):
+        photos of other cameras, trained as a class but never an answer."""
+        marked = {c["label"] for c in self.cameras if c.get("background")}
+        return np.array([label in marked for label in self.labels], dtype=bool)
+
+    def catalog_probs(self, probs: np.ndarray) -> np.ndarray:
+        """(N, C) `probs` as the answers read them: the background cameras' columns zeroed and each row
+        renormalised over the catalog cameras, so that the closest camera, the camera group and the EXIF check
+        name catalog cameras only; `probs` itself for a catalog without background cameras."""
+        background = self.background
+        if not background.any():
+            return probs
+        out = np.where(background, 0.0, np.asarray(probs, dtype=np.float64))
+        total = out.sum(axis=1, keepdims=True)
+        uniform = np.where(background, 0.0, 1.0 / int((~background).sum()))  # a row without catalog mass
+        return np.where(total > 0, out / np.where(total > 0, total, 1.0), uniform)
+
+    def in_background(self, pixels: np.ndarray, named=None) -> np.ndarray:
+        """(N,) True where the pixels (N, C) put a photo with the background cameras rather than with the catalog
+        camera it would be named (`named` (N,) camera indices; None: the pixels' own closest): a background camera
+        is more likely than that camera. Named by the pixels, that is their top class being a background camera;
+        named with the JPEG tables' evidence, a photo whose tables point to one catalog camera while its pixels
+        find it more like the other models than like that camera is theirs too. Calibration keeps each row's order,
+        so the probabilities may be calibrated or not; NaN rows (failed photos) are False."""
+        background = self.background
+        pixels = np.asarray(pixels, dtype=np.float64)
+        out = np.zeros(len(pixels), dtype=bool)
+        if background.any() and len(pixels):
+            scored = np.isfinite(pixels).all(axis=1)
+            rows = pixels[scored]
+            named = self.catalog_probs(rows).argmax(axis=1) if named is None else np.asarray(named)[scored]
+            out[scored] = rows[:, background].max(axis=1) > rows[np.arange(len(rows)), named]
+        return out
+
     def camera_groups(self, probs: np.ndarray, picked: np.ndarray) -> list[list[str]]:
         """`camid.inference.metadata.camera_groups` with the bundle's twins."""
         return camera_groups(probs, picked, list(self.labels), self.metadata)
@@ -95,9 +131,11 @@ class Ensemble:
     def group_name(group: list[str]) -> str:
         return SEPARATOR.join(group)
 
-    def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]]) -> tuple[list[str], list[bool | None]]:
-        """`camid.inference.metadata.metadata_check` against the bundle's catalog and metadata rule."""
-        return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata)
+    def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]],
+                       background=None) -> tuple[list[str], list[bool | None]]:
+        """`camid.inference.metadata.metadata_check` against the bundle's catalog and metadata rule (`background`:
+        the rows `in_background`)."""
+        return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata, background)
 
     # -- calibration and the open-set rule -----------------------------------------------------------------
 
@@ -173,6 +211,12 @@ class Ensemble:
                 rows = np.array([k == kind for k in kinds]) & ~own
                 if rows.any():
                     margin[rows] = knn_score(features[rows], self.bank[kind]) - knn[kind]
+            # Cameras of one reference device in a catalog with background cameras: their pixel ground is the
+            # background class (`unknown_grounds`), not a distance (evaluate's `open_set.background`).
+            by_background = set((self.open_set.get("background") or {}).get("single_device", []))
+            if by_background:
+                closest = np.asarray(probs).argmax(axis=1)
+                margin[np.array([self.labels[c] in by_background for c in closest], dtype=bool)] = np.inf
             return margin, raised
         thresholds = self.open_set.get("threshold", {})
         if not thresholds:
@@ -181,33 +225,41 @@ class Ensemble:
         cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, entered(evidence))), dtype=np.float64)
         return confidence(probs) - cut, raised
 
-    def unknown_grounds(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
+    def unknown_grounds(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None,
+                        background=None, background_tables=None) -> np.ndarray:
         """(N,) why each photo is unlike every catalog camera (UNKNOWN_GROUNDS): "" where it is not; "pixels"
-        where the pixel ground says so (`open_set_margin` below 0); "tables" where its JPEG tables are UNSEEN (no
-        catalog firmware's family writes them) and that decides: on a catalog where validation found the devices'
+        where the pixel ground says so (`open_set_margin` below 0, or `background` (N,) True: the pixels put the
+        photo with the background cameras, `in_background`); "tables" where the JPEG tables put it there
+        (`background_tables` (N,) True: with the tables' evidence the background cameras lead), or where they are
+        UNSEEN (no catalog firmware's family writes them) and that decides: on a catalog where validation found the devices'
         originals almost always carry seen tables (the bundle's `open_set.unseen_tables`), or, for a whole photo
         whose closest camera had one reference device, where the pixels are not near enough that camera's
         reference to outweigh them (its stricter threshold, `evaluate.unseen_tables_reach`: one reference device
         cannot show which quality modes the model's other devices use, so unseen tables there raise the pixels'
         bar rather than decide alone); "pixels and tables" where both do. All "" for a bundle without a rule."""
-        out = np.full(len(probs), "", dtype=object)
-        if not len(probs) or not (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
-            return out
-        evidence = self._evidence_rows(tables_evidence, len(probs))
-        margin, raised = self._margins(probs, patch_counts, evidence, features)
-        unseen = evidence == UNSEEN
-        weighed = unseen & np.isfinite(raised)  # one reference device: the tables raise the pixels' bar
-        pixels = margin < 0
-        tables = (unseen & ~weighed & bool(self.open_set.get("unseen_tables"))) | (weighed & (raised < 0))
+        n = len(probs)
+        pixels = np.zeros(n, dtype=bool) if background is None else np.asarray(background, dtype=bool).copy()
+        tables = np.zeros(n, dtype=bool) if background_tables is None \
+            else np.asarray(background_tables, dtype=bool).copy()
+        if n and (self.open_set.get("threshold") or self.open_set.get("knn_threshold")):
+            evidence = self._evidence_rows(tables_evidence, n)
+            margin, raised = self._margins(probs, patch_counts, evidence, features)
+            unseen = evidence == UNSEEN
+            weighed = unseen & np.isfinite(raised)  # one reference device: the tables raise the pixels' bar
+            pixels |= margin < 0
+            tables |= (unseen & ~weighed & bool(self.open_set.get("unseen_tables"))) | (weighed & (raised < 0))
+        out = np.full(n, "", dtype=object)
         out[pixels & ~tables] = UNKNOWN_GROUNDS[0]
         out[tables & ~pixels] = UNKNOWN_GROUNDS[1]
         out[pixels & tables] = UNKNOWN_GROUNDS[2]
         return out
 
-    def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None) -> np.ndarray:
+    def is_unknown(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None,
+                   background=None, background_tables=None) -> np.ndarray:
         """(N,) True where a photo is unlike every catalog camera, by its pixels, its JPEG tables or both
-        (`unknown_grounds`). All False for a bundle without a rule."""
-        return self.unknown_grounds(probs, patch_counts, tables_evidence, features) != ""
+        (`unknown_grounds`). All False for a bundle without a rule or background cameras."""
+        return self.unknown_grounds(probs, patch_counts, tables_evidence, features, background,
+                                    background_tables) != ""
 
     def apply_tables(self, probs: np.ndarray, signatures, usable, force: bool = False) -> np.ndarray:
         """The JPEG-table evidence multiplied into (N, C) probabilities where `usable` (see jpeg_tables), if the

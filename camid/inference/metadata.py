@@ -143,25 +143,30 @@ def camera_groups(probs: np.ndarray, picked: np.ndarray, labels: list[str], meta
 
 
 def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[list[str]], labels: list[str],
-                   metadata: dict | None = None) -> tuple[list[str], list[bool | None]]:
+                   metadata: dict | None = None, background=None) -> tuple[list[str], list[bool | None]]:
     """EXIF against pixels. For each photo's EXIF Model (None: none), its (C,) calibrated probabilities and its
     camera group: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether the
     pixels agree with it (None when the photo has no EXIF Model or the bundle no catalog to match with): False
     only where the pixels contradict that camera (`contradicts`: outside the group, not a twin of the closest
-    camera, and under `inconsistent_below`), or where EXIF names no catalog camera while the pixels point to one."""
+    camera, and under `inconsistent_below`), or where EXIF names no catalog camera while the pixels point to one.
+    Background cameras (catalog entries marked `background`) are never named: EXIF naming one of their models
+    names no catalog camera, and where the pixels put the photo with them (`background[i]` True) they point to
+    no catalog camera either, which agrees with such an EXIF."""
     from camid.config import Camera
 
     below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
     twins = twin_map(metadata)
-    cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in catalog]
+    cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]), (), False) for c in catalog
+               if not c.get("background")]
+    background = np.zeros(len(groups), dtype=bool) if background is None else np.asarray(background, dtype=bool)
     named, consistent = [], []
-    for model, row, group in zip(models, np.asarray(probs), groups):
+    for model, row, group, elsewhere in zip(models, np.asarray(probs), groups, background):
         match = next((c.label for c in cameras if model and c.matches_model(model)), "")
         named.append(match)
         if not model or not cameras:
             consistent.append(None)
         elif not match or match not in labels:
-            consistent.append(False)
+            consistent.append(bool(elsewhere))
         else:
             consistent.append(not contradicts(row, match, group, labels, below, twins))
     return named, consistent

@@ -11,8 +11,11 @@ mean_square | arithmetic | geometric), `patches` (0, the default: auto, the phot
 input with `camera` (a catalog label, or `unknown` when the photo is unlike every catalog camera: its features
 are far from the training photos', below the kNN threshold fitted on validation, or its JPEG tables are unseen
 where validation allowed that ground, `camid.inference.openset`; param `open_set: false` never answers
-unknown), `closest_camera` (the catalog camera the pixels point to, even when unknown), `confidence` (the
-calibrated top probability), `unknown`, `unknown_by` (why it is unknown: `pixels`, `tables` or `pixels and tables`;
+unknown; or, where the catalog has background cameras, photos of other models trained as a class of their own,
+the pixels are most like them, whatever `open_set`), `closest_camera` (the catalog camera the pixels point to,
+even when unknown; never a background camera), `confidence` (the calibrated top probability; with background
+cameras, the closest catalog camera's),
+`unknown`, `unknown_by` (why it is unknown: `pixels`, `tables` or `pixels and tables`;
 "" when it is not), `manipulated`, `manipulated_estimated`, `patches` (how many were scored),
 `tables_evidence` (what the JPEG quantisation tables said: `used`, a catalog camera's firmware wrote them and the
 evidence entered the answer, whose `confidence` is then calibrated and `unknown` decided on that setting's own

@@ -107,7 +107,6 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
     rule). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
-    from camid.inference.metadata import fit_metadata
     from camid.data.cache import read_meta
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
                                          UNSEEN_DEVICES, camera_thresholds, confidence, fit_threshold, knn_score,
@@ -127,7 +126,11 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     # with the single-device margin (camid.inference.openset).
     split_info = read_meta(cache).get("split", {})
     by_device = np.array([split_info.get("modes", {}).get(label) == "devices" for label in ensemble.labels] + [False])
-    unseen = {"patch": by_device[labels[originals]], "photo": by_device[y]}
+    # Background cameras (other cameras' photos, never an answer) take no part in the rule: their validation
+    # devices are other models, not unseen devices of a catalog camera (Ensemble.background).
+    background = np.append(ensemble.background, False)
+    catalog_rows = {"patch": ~background[labels[originals]], "photo": ~background[y]}
+    unseen = {"patch": by_device[labels[originals]] & catalog_rows["patch"], "photo": by_device[y] & catalog_rows["photo"]}
     basis = UNSEEN_DEVICES if unseen["photo"].sum() >= MIN_UNSEEN_DEVICE_PHOTOS else SINGLE_DEVICE
     photo_evidence = np.full(int(ok.sum()), NONE, dtype=object)
     if ensemble.use_tables:
@@ -138,11 +141,14 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         tabled = {"patch": final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, True,
                                        settings.blend)[originals],
                   "photo": with_tables[ok]}
-        fits = {kind: (tabled[kind][used[kind]], pixels[kind][1][used[kind]], unseen[kind][used[kind]])
+        rows = {kind: used[kind] & catalog_rows[kind] for kind in pixels}
+        fits = {kind: (tabled[kind][rows[kind]], pixels[kind][1][rows[kind]], unseen[kind][rows[kind]])
                 for kind in pixels}
-        fits.update({kind + PIXELS_ONLY: (*pair, unseen[kind]) for kind, pair in pixels.items()})
+        fits.update({kind + PIXELS_ONLY: (pair[0][catalog_rows[kind]], pair[1][catalog_rows[kind]],
+                                          unseen[kind][catalog_rows[kind]]) for kind, pair in pixels.items()})
     else:
-        fits = {kind: (*pair, unseen[kind]) for kind, pair in pixels.items()}
+        fits = {kind: (pair[0][catalog_rows[kind]], pair[1][catalog_rows[kind]], unseen[kind][catalog_rows[kind]])
+                for kind, pair in pixels.items()}
 
     def device_out(probs, y_, rows):
         """The rows of unseen devices where the rule rests on them and this setting has enough, else all."""
@@ -163,7 +169,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
         # rule costs known cameras no more than the threshold does. Phones that pick tables per scene fail this.
         # Measured device-out where the rule rests on unseen devices: another device of a model may shoot in a
         # quality mode the training devices never used, which the reference device's own held-out photos cannot show.
-        jpegs = (photo_evidence != NONE) & (unseen["photo"] if basis == UNSEEN_DEVICES else True)
+        jpegs = (photo_evidence != NONE) & (unseen["photo"] if basis == UNSEEN_DEVICES else catalog_rows["photo"])
         seen = float(np.mean(entered(photo_evidence[jpegs]))) if jpegs.any() else float("nan")
         rule.update(unseen_tables=bool(jpegs.any() and seen >= settings.open_set_accept), val_tables_seen=seen)
     pixel_key = "photo" + PIXELS_ONLY if ensemble.use_tables else "photo"
@@ -172,20 +178,26 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     if ensemble.use_tables and photo_evidence.size:
         tabled_rows = entered(photo_evidence)
         served[tabled_rows] = apply_temperature(tabled["photo"][tabled_rows], temperature["photo"])
-    metadata = fit_metadata(pixel_probs, served, y, list(ensemble.labels),
-                            firmware=training_firmware_twins(ensemble, cache, by_device))
+    metadata = _catalog_metadata(ensemble, pixel_probs, served, y, training_firmware_twins(ensemble, cache, by_device))
     bank = training_bank(ensemble, cache)
     if bank is not None and val.features is not None and scores.features is not None:
         patch_scores = knn_score(val.features[originals], bank["patch"])
         photo_scores = knn_score(scores.features[ok], bank["photo"])
-        rows = unseen if basis == UNSEEN_DEVICES else {kind: slice(None) for kind in unseen}
+        rows = unseen if basis == UNSEEN_DEVICES else catalog_rows
         knn = {"patch": fit_threshold(patch_scores[rows["patch"]], settings.open_set_accept),
                "photo": fit_threshold(photo_scores[rows["photo"]], settings.open_set_accept)}
         # Cameras with one reference device: whole photos against that camera's own training photos, each with a
         # threshold `single_device_reach` of the way (log scale) to the other cameras (openset.camera_thresholds).
-        single = [c for c in range(len(ensemble.labels)) if not by_device[c]]
-        per_camera = camera_thresholds(scores.features[ok], y, bank["photo"], bank["photo_labels"], single,
-                                       settings.open_set_accept, reach=settings.single_device_reach)
+        single = [c for c in range(len(ensemble.labels)) if not by_device[c] and not background[c]]
+        # With background cameras, a one-reference-device camera's pixel ground is the background class instead:
+        # the photos the pixels put with the other cameras are unknown (Ensemble.unknown_grounds), and no distance
+        # from one device's photos is asked of its model's other devices.
+        per_camera = {} if background.any() else camera_thresholds(
+            scores.features[ok], y, bank["photo"], bank["photo_labels"], single, settings.open_set_accept,
+            reach=settings.single_device_reach)
+        if background.any():
+            rule["background"] = {"cameras": [ensemble.labels[c] for c in np.flatnonzero(background[:-1])],
+                                  "single_device": [ensemble.labels[c] for c in single]}
         rule.update(score=KNN_SCORE, k=K_NEIGHBOURS,
                     bank_size={k: int(len(v)) for k, v in bank.items() if k != "photo_labels"}, knn_threshold=knn,
                     knn_threshold_camera={ensemble.labels[c]: fit["threshold"] for c, fit in per_camera.items()},
@@ -196,6 +208,20 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
                 ensemble.labels[c]: reach_threshold(fit, settings.unseen_tables_reach) for c, fit in per_camera.items()},
                 unseen_tables_reach=settings.unseen_tables_reach)
     return temperature, rule, bank, metadata
+
+
+def _catalog_metadata(ensemble: Ensemble, pixel_probs: np.ndarray, served: np.ndarray, y: np.ndarray,
+                      firmware: list[tuple[int, int]]) -> dict:
+    """`fit_metadata` on the catalog cameras' validation photos, their probabilities read as the answers read them
+    (`Ensemble.catalog_probs`): background cameras are never named, so they are nobody's twin."""
+    from camid.inference.metadata import fit_metadata
+
+    keep = np.flatnonzero(~ensemble.background)
+    new = {int(old): index for index, old in enumerate(keep)}
+    rows = np.isin(y, keep)
+    return fit_metadata(ensemble.catalog_probs(pixel_probs)[rows][:, keep], ensemble.catalog_probs(served)[rows][:, keep],
+                        np.array([new[int(c)] for c in y[rows]], dtype=int), [ensemble.labels[c] for c in keep],
+                        firmware=[(new[a], new[b]) for a, b in firmware if a in new and b in new])
 
 
 def training_firmware_twins(ensemble: Ensemble, cache: Path, by_device: np.ndarray) -> list[tuple[int, int]]:
@@ -258,7 +284,9 @@ def full_image_report(ensemble: Ensemble, cache: Path, split: str = "test",
 
     labels = np.asarray(ensemble.labels)
     photos, scores = score_split_photos(ensemble, cache, split, patches=patches)
-    ok = scores.ok
+    # The figures are on the catalog cameras' photos; background cameras' photos (never an answer) have their own.
+    elsewhere = ensemble.background[photos["label_index"].to_numpy()]
+    ok = scores.ok & ~elsewhere
     actual = labels[photos["label_index"].to_numpy()]
     options = {"patches": patches}
     served = answers(ensemble, scores, options)
@@ -287,6 +315,12 @@ def full_image_report(ensemble: Ensemble, cache: Path, split: str = "test",
         result["calibration_pixels_only"] = calibration_report(ensemble, scores.pixels[ok], y, "photo")
         result["open_set_pixels_only"] = _open_set_figures(ensemble, pixels[ok], actual[ok])
     result["metadata"] = {"served": _metadata_figures(served[ok]), "pixels_only": _metadata_figures(pixels[ok])}
+    if elsewhere.any():  # background cameras' photos: cameras the answers must not name
+        rows = scores.ok & elsewhere
+        result["background"] = {"photos": int(rows.sum()),
+                                "answered_unknown": float(served["unknown"].fillna(False).to_numpy(bool)[rows].mean()),
+                                "answered_unknown_pixels_only": float(
+                                    pixels["unknown"].fillna(False).to_numpy(bool)[rows].mean())}
     table = served.copy()
     table.insert(0, "fname", [Path(p).name for p in photos["path"]])
     table.insert(1, "path", list(photos["path"]))
@@ -351,7 +385,7 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         metrics["open_set_rule"] = {key: rule[key] for key in ("reference", "reference_devices", "single_device",
                                                                "single_device_reach", "unseen_tables_reach",
                                                                "knn_threshold_camera_unseen_tables", "unseen_tables",
-                                                               "val_tables_seen")
+                                                               "val_tables_seen", "background")
                                     if key in rule and rule[key] == rule[key]}  # NaN (no JPEG in val): left out
         metrics["split_summary"] = read_meta(cache).get("split", {})
         metrics["device_disjoint"] = bool(metrics["split_summary"].get("device_disjoint", False))

@@ -249,6 +249,7 @@ def _card(ensemble, index: int, photo: Photo, row: dict, labels: list[str], devi
             "flag_from_name": flag_from_name(photo.name),
             "answer": {key: _value(row[key]) for key in ANSWER_COLUMNS if key != "error"},
             "probs": {label: _value(row[label]) for label in labels},
+            "background": [label for label, other in zip(ensemble.labels, ensemble.background) if other],
             "inspection": None, "firmware": None, "firmware_family": None, "prnu": None, "thumbnail": None,
             "heatmap": None}
     if photo.path is None:
@@ -314,7 +315,12 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
         out["answer"] = f"not answered: {card['error']}"
     else:
         closest, p = answer["closest_camera"], answer["confidence"]
-        if answer["camera"] == UNKNOWN:
+        elsewhere = _background_lead(card)
+        if answer["camera"] == UNKNOWN and elsewhere:
+            out["answer"] = (f"unlike every catalog camera: the photo is most like the background cameras, photos of "
+                             f"other models ({elsewhere[0]}, p={elsewhere[1]:.2f}); the closest catalog camera is "
+                             f"{closest} (p={p:.2f})")
+        elif answer["camera"] == UNKNOWN:
             out["answer"] = (f"unlike every catalog camera ({UNKNOWN_BY.get(answer.get('unknown_by'), 'the open-set rule')});"
                              f" the closest is {closest} (p={p:.2f})")
         else:
@@ -325,7 +331,10 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
         if " or " in group:
             out["answer"] += f"; the pixels cannot tell apart {group}"
         devices = answer.get("reference_devices")
-        if devices == 1:
+        if devices == 1 and card.get("background"):
+            out["answer"] += (f"; {closest} was learnt from one device only, so its pixel ground is the background "
+                              "cameras rather than a distance from that device's photos")
+        elif devices == 1:
             out["answer"] += (f"; {closest} was learnt from one device only, so its open-set threshold rests on a "
                               "single-device margin")
         given = card["flag_from_name"]
@@ -371,6 +380,16 @@ def _tables_reading(card: dict, model_uses_tables: bool) -> str:
     return why if firmware is None else f"{why}; no training photo had these tables"
 
 
+def _background_lead(card: dict) -> tuple[str, float] | None:
+    """(label, probability) where the card's probabilities put the photo with a background camera (other models'
+    photos, never an answer: camid.config.Camera), else None."""
+    probs = {label: p for label, p in (card.get("probs") or {}).items() if p is not None}
+    if not card.get("background") or not probs:
+        return None
+    top = max(probs, key=probs.get)
+    return (top, probs[top]) if top in card["background"] else None
+
+
 def _exif_reading(card: dict) -> str:
     answer = card["answer"]
     model, named, consistent = answer["exif_model"], answer["exif_camera"], answer["consistent"]
@@ -380,6 +399,9 @@ def _exif_reading(card: dict) -> str:
         return "no EXIF Model: nothing to check the pixels against"
     if consistent is None:
         return f"EXIF Model {model!r}; the model carries no catalog to match it with"
+    if consistent and not named:  # metadata_check: the pixels put it with the background cameras
+        return (f"EXIF Model {model!r} names no catalog camera, and the pixels put the photo with the background "
+                "cameras (other models): no contradiction")
     if consistent:
         closest = answer["closest_camera"]
         if named == closest:

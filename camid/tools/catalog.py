@@ -138,6 +138,21 @@ def build_entries(records_by_label: dict[str, list[dict]]) -> list[dict]:
     return [build_entry(label, records) for label, records in records_by_label.items()]
 
 
+def mark_background(entries: list[dict], background) -> list[dict]:
+    """`entries` with `background: true` on the labels named in `background`; CamidError for a label that is no
+    folder of DIR, or where nothing would be left to answer."""
+    background = set(background or ())
+    labels = [e["label"] for e in entries]
+    missing = sorted(background - set(labels))
+    if missing:
+        raise CamidError(f"--background {', '.join(missing)}: no such camera folder; the folders are "
+                         f"{', '.join(labels)}")
+    if background and background >= set(labels):
+        raise CamidError("every folder is --background: background cameras are never an answer, so at least one "
+                         "folder must be a camera of the catalog")
+    return [{**e, "background": True} if e["label"] in background else e for e in entries]
+
+
 def _flow(entry: dict) -> CommentedMap:
     """An entry as params.yaml writes them: one flow mapping per line, patterns and search text quoted."""
     node = CommentedMap({**entry, "models": [DoubleQuotedScalarString(m) for m in entry["models"]],
@@ -154,14 +169,23 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
         label = entry["label"]
         kept, skipped = usable(records_by_label[label])
         devices = {r["device"] for r in kept if r["device"]}
-        kept_by_label[label] = kept
         low, high = min(r["quality"] for r in kept), max(r["quality"] for r in kept)
-        rows.append((label, str(len(kept)), str(len(devices)) if devices else "unknown",
-                     str(low) if low == high else f"{low}-{high}",
+        rows.append((label + (" (background)" if entry.get("background") else ""), str(len(kept)),
+                     str(len(devices)) if devices else "unknown", str(low) if low == high else f"{low}-{high}",
                      ", ".join(f"{h}x{w}" for h, w in entry["sizes"]), ", ".join(sorted({r["model"] for r in kept}))))
         if skipped:
             notes.append(f"{label}: skipped {sum(skipped.values())} file(s): "
                          + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
+        if entry.get("background"):
+            models = len({r["model"] for r in kept})
+            notes.append(
+                f"note: {label} is background: photos of {models} other camera model(s), trained as a class of their "
+                "own so that the network learns what sets your cameras apart from cameras in general, never an "
+                "answer. A questioned photo whose pixels are most like them is answered unknown, and for a camera of "
+                "one reference device that replaces the distance rule. Use originals of models not in the catalog, "
+                "as many models as you have (one folder per model or device).")
+            continue
+        kept_by_label[label] = kept
         if len(devices) < MIN_DEVICES:
             unknown = sum(not r["device"] for r in kept)
             notes.append(
@@ -273,9 +297,10 @@ def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float
 
 def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, workers: int = 1,
                 keep_min_quality: bool = False, force: bool = False, progress: bool = True,
-                minutes: float | None = DEFAULT_MINUTES) -> list[dict]:
+                minutes: float | None = DEFAULT_MINUTES, background: tuple[str, ...] = ()) -> list[dict]:
     """Inspect DIR, print the report and the training plan for a `dvc repro` of `minutes` (None: no plan, the
-    train block stays as it is), write catalog NAME into params.yaml as the active one; returns the entries."""
+    train block stays as it is), write catalog NAME into params.yaml as the active one; returns the entries.
+    `background`: the labels whose folders hold other cameras' photos (`background: true`, camid.config.Camera)."""
     if name == "active" or not _NAME.fullmatch(name):
         raise CamidError(f"catalog name {name!r} is not allowed: use letters, digits, '-' and '_' (and not 'active')")
     params = load_params(params_path)
@@ -283,7 +308,7 @@ def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, worke
         raise CamidError(f"{params_path} already has a catalog {name!r}: choose another --name, or pass --force "
                          "to replace it")
     records = inspect_folder(scan_folder(folder), params.filter, workers=workers, progress=progress)
-    entries = build_entries(records)
+    entries = mark_background(build_entries(records), background)
     quality, quality_message = _quality_update(records, params.filter.min_quality, keep_min_quality)
     print("\n".join(_report(records, entries)))
     if quality_message:
@@ -318,10 +343,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(train.steps_per_epoch, train.epochs, train.crops_per_decode) is chosen to fit it "
                         f"(default {DEFAULT_MINUTES:g})")
     p.add_argument("--keep-train", action="store_true", help="no training plan: leave the train block as it is")
+    p.add_argument("--background", action="append", default=[], metavar="LABEL",
+                   help="a folder of DIR that holds photos of *other* camera models (one subfolder per model or "
+                        "device): trained as a class, never an answer; a photo the pixels put with it is unknown "
+                        "(repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from_folder(args.folder, args.name, args.params or os.environ.get("CAMID_PARAMS", PARAMS_FILE),
                 workers=args.workers, keep_min_quality=args.keep_min_quality, force=args.force,
-                minutes=None if args.keep_train else args.minutes)
+                minutes=None if args.keep_train else args.minutes, background=tuple(args.background))
     return 0
