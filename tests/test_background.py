@@ -45,6 +45,29 @@ def test_catalog_from_folder_marks_background_folders_and_the_params_load(tmp_pa
         load_params(params_file)
 
 
+def test_the_cli_takes_background_folders_and_refuses_an_unknown_one(tmp_path, params_file):  # noqa: F811
+    import subprocess
+    import sys
+
+    from tests.helpers_data import subprocess_env
+
+    for serial in ("S1", "S2", "S3"):
+        jpeg(tmp_path / "photos" / "Cam-A" / serial / "a.jpg", "A1", serial=serial)
+    jpeg(tmp_path / "photos" / "others" / "x1" / "o.jpg", "X1", make="Other Co")
+
+    def catalog(*extra):
+        return subprocess.run([sys.executable, "-m", "camid", "catalog", "from-folder", "photos", "--name", "mine",
+                               "--workers", "1", "--keep-train", *extra], cwd=tmp_path, capture_output=True, text=True,
+                              env=subprocess_env({"CAMID_PARAMS": str(params_file)}), timeout=120)
+
+    refused = catalog("--background", "nobody")
+    assert refused.returncode == 2 and "--background nobody: no such camera folder" in refused.stderr
+    done = catalog("--background", "others")
+    assert done.returncode == 0, done.stderr
+    assert "others (background)" in done.stdout
+    assert [c.background for c in load_params(params_file).catalog.cameras] == [False, True]
+
+
 def test_the_exif_check_never_names_a_background_camera():
     """EXIF naming a background camera's model names no catalog camera; where the pixels also put the photo with
     the background cameras, the two agree (consistent), and where they point to a catalog camera, they do not."""
