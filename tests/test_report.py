@@ -187,6 +187,10 @@ def test_a_card_says_when_the_photo_is_most_like_the_background_cameras():
                             "background cameras (other models): no contradiction")
     led = readings({**card, "probs": {"DJI-FC6360": 0.02, "Nikon-D60": 0.9, "other-cameras": 0.08}}, True)["answer"]
     assert led.startswith("unlike every catalog camera (by its pixels")
+    used = {**card, "answer": {**answer, "tables_evidence": "used"},
+            "firmware": [{"camera": "other-cameras", "photos": 2, "share": 1.0}]}
+    assert readings(used, True)["tables"] == ("written by catalog firmware (other-cameras (background: other models) "
+                                              "(2 training photos)); they entered the answer")
 
 
 def test_the_exif_reading_says_when_a_twin_is_why_there_is_no_contradiction():

@@ -351,8 +351,11 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
     return out
 
 
-def _firmware_names(matches) -> str:
-    return ", ".join(f"{m['camera']} ({m['photos']} training photo{'s' if m['photos'] != 1 else ''})" for m in matches)
+def _firmware_names(matches, background=()) -> str:
+    """The cameras whose training photos carried the tables, a background camera (other models' photos) named as
+    such: its tables are some other model's firmware, not a catalog camera's."""
+    return ", ".join(f"{m['camera']}{' (background: other models)' if m['camera'] in background else ''} "
+                     f"({m['photos']} training photo{'s' if m['photos'] != 1 else ''})" for m in matches)
 
 
 def _tables_reading(card: dict, model_uses_tables: bool) -> str:
@@ -360,9 +363,11 @@ def _tables_reading(card: dict, model_uses_tables: bool) -> str:
     if card["error"]:
         return "not read: the photo was not answered"
     if evidence == USED:
-        return f"written by catalog firmware ({_firmware_names(firmware or [])}); they entered the answer"
+        return (f"written by catalog firmware ({_firmware_names(firmware or [], card.get('background', ()))}); they "
+                "entered the answer")
     if evidence == FAMILY:
-        return (f"tables of a catalog firmware's family at another quality ({_firmware_names(card.get('firmware_family') or [])}):"
+        family = _firmware_names(card.get("firmware_family") or [], card.get("background", ()))
+        return (f"tables of a catalog firmware's family at another quality ({family}):"
                 " another quality mode of that firmware, or an encoder scaling the same base table; they entered "
                 "the answer")
     if evidence == UNSEEN:
@@ -376,7 +381,7 @@ def _tables_reading(card: dict, model_uses_tables: bool) -> str:
         return "not used: no readable quantization tables in the header"
     why = "not used: this model does not use the JPEG-table evidence (its evaluation did not keep it)"
     if firmware:
-        return f"{why}; catalog firmware that writes them: {_firmware_names(firmware)}"
+        return f"{why}; catalog firmware that writes them: {_firmware_names(firmware, card.get('background', ()))}"
     return why if firmware is None else f"{why}; no training photo had these tables"
 
 
