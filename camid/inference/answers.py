@@ -266,8 +266,8 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
     out.loc[good, "closest_camera"] = closest
     out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]
-    out.loc[good, "confidence"] = confidence(calibrated) if answerable is calibrated else \
-        calibrated[np.arange(len(good)), picked]
+    out.loc[good, "confidence"] = calibrated[np.arange(len(good)), picked] if ensemble.background.any() \
+        else confidence(calibrated)
     out.loc[good, "unknown"] = pd.array(unknown, dtype="boolean")
     out.loc[good, "unknown_by"] = list(grounds)
     reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)

@@ -133,6 +133,8 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     unseen = {"patch": by_device[labels[originals]] & catalog_rows["patch"], "photo": by_device[y] & catalog_rows["photo"]}
     basis = UNSEEN_DEVICES if unseen["photo"].sum() >= MIN_UNSEEN_DEVICE_PHOTOS else SINGLE_DEVICE
     photo_evidence = np.full(int(ok.sum()), NONE, dtype=object)
+    fits = {kind: (probs[catalog_rows[kind]], y_[catalog_rows[kind]], unseen[kind][catalog_rows[kind]])
+            for kind, (probs, y_) in pixels.items()}  # every catalog row, from the pixels alone
     if ensemble.use_tables:
         evidence, with_tables = evidence_and_probs(ensemble, scores)
         photo_evidence = evidence[ok]
@@ -142,13 +144,9 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
                                        settings.blend)[originals],
                   "photo": with_tables[ok]}
         rows = {kind: used[kind] & catalog_rows[kind] for kind in pixels}
-        fits = {kind: (tabled[kind][rows[kind]], pixels[kind][1][rows[kind]], unseen[kind][rows[kind]])
-                for kind in pixels}
-        fits.update({kind + PIXELS_ONLY: (pair[0][catalog_rows[kind]], pair[1][catalog_rows[kind]],
-                                          unseen[kind][catalog_rows[kind]]) for kind, pair in pixels.items()})
-    else:
-        fits = {kind: (pair[0][catalog_rows[kind]], pair[1][catalog_rows[kind]], unseen[kind][catalog_rows[kind]])
-                for kind, pair in pixels.items()}
+        fits = {**{kind: (tabled[kind][rows[kind]], pixels[kind][1][rows[kind]], unseen[kind][rows[kind]])
+                   for kind in pixels},
+                **{kind + PIXELS_ONLY: fit for kind, fit in fits.items()}}
 
     def device_out(probs, y_, rows):
         """The rows of unseen devices where the rule rests on them and this setting has enough, else all."""
