@@ -24,7 +24,8 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
-COLUMNS = ("camera", "closest_camera", "camera_group", "unknown", "unknown_by", "tables_evidence", "consistent", "manipulated", "patches")
+COLUMNS = ("camera", "closest_camera", "camera_group", "unknown", "unknown_by", "reference_devices", "size_seen",
+           "tables_evidence", "consistent", "manipulated", "patches")
 
 
 def _as_text(values) -> list[str]:

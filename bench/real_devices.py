@@ -32,7 +32,7 @@ models' photos it would reject at other settings of evaluate.single_device_reach
 Background cameras (`camid catalog from-folder --background`): `--background DIR` adds a folder of other models'
 photos to the reference folder as one more class that is never an answer; `--background-half A` (or B) takes
 half of the `--unknown` photos for it, dealt by a hash of the file name, and questions the other half, so that the
-models questioned as unknown are never the background's.
+models questioned as unknown are never the background's; `--background-count N` trains on only N of them.
 """
 from __future__ import annotations
 
@@ -108,6 +108,18 @@ def unknown_by(answers: pd.DataFrame) -> dict:
     return grounds[grounds != ""].value_counts().to_dict()
 
 
+def by_size(answers: pd.DataFrame) -> dict:
+    """The other devices' photos whose size is one of the closest camera's reference sizes (the answer's
+    `size_seen`), and the share accepted among them and among the rest: a size mode the reference never shot."""
+    if "size_seen" not in answers:
+        return {}
+    seen = answers["size_seen"].astype(str) == "True"
+    accepted = answers["camera"] != "unknown"
+    return {"other_size_seen": int(seen.sum()),
+            "other_accepted_size_seen": float(accepted[seen].mean()) if seen.any() else None,
+            "other_accepted_size_unseen": float(accepted[~seen].mean()) if (~seen).any() else None}
+
+
 BACKGROUND = "other-cameras"  # the background folder's label in the reference folder
 
 
@@ -154,7 +166,7 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
                other_accepted=float((answers["camera"] != "unknown").mean()),
                other_consistent_false=int((answers["consistent"].astype(str) == "False").sum()),
                other_tables=answers["tables_evidence"].value_counts().to_dict(),
-               other_unknown_by=unknown_by(answers))
+               other_unknown_by=unknown_by(answers), **by_size(answers))
     pixels = predict(copy, env, [other_dir], work / "others_pixels.csv", pixels_only=True)
     row.update(other_closest_right_pixels=float((pixels["closest_camera"] == truth).mean()),
                other_accepted_pixels=float((pixels["camera"] != "unknown").mean()))
@@ -256,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-half", choices=("A", "B"),
                         help="train on this half of the --unknown photos (dealt by a hash of the file name) as "
                              "background cameras and question the other half as unknown models")
+    parser.add_argument("--background-count", type=int, default=0, metavar="N",
+                        help="train on only N of the background photos (the first N by a hash of the file name): "
+                             "how many other models the background needs")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON lines")
     args = parser.parse_args(argv)
@@ -275,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = link_tree(base / "unknown-half", {"": dealt["B" if args.background_half == "A" else "A"]})
         print(f"background: {len(background)} photos of half {args.background_half}; questioned as unknown "
               f"models: the other half, {len(list_images([unknown]))} photos", flush=True)
+    if args.background_count:
+        background = sorted(background, key=lambda p: zlib.crc32(p.name.encode()))[:args.background_count]
+        print(f"background: the first {len(background)} photos by the hash of the file name", flush=True)
     rows = []
     for refs in reference_choices(devices, args.refs):
         print(f"references: {refs}", flush=True)

@@ -321,6 +321,32 @@ def test_cli_firmware_match_from_a_bundle(firmware, capsys, monkeypatch):
     assert header.split() == ["quality", "size", "sampling", "model", "software", "edited", "path"]  # unchanged
 
 
+def test_inspect_marks_a_background_camera_among_the_firmware(firmware, tmp_path, capsys, monkeypatch):
+    """A background camera (photos of other models, `camid catalog from-folder --background`) is no catalog
+    camera: `camid inspect --model` marks it where it names the firmware, as the analyst's card does."""
+    import shutil
+
+    monkeypatch.setenv("CAMID_PARAMS", str(ROOT / "params.yaml"))
+    bundle = shutil.copytree(firmware["bundle"], tmp_path / "bundle")
+    (bundle / "ensemble.json").write_text(json.dumps({"cameras": [
+        {"label": label, "make": "", "models": [], **({"background": True} if label == "Aster-A1s" else {})}
+        for label in FIRMWARE_LABELS]}))
+    q = firmware["queries"]
+    records = _inspect_json(capsys, q["q90"], q["q60"], q["q80_444"], "--model", bundle)
+    assert records["query-q90.jpg"]["firmware_match"] == [
+        {"camera": "Aster-A1", "photos": 3, "share": 0.75},
+        {"camera": "Aster-A1s", "photos": 1, "share": 0.25, "background": True}]
+    assert records["query-q60.jpg"]["firmware_family"][1] == {"camera": "Aster-A1s", "photos": 1, "share": 0.25,
+                                                              "background": True}
+    assert "background" not in records["query-q80_444.jpg"]["firmware_match"][0]
+    assert main(["inspect", str(q["q90"]), str(q["q80_444"]), "--model", str(bundle), "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "Aster-A1|Aster-A1s*" in lines[1] and "*" not in lines[2]
+    assert lines[-1].startswith("firmware '*' after a name: a background camera, photos of other models")
+    assert main(["inspect", str(q["q80_444"]), "--model", str(bundle), "--workers", "1"]) == 0
+    assert "background camera" not in capsys.readouterr().out  # no mark shown, no footnote
+
+
 def test_firmware_cell_keeps_the_column_narrow():
     from camid.forensics.inspect import firmware_cell
 
@@ -363,6 +389,9 @@ def registered_tables(firmware, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("registry")
     shutil.copytree(firmware["bundle"], root / "ensemble")
+    # Borea-B2 as a background camera (photos of other models): inspect reads that from the bundle's ensemble.json.
+    (root / "ensemble" / "ensemble.json").write_text(json.dumps({"cameras": [
+        {"label": label, **({"background": True} if label == "Borea-B2" else {})} for label in FIRMWARE_LABELS]}))
     uri = f"sqlite:///{root / 'mlflow.db'}"
 
     class StandIn(mlflow.pyfunc.PythonModel):
@@ -392,6 +421,8 @@ def test_cli_firmware_match_from_a_registered_model(firmware, registered_tables,
         records = _inspect_json(capsys, q["custom"], q["q60"], q["png"], "--model", model)
         assert {name: r["firmware_match"] for name, r in records.items()} == expected, model
         assert [m["camera"] for m in records["query-q60.jpg"]["firmware_family"]] == ["Aster-A1", "Aster-A1s"], model
+        other = _inspect_json(capsys, q["q80_444"], "--model", model)["query-q80_444.jpg"]["firmware_match"]
+        assert other == [{"camera": "Borea-B2", "photos": 2, "share": 1.0, "background": True}], model
     assert main(["inspect", str(q["custom"]), "--model", "models:/camid@no-such-alias", "--workers", "1"]) == 2
     assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
 

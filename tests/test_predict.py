@@ -149,3 +149,42 @@ def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monk
     table = pd.read_csv(plots_file)
     assert list(table.columns) == ["actual", "predicted"] and len(table) == metrics["patches"]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tmp_path):
+    """Issue 20: `size_seen` is True where the photo's pixel size, in either orientation, is one of the closest
+    camera's catalog sizes (the reference's), False for a size the reference lacks (here a crop), and empty for a
+    bundle that never recorded its cameras' sizes."""
+    import dataclasses
+
+    from camid.inference.answers import answers, score_photos
+    from camid.inference.ensemble import Ensemble
+
+    import shutil
+
+    from camid.config import load_params
+    from tests.conftest import ROOT
+
+    source = tiny_model.test.path[0]
+    native = Image.open(source)
+    # A catalog whose every camera has the source photo's size: the verdict then does not hang on which camera
+    # the tiny network finds closest.
+    catalog = load_params(ROOT / "params.yaml").catalog
+    catalog = dataclasses.replace(catalog, cameras=tuple(dataclasses.replace(c, sizes=((native.height, native.width),))
+                                                         for c in catalog.cameras))
+    bundle = shutil.copytree(tiny_model.bundle, tmp_path / "bundle")
+    Ensemble.set_settings(bundle, (0,), "mean_square", catalog=catalog)
+    turned, cropped = tmp_path / "turned.jpg", tmp_path / "cropped.jpg"
+    native.transpose(Image.Transpose.TRANSPOSE).save(turned, quality=95)
+    native.crop((0, 0, native.width - 16, native.height - 16)).save(cropped, quality=95)
+    out = tmp_path / "sizes.csv"
+    assert predict(source, turned, cropped, "--model", bundle, "--full-image", "--patches", "4",
+                   "--no-tta", "--out", out) == 0
+    table = pd.read_csv(tmp_path / "sizes.probs.csv")
+    assert list(table.size_seen) == [True, True, False]
+    ensemble = Ensemble.load(bundle)
+    assert all(ensemble.camera_sizes(label) for label in ensemble.labels)
+    scores = score_photos(ensemble, [source, cropped], patches=4, tta=False)
+    assert scores.sizes == [(native.height, native.width), (native.height - 16, native.width - 16)]
+    older = dataclasses.replace(ensemble, cameras=[{k: v for k, v in c.items() if k != "sizes"} for c in ensemble.cameras])
+    assert answers(older, scores).size_seen.isna().all()

@@ -210,3 +210,28 @@ def test_the_exif_reading_says_when_a_twin_is_why_there_is_no_contradiction():
                "probs": {"Nikon-D70": 0.6, "Nikon-D70s": 0.4}}
     text = readings(grouped, True)["exif"]
     assert "do not rule Nikon-D70s out (group Nikon-D70 or Nikon-D70s)" in text and "twins" not in text
+
+
+def test_a_card_says_when_the_photo_is_of_a_size_the_reference_lacks():
+    """Issue 20: a questioned photo of a size mode the reference never shot (the real Nikon D60's other device is
+    full-size Fine, its reference 1296x1936 Normal) is `unknown` whatever the rule: the card says the size is none
+    of the reference's and what to add, and says nothing of sizes where the reference has the photo's."""
+    from camid.tools.cards import readings
+
+    answer = {"camera": "unknown", "closest_camera": "Nikon-D60", "confidence": 0.1, "camera_group": "Nikon-D60",
+              "reference_devices": 1, "size_seen": False, "patches": 12, "manipulated": False,
+              "tables_evidence": "unseen", "unknown_by": "pixels and tables", "exif_model": "", "exif_camera": "",
+              "consistent": None}
+    card = {"error": None, "answer": answer, "probs": {"Nikon-D60": 0.1, "DJI-FC6360": 0.9}, "firmware": [],
+            "firmware_family": [], "inspection": {"format": "JPEG", "width": 3872, "height": 2592, "quality": 97,
+                                                 "subsampling": "4:2:0", "edited": False, "edit_reason": "", "error": None},
+            "reference_sizes": [[1296, 1936]], "flag_from_name": None, "prnu": None}
+    text = readings(card, True)["answer"]
+    assert ("the photo is 2592x3872 (h x w), none of the sizes of Nikon-D60's reference photos (1296x1936)"
+            in text)
+    assert "add reference photos of Nikon-D60 at this size" in text
+    assert readings(card, True)["inspection"].startswith("JPEG 3872x2592; quality 97, 4:2:0")
+    accepted = readings({**card, "answer": {**answer, "camera": "Nikon-D60", "unknown_by": ""}}, True)["answer"]
+    assert "none of the sizes" in accepted and "add reference photos" not in accepted
+    for seen in (True, None):
+        assert "sizes" not in readings({**card, "answer": {**answer, "size_seen": seen}}, True)["answer"]

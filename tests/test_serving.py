@@ -14,7 +14,7 @@ from PIL import Image
 
 from camid.serving.model import predict_frame
 
-STATUS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "unknown_by", "reference_devices", "manipulated", "manipulated_estimated", "patches",
+STATUS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "unknown_by", "reference_devices", "size_seen", "manipulated", "manipulated_estimated", "patches",
           "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 
 

@@ -365,6 +365,10 @@ def _download_counts(uri: str) -> dict:
             except (MlflowException, OSError):
                 raise CamidError(f"model {uri!r} has no {artifact}/{TABLES_FILE}: it was registered from a bundle "
                                  f"without JPEG-table counts; {_NO_TABLES_HINT}") from None
+            try:  # beside the counts: which labels are background cameras (a small file; optional)
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact}/ensemble.json", dst_path=tmp)
+            except (MlflowException, OSError):
+                pass
             return _read_counts(Path(tables), uri)
     finally:
         if bar is None:
@@ -384,10 +388,21 @@ def _read_counts(path: Path, model: str) -> dict:
         quant = dict(spec.get("quant") or {})
         for tables in quant.values():
             TableSignature.from_quant("check", tables)  # malformed tables fail here, with the file named
-        return {"labels": labels, "alpha": spec.get("alpha", 0.5), "counts": counts, "quant": quant}
+        return {"labels": labels, "alpha": spec.get("alpha", 0.5), "counts": counts, "quant": quant,
+                "background": _background_labels(path.parent / "ensemble.json")}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CamidError(f"{path} is not a JPEG-table count file ({type(exc).__name__}: {exc}); "
                          f"{_NO_TABLES_HINT}") from None
+
+
+def _background_labels(spec_file: Path) -> list[str]:
+    """The background cameras (photos of other models, never an answer: camid.config.Camera) that the bundle's
+    ensemble.json names beside its table counts; [] where it names none or is not there."""
+    try:
+        cameras = json.loads(spec_file.read_text()).get("cameras") or []
+        return [c["label"] for c in cameras if c.get("background")]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
 
 
 def _is_uri(text: str) -> bool:
@@ -413,6 +428,7 @@ NONE_SEEN = "none seen"  # the firmware cell when no catalog camera's training p
 
 
 FAMILY_PREFIX = "family "  # the firmware cell of tables seen only at another quality of their family
+BACKGROUND_MARK = "*"  # after a background camera's name in the firmware cell: other models' photos, not a catalog camera
 
 
 def firmware_cell(matches: list[dict] | None, width: int = _FIRMWARE[1], family: list[dict] | None = None) -> str:
@@ -424,7 +440,7 @@ def firmware_cell(matches: list[dict] | None, width: int = _FIRMWARE[1], family:
         return FAMILY_PREFIX + firmware_cell(family, width - len(FAMILY_PREFIX))
     if not matches:
         return NONE_SEEN
-    names = [m["camera"] for m in matches]
+    names = [m["camera"] + (BACKGROUND_MARK if m.get("background") else "") for m in matches]
     for shown in range(len(names), 0, -1):
         text = "|".join(names[:shown]) + (f"|+{len(names) - shown}" if shown < len(names) else "")
         if len(text) <= width or shown == 1:
@@ -463,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
     columns = _TABLE + ((_FIRMWARE,) if tables is not None else ())
     if not args.json:
         print(" ".join(name.ljust(width) for name, width in columns), "path")
-    unseen = 0
+    unseen, background = 0, False
     for record in inspect_paths(files, params.editors, params.max_pixels, workers=args.workers, hashes=args.hashes):
         if tables is not None:
             record["firmware_match"] = firmware_match(tables["counts"], tables["labels"], record["jpeg_tables"])
@@ -471,9 +487,15 @@ def run(args: argparse.Namespace) -> int:
                                                          record["jpeg_tables"]) if record["firmware_match"] == []
                                          else None if record["firmware_match"] is None else [])
             unseen += record["firmware_match"] == [] and not record["firmware_family"]
+            for match in (record["firmware_match"] or []) + (record["firmware_family"] or []):
+                if match["camera"] in tables["background"]:
+                    match["background"] = background = True
         print(json.dumps(record) if args.json else _table_row(record, columns))
     if unseen and not args.json:
         print(f"firmware {NONE_SEEN!r} ({unseen} file{'s' if unseen > 1 else ''}): no catalog camera's training photos "
               "had these JPEG tables or tables of their family; re-saved by other software, or a camera outside "
               "the catalog")
+    if background and not args.json:
+        print(f"firmware {BACKGROUND_MARK!r} after a name: a background camera, photos of other models trained so "
+              "that the answer can say 'another camera', never a catalog camera: tables of some other model's firmware")
     return 0

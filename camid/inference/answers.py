@@ -34,7 +34,7 @@ from camid.inference.options import DEFAULTS, blend_for
 
 # The answer columns before one probability column per camera label (the served signature declares the same).
 ANSWER_COLUMNS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "unknown_by", "reference_devices",
-                  "manipulated", "manipulated_estimated", "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
+                  "size_seen", "manipulated", "manipulated_estimated", "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
 BATCH_PATCHES = 256  # patches scored per network call (a photo is never split across calls)
 
 
@@ -64,6 +64,7 @@ class PhotoScores:
     features: np.ndarray | None     # (N, D) unit-length open-set features (NaN rows); None: members without them
     views: tuple[int, ...]          # the D4 views scored
     patch_features: np.ndarray | None = None  # (<= patch_sample, D) a seeded sample of the patches' features
+    sizes: list | None = None       # (N,) each photo's decoded (height, width) (None: a failed row, or not known)
 
     @property
     def ok(self) -> np.ndarray:
@@ -83,22 +84,23 @@ def _read(source) -> bytes:
         raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def cut(data: bytes, patch: int, count: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A photo's `count` grid patches (`camid.core.patches.grid_crops`; 0: auto); ImageError when the bytes are
-    no image, or the image is smaller than the patch."""
+def cut(data: bytes, patch: int, count: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple]:
+    """A photo's `count` grid patches (`camid.core.patches.grid_crops`; 0: auto) and its decoded (height, width);
+    ImageError when the bytes are no image, or the image is smaller than the patch."""
     pixels = decode_image(data, max_pixels)
     if min(pixels.shape[:2]) < patch:
         raise ImageError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, smaller than the model's {patch}x{patch} patch")
-    return grid_crops(pixels, patch, count)
+    return grid_crops(pixels, patch, count), (int(pixels.shape[0]), int(pixels.shape[1]))
 
 
 @dataclass(frozen=True)
 class Cut:
-    """A photo already decoded and cut into its patches (K, P, P, 3), with what its header said: a source
-    `score_photos` takes beside bytes and paths (`camid explain` cuts its own grid)."""
+    """A photo already decoded and cut into its patches (K, P, P, 3), with what its header said and its decoded
+    (height, width): a source `score_photos` takes beside bytes and paths (`camid explain` cuts its own grid)."""
     crops: np.ndarray
     signature: str | None = None
     exif_model: str | None = None
+    size: tuple[int, int] | None = None
 
 
 class _PatchSample:
@@ -148,7 +150,7 @@ def score_photos(ensemble, photos: Iterable, *, flags=None, errors=None, patches
     pixels, manip_probs = np.full((n, n_classes), np.nan), np.full((n, 9), np.nan)
     used, estimated = np.zeros(n, bool), np.zeros(n, bool)
     counts = np.zeros(n, dtype=np.int64)
-    signatures, models = [None] * n, [None] * n
+    signatures, models, sizes = [None] * n, [None] * n, [None] * n
     features: list = [None] * n
     sample = _PatchSample(patch_sample, seed)
     views: tuple[int, ...] = ensemble.resolve_views(tta)
@@ -178,11 +180,12 @@ def score_photos(ensemble, photos: Iterable, *, flags=None, errors=None, patches
         if errors[row]:
             continue
         if isinstance(source, Cut):
-            crops, signatures[row], models[row] = source.crops, source.signature, source.exif_model
+            crops, signatures[row], models[row], sizes[row] = source.crops, source.signature, source.exif_model, \
+                source.size
         else:
             try:
                 data = _read(source)
-                crops = cut(data, ensemble.patch, patches, max_pixels)
+                crops, sizes[row] = cut(data, ensemble.patch, patches, max_pixels)
             except ImageError as exc:
                 errors[row] = str(exc)
                 continue
@@ -201,7 +204,7 @@ def score_photos(ensemble, photos: Iterable, *, flags=None, errors=None, patches
         dim = next(len(f) for f in features if f is not None)
         feats = np.stack([np.full(dim, np.nan, np.float32) if f is None else f for f in features])
     return PhotoScores(errors, pixels, flags, used, estimated, manip_probs, counts, signatures, models, feats, views,
-                       sample.result())
+                       sample.result(), sizes)
 
 
 def evidence_and_probs(ensemble, scores: PhotoScores, jpeg_tables: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +238,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
                         "confidence": np.full(n, np.nan),
                         "unknown": pd.array([None] * n, dtype="boolean"), "unknown_by": [""] * n,
                         "reference_devices": pd.array([None] * n, dtype="Int64"),
+                        "size_seen": pd.array([None] * n, dtype="boolean"),
                         "manipulated": pd.array([None] * n, dtype="boolean"),
                         "manipulated_estimated": pd.array([None] * n, dtype="boolean"),
                         "patches": scores.patches.astype(np.int64), "tables_evidence": [""] * n,
@@ -272,6 +276,8 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     out.loc[good, "unknown_by"] = list(grounds)
     reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)
     out.loc[good, "reference_devices"] = pd.array([reference.get(c) for c in closest], dtype="Int64")
+    sizes = scores.sizes or [None] * n  # is the photo's size one of the closest camera's reference sizes?
+    out.loc[good, "size_seen"] = pd.array(ensemble.size_seen(closest, [sizes[r] for r in good]), dtype="boolean")
     out.loc[good, "manipulated"] = pd.array(flags, dtype="boolean")
     out.loc[good, "manipulated_estimated"] = pd.array(scores.estimated[good], dtype="boolean")
     out.loc[good, "tables_evidence"] = list(evidence[good])

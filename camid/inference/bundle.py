@@ -86,8 +86,8 @@ def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict 
     if tables is not None:
         tables.write(bundle)
     if catalog is not None:
-        spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models), **({"background": True}
-                                                                                            if c.background else {})}
+        spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models),
+                            "sizes": [list(hw) for hw in c.sizes], **({"background": True} if c.background else {})}
                            for c in catalog.cameras]
     write_json(spec_file, spec)
 

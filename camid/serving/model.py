@@ -72,6 +72,7 @@ def signature(labels: list[str]):
                       ColSpec("string", "camera_group"), ColSpec("double", "confidence"),
                       ColSpec("boolean", "unknown", required=False), ColSpec("string", "unknown_by", required=False),
                       ColSpec("long", "reference_devices", required=False),
+                      ColSpec("boolean", "size_seen", required=False),
                       ColSpec("boolean", "manipulated"),
                       ColSpec("boolean", "manipulated_estimated"), ColSpec("long", "patches"),
                       ColSpec("string", "tables_evidence"),

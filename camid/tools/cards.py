@@ -250,6 +250,7 @@ def _card(ensemble, index: int, photo: Photo, row: dict, labels: list[str], devi
             "answer": {key: _value(row[key]) for key in ANSWER_COLUMNS if key != "error"},
             "probs": {label: _value(row[label]) for label in labels},
             "background": [label for label, other in zip(ensemble.labels, ensemble.background) if other],
+            "reference_sizes": [list(hw) for hw in ensemble.camera_sizes(row["closest_camera"])],
             "inspection": None, "firmware": None, "firmware_family": None, "prnu": None, "thumbnail": None,
             "heatmap": None}
     if photo.path is None:
@@ -337,6 +338,8 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
         elif devices == 1:
             out["answer"] += (f"; {closest} was learnt from one device only, so its open-set threshold rests on a "
                               "single-device margin")
+        if answer.get("size_seen") is False:
+            out["answer"] += _size_reading(card)
         given = card["flag_from_name"]
         if given is None:
             flag = f"estimated {'manipulated' if answer['manipulated'] else 'unaltered'} by the model"
@@ -348,6 +351,22 @@ def readings(card: dict, model_uses_tables: bool) -> dict[str, str]:
     out["inspection"] = _inspection_reading(card)
     if card["prnu"] is not None:
         out["prnu"] = _prnu_reading(card["prnu"])
+    return out
+
+
+def _size_reading(card: dict) -> str:
+    """The clause for a photo whose pixel size is none of its closest camera's reference sizes (`size_seen`
+    False): a size mode the reference lacks (cameras scale and compress each mode their own way), or a photo
+    cropped or resized since."""
+    answer, inspection = card["answer"], card["inspection"] or {}
+    closest, sizes = answer["closest_camera"], card.get("reference_sizes") or []
+    size = f"{inspection['height']}x{inspection['width']}" if inspection.get("width") else "of a size"
+    known = ", ".join(f"{h}x{w}" for h, w in sizes)
+    out = (f"; the photo is {size} (h x w), none of the sizes of {closest}'s reference photos ({known}): "
+           "a size mode the reference lacks, or a photo cropped or resized since")
+    if answer["camera"] == UNKNOWN:
+        out += (f"; a camera scales and compresses each size mode its own way, so this `unknown` may say only that "
+                f"the reference lacks the mode: add reference photos of {closest} at this size to settle it")
     return out
 
 
