@@ -30,6 +30,7 @@ def test_catalog_from_folder_marks_background_folders_and_the_params_load(tmp_pa
     out = capsys.readouterr().out
     assert "Others (background)" in out and "photos of 3 other camera model(s)" in out
     assert "Others's reference is one device" not in out  # device notes are for catalog cameras
+    assert "warning: Others holds 3 other camera model(s), fewer than 30" in out  # too few: said, not refused
     catalog = load_params(params_file).catalog
     assert [(c.label, c.background) for c in catalog.cameras] == [("Cam-A", False), ("Others", True)]
     assert "background: true" in params_file.read_text()
@@ -43,6 +44,18 @@ def test_catalog_from_folder_marks_background_folders_and_the_params_load(tmp_pa
     params_file.write_text(text)
     with pytest.raises(ConfigError, match="only background cameras"):
         load_params(params_file)
+
+
+def test_a_background_of_enough_models_gets_no_warning(tmp_path, params_file, capsys):  # noqa: F811
+    from camid.tools.catalog import MIN_BACKGROUND_MODELS
+
+    for serial in ("S1", "S2", "S3"):
+        jpeg(tmp_path / "photos" / "Cam-A" / serial / "a.jpg", "A1", serial=serial)
+    for k in range(MIN_BACKGROUND_MODELS):
+        jpeg(tmp_path / "photos" / "Others" / f"m{k}" / "o.jpg", f"M{k}", make="Other Co")
+    run_catalog(tmp_path / "photos", params_file, background=("Others",), minutes=None)
+    out = capsys.readouterr().out
+    assert f"photos of {MIN_BACKGROUND_MODELS} other camera model(s)" in out and "fewer than" not in out
 
 
 def test_the_cli_takes_background_folders_and_refuses_an_unknown_one(tmp_path, params_file):  # noqa: F811
