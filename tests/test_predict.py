@@ -151,11 +151,12 @@ def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monk
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tmp_path):
+def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tmp_path, capsys):
     """Issue 20: `size_seen` is True where the photo's pixel size, in either orientation, is one of the closest
     camera's catalog sizes (the reference's), False for a size the reference lacks (here a crop), and empty for a
     bundle that never recorded its cameras' sizes."""
     import dataclasses
+    import json
 
     from camid.inference.answers import answers, score_photos
     from camid.inference.ensemble import Ensemble
@@ -182,6 +183,17 @@ def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tm
                    "--no-tta", "--out", out) == 0
     table = pd.read_csv(tmp_path / "sizes.probs.csv")
     assert list(table.size_seen) == [True, True, False]
+    assert "note:" not in capsys.readouterr().out  # none unknown: the tiny bundle has no open-set rule
+    # A rule that rejects every photo (a top-probability threshold above 1): the summary says how many of the
+    # unknown photos are of a size the reference lacks.
+    spec = json.loads((bundle / "ensemble.json").read_text())
+    (bundle / "ensemble.json").write_text(json.dumps({**spec, "open_set": {"threshold": {"photo": 2.0, "patch": 2.0}}}))
+    assert predict(source, turned, cropped, "--model", bundle, "--full-image", "--patches", "4",
+                   "--no-tta", "--out", out) == 0
+    assert pd.read_csv(tmp_path / "sizes.probs.csv").unknown.all()
+    printed = capsys.readouterr().out
+    assert "(3 unlike every catalog camera" in printed
+    assert "note: 1 of the unknown photos have a pixel size none of their closest camera's reference" in printed
     ensemble = Ensemble.load(bundle)
     assert all(ensemble.camera_sizes(label) for label in ensemble.labels)
     scores = score_photos(ensemble, [source, cropped], patches=4, tta=False)

@@ -233,5 +233,7 @@ def test_a_card_says_when_the_photo_is_of_a_size_the_reference_lacks():
     assert readings(card, True)["inspection"].startswith("JPEG 3872x2592; quality 97, 4:2:0")
     accepted = readings({**card, "answer": {**answer, "camera": "Nikon-D60", "unknown_by": ""}}, True)["answer"]
     assert "none of the sizes" in accepted and "add reference photos" not in accepted
+    bare = readings({**card, "inspection": None, "reference_sizes": []}, True)["answer"]
+    assert "the photo has a size, none of the sizes of Nikon-D60's reference photos: a size mode" in bare
     for seen in (True, None):
         assert "sizes" not in readings({**card, "answer": {**answer, "size_seen": seen}}, True)["answer"]

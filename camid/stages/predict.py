@@ -93,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
     probs_file = args.probs or args.out.with_suffix(".probs.csv")
     with atomic_path(probs_file) as tmp:
         table.to_csv(tmp, index=False)
-    unknown = int(scored.unknown.astype(bool).sum())
-    print(f"{len(scored)} of {len(files)} images scored ({unknown} unlike every catalog camera: camera `unknown` in "
-          f"the probabilities table): {args.out} (submission), {probs_file} (probabilities)")
+    unknown = scored.unknown.astype(bool).to_numpy()
+    print(f"{len(scored)} of {len(files)} images scored ({int(unknown.sum())} unlike every catalog camera: camera "
+          f"`unknown` in the probabilities table): {args.out} (submission), {probs_file} (probabilities)")
+    unseen = int((unknown & (scored.size_seen.astype(str) == "False").to_numpy()).sum())
+    if unseen:  # the reference's coverage, not necessarily another camera (`size_seen`)
+        print(f"note: {unseen} of the unknown photos have a pixel size none of their closest camera's reference "
+              "photos have (`size_seen` false): a size mode the reference never shot, or a crop or resize; add "
+              "reference photos of that size to tell which")
     return 0

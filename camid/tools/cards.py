@@ -360,10 +360,10 @@ def _size_reading(card: dict) -> str:
     cropped or resized since."""
     answer, inspection = card["answer"], card["inspection"] or {}
     closest, sizes = answer["closest_camera"], card.get("reference_sizes") or []
-    size = f"{inspection['height']}x{inspection['width']}" if inspection.get("width") else "of a size"
-    known = ", ".join(f"{h}x{w}" for h, w in sizes)
-    out = (f"; the photo is {size} (h x w), none of the sizes of {closest}'s reference photos ({known}): "
-           "a size mode the reference lacks, or a photo cropped or resized since")
+    size = f"is {inspection['height']}x{inspection['width']} (h x w)" if inspection.get("width") else "has a size"
+    known = f" ({', '.join(f'{h}x{w}' for h, w in sizes)})" if sizes else ""
+    out = (f"; the photo {size}, none of the sizes of {closest}'s reference photos{known}: a size mode the "
+           "reference lacks, or a photo cropped or resized since")
     if answer["camera"] == UNKNOWN:
         out += (f"; a camera scales and compresses each size mode its own way, so this `unknown` may say only that "
                 f"the reference lacks the mode: add reference photos of {closest} at this size to settle it")
