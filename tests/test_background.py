@@ -30,7 +30,7 @@ def test_catalog_from_folder_marks_background_folders_and_the_params_load(tmp_pa
     out = capsys.readouterr().out
     assert "Others (background)" in out and "photos of 3 other camera model(s)" in out
     assert "Others's reference is one device" not in out  # device notes are for catalog cameras
-    assert "warning: Others holds 3 other camera model(s), fewer than 30" in out  # too few: said, not refused
+    assert "warning: Others holds 3 other camera model(s), fewer than 20" in out  # too few: said, not refused
     catalog = load_params(params_file).catalog
     assert [(c.label, c.background) for c in catalog.cameras] == [("Cam-A", False), ("Others", True)]
     assert "background: true" in params_file.read_text()
