@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,5 +199,10 @@ def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tm
     assert all(ensemble.camera_sizes(label) for label in ensemble.labels)
     scores = score_photos(ensemble, [source, cropped], patches=4, tta=False)
     assert scores.sizes == [(native.height, native.width), (native.height - 16, native.width - 16)]
+    # `camid explain` hands the photo over already cut (answers.Cut), with its size: the same verdict.
+    from camid.inference.answers import Cut, cut
+
+    crops, size = cut(Path(source).read_bytes(), ensemble.patch, 4)
+    assert answers(ensemble, score_photos(ensemble, [Cut(crops, size=size)], tta=False)).size_seen.tolist() == [True]
     older = dataclasses.replace(ensemble, cameras=[{k: v for k, v in c.items() if k != "sizes"} for c in ensemble.cameras])
     assert answers(older, scores).size_seen.isna().all()

@@ -34,7 +34,8 @@ from camid.inference.options import DEFAULTS, blend_for
 
 # The answer columns before one probability column per camera label (the served signature declares the same).
 ANSWER_COLUMNS = ["camera", "closest_camera", "camera_group", "confidence", "unknown", "unknown_by", "reference_devices",
-                  "size_seen", "manipulated", "manipulated_estimated", "patches", "tables_evidence", "exif_model", "exif_camera", "consistent", "error"]
+                  "size_seen", "manipulated", "manipulated_estimated", "patches", "tables_evidence", "exif_model",
+                  "exif_camera", "consistent", "error"]
 BATCH_PATCHES = 256  # patches scored per network call (a photo is never split across calls)
 
 

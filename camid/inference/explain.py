@@ -150,8 +150,8 @@ def patch_map(ensemble, pixels: np.ndarray, *, stride: int | None = None, max_pa
     pred = ensemble.predict(crops, None if manipulated is None else np.full(len(crops), bool(manipulated), object),
                             tta=tta)
     # The photo answer through the one photo-scoring path, as `camid predict --full-image` answers these patches.
-    answer = answers(ensemble, score_photos(ensemble, [Cut(crops, signature, exif_model, tuple(pixels.shape[:2]))], flags=[manipulated],
-                                            tta=tta), {"tta": tta}).iloc[0]
+    photo = Cut(crops, signature, exif_model, tuple(pixels.shape[:2]))
+    answer = answers(ensemble, score_photos(ensemble, [photo], flags=[manipulated], tta=tta), {"tta": tta}).iloc[0]
     return PatchMap(shape=tuple(pixels.shape[:2]), patch=size, offsets=offsets, probs=pred.probs,
                     labels=list(ensemble.labels), photo_probs=answer[list(ensemble.labels)].to_numpy(np.float64),
                     manipulated=bool(answer.manipulated), views=tuple(pred.views), stride=stride, requested=requested,
