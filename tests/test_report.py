@@ -67,6 +67,7 @@ def test_report_answers_are_predicts_with_sha256_model_and_options(store, photos
     text = out.read_text()
     cards = report_cards(text)
     assert list(cards) == [str(p) for p in files + [bad]]
+    assert '<input type="checkbox" data-filter="size"> size not in reference' in text  # the batch table's filters
     # The same answers as `camid predict --full-image` on the same files, to the last digit it prints.
     expected = predict_files(load_ensemble(store.model_uri), files, patches_per_image=0)
     for path, (_, row) in zip(files, expected.iterrows()):
@@ -216,12 +217,12 @@ def test_a_card_says_when_the_photo_is_of_a_size_the_reference_lacks():
     """Issue 20: a questioned photo of a size mode the reference never shot (the real Nikon D60's other device is
     full-size Fine, its reference 1296x1936 Normal) is `unknown` whatever the rule: the card says the size is none
     of the reference's and what to add, and says nothing of sizes where the reference has the photo's."""
-    from camid.tools.cards import readings
+    from camid.tools.cards import flags, readings
 
     answer = {"camera": "unknown", "closest_camera": "Nikon-D60", "confidence": 0.1, "camera_group": "Nikon-D60",
               "reference_devices": 1, "size_seen": False, "patches": 12, "manipulated": False,
               "tables_evidence": "unseen", "unknown_by": "pixels and tables", "exif_model": "", "exif_camera": "",
-              "consistent": None}
+              "consistent": None, "unknown": True}
     card = {"error": None, "answer": answer, "probs": {"Nikon-D60": 0.1, "DJI-FC6360": 0.9}, "firmware": [],
             "firmware_family": [], "inspection": {"format": "JPEG", "width": 3872, "height": 2592, "quality": 97,
                                                  "subsampling": "4:2:0", "edited": False, "edit_reason": "", "error": None},
@@ -237,3 +238,5 @@ def test_a_card_says_when_the_photo_is_of_a_size_the_reference_lacks():
     assert "the photo has a size, none of the sizes of Nikon-D60's reference photos: a size mode" in bare
     for seen in (True, None):
         assert "sizes" not in readings({**card, "answer": {**answer, "size_seen": seen}}, True)["answer"]
+        assert "size" not in flags({**card, "answer": {**answer, "size_seen": seen}})
+    assert flags(card) == ["unknown", "low", "size"]  # the batch table's filter for such photos

@@ -284,7 +284,8 @@ LOW_CONFIDENCE = 0.5  # a calibrated top probability under this: the answer is m
 
 
 def flags(card: dict) -> list[str]:
-    """The batch table's filters a card falls under: error, unknown, inconsistent, edited, low confidence."""
+    """The batch table's filters a card falls under: error, unknown, inconsistent, edited, low confidence, and
+    size (a pixel size none of the closest camera's reference photos have: `size_seen` false)."""
     answer, inspection = card["answer"], card["inspection"] or {}
     out = []
     if card["error"]:
@@ -297,6 +298,8 @@ def flags(card: dict) -> list[str]:
         out.append("edited")
     if answer["confidence"] is not None and answer["confidence"] < LOW_CONFIDENCE:
         out.append("low")
+    if answer.get("size_seen") is False:
+        out.append("size")
     return out
 
 

@@ -22,7 +22,7 @@ from camid.errors import CamidError
 log = logging.getLogger(__name__)
 
 FLAG_NAMES = {"unknown": "unknown", "inconsistent": "EXIF inconsistent", "edited": "edited",
-              "low": "low confidence", "error": "error"}
+              "low": "low confidence", "size": "size not in reference", "error": "error"}
 INSPECTED_SHOWN = ("quality", "subsampling", "make", "model", "serial", "software", "datetime", "orientation", "phash")
 
 
