@@ -123,19 +123,28 @@ class Ensemble:
             out[scored] = rows[:, background].max(axis=1) > rows[np.arange(len(rows)), named]
         return out
 
+    def _sized_cameras(self) -> dict:
+        """The catalog cameras whose sizes the bundle recorded, as camid.config.Camera (label -> camera)."""
+        from camid.config import Camera  # as camid.inference.metadata imports it: where it is used
+
+        return {c["label"]: Camera(c["label"], c.get("make", ""), tuple(c.get("models", ())),
+                                   tuple((int(h), int(w)) for h, w in c["sizes"]), False)
+                for c in self.cameras if c.get("sizes")}
+
     def size_seen(self, cameras, sizes) -> list[bool | None]:
-        """For each (camera label, photo (height, width)): is that pixel size, in either orientation, one of the
-        camera's catalog sizes (its reference photos' sizes, the only sizes its training kept: camid.stages.filter)?
-        None where the size or the catalog's sizes are not known (a bundle written before they were recorded).
-        A camera scales and compresses each size mode its own way, so a photo of a size the reference lacks may
-        be a mode the model never saw; a cropped or resized photo has lost its native size."""
-        known = {c["label"]: {tuple(sorted(map(int, hw))) for hw in c["sizes"]} for c in self.cameras if c.get("sizes")}
-        return [None if size is None or camera not in known else tuple(sorted(map(int, size))) in known[camera]
+        """For each (camera label, photo (height, width)): is that pixel size one of the camera's native sizes in
+        the catalog, in either orientation (`Camera.is_native_size`, the filter stage's own check: the only sizes its
+        training kept)? None where the size or the catalog's sizes are not known (a bundle written before they were
+        recorded). A camera scales and compresses each size mode its own way, so a photo of a size the reference
+        lacks may be a mode the model never saw; a cropped or resized photo has lost its native size."""
+        known = self._sized_cameras()
+        return [None if size is None or camera not in known else known[camera].is_native_size(*size)
                 for camera, size in zip(cameras, sizes)]
 
     def camera_sizes(self, camera: str) -> list[tuple[int, int]]:
         """The camera's catalog sizes (height, width) as the bundle recorded them ([] where it did not)."""
-        return [tuple(map(int, hw)) for c in self.cameras if c["label"] == camera for hw in c.get("sizes", [])]
+        found = self._sized_cameras().get(camera)
+        return list(found.sizes) if found else []
 
     def camera_groups(self, probs: np.ndarray, picked: np.ndarray) -> list[list[str]]:
         """`camid.inference.metadata.camera_groups` with the bundle's twins."""
