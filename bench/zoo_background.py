@@ -9,7 +9,7 @@ checkout (bench/scale.py's copy: the code as it is now, its own MLflow store and
 - `without`: the catalog cameras alone (the `--background` models left out);
 - `with`: the `--background` models added as background cameras (`background: true`, never an answer).
 
-Then both bundles answer, as served (`camid.inference.answers`, with the JPEG tables) and from the pixels alone:
+Then both bundles answer with `camid predict --full-image`, as served (with the JPEG tables) and from the pixels alone:
 the catalog cameras' test-device photos (the evaluate stage's, devices training never saw: the closest camera
 and the share accepted) and every good photo of the `--unknown` models, synthesised from the same zoo (the share
 answered `unknown`, per model). Split: devices and models no training saw.
@@ -33,6 +33,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from real_devices import predict  # noqa: E402  (bench/real_devices.py: `camid predict --full-image` in a copy)
 from scale import ROOT, make_copy, stage_env  # noqa: E402  (bench/scale.py: the private copy and its environment)
 
 
@@ -76,38 +77,22 @@ def unknown_photos(unknown: list[str], out: Path) -> pd.DataFrame:
 
 
 def score(copy: Path, env: dict, catalog: list[str], unknown: pd.DataFrame) -> dict:
-    """The copy's bundle answering its test photos of catalog cameras and the unknown models' photos, as served
-    and from the pixels alone (in a subprocess: the copy's code, not this checkout's imports)."""
-    script = r"""
-import json, sys
-import numpy as np, pandas as pd
-from camid.inference.answers import answer_photos
-from camid.inference.ensemble import Ensemble
-catalog, unknown_csv = json.loads(sys.argv[1]), sys.argv[2]
-ensemble = Ensemble.load("models/ensemble")
-test = pd.read_csv("plots/test_photos.csv", keep_default_na=False)
-test = test[test.actual.isin(catalog)]
-unknown = pd.read_csv(unknown_csv)
-out = {}
-for setting, tables in (("served", True), ("pixels", False)):
-    a = answer_photos(ensemble, list(test.path), {"jpeg_tables": tables})
-    out[f"test_closest_right_{setting}"] = float((a.closest_camera.to_numpy() == test.actual.to_numpy()).mean())
-    out[f"test_accepted_{setting}"] = float((a.camera != "unknown").mean())
-    a = answer_photos(ensemble, list(unknown.path), {"jpeg_tables": tables})
-    rejected = (a.camera == "unknown").to_numpy()
-    out[f"unknown_rejected_{setting}"] = float(rejected.mean())
-    out[f"unknown_rejected_{setting}_per_model"] = {m: round(float(rejected[(unknown.label == m).to_numpy()].mean()), 3)
-                                                    for m in sorted(set(unknown.label))}
-out["test_n"], out["unknown_n"] = int(len(test)), int(len(unknown))
-print("ROW " + json.dumps(out))
-"""
-    csv = copy / "unknown_photos.csv"
-    unknown.to_csv(csv, index=False)
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(catalog), str(csv)], cwd=copy, env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"scoring failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("ROW "))[4:])
+    """The copy's bundle answering its test photos of catalog cameras and the unknown models' photos with
+    `camid predict --full-image` in the copy (bench/real_devices.py's `predict`), as served and from the pixels
+    alone."""
+    test = pd.read_csv(copy / "plots" / "test_photos.csv", keep_default_na=False)
+    test = test[test.actual.isin(catalog)]
+    out = {"test_n": int(len(test)), "unknown_n": int(len(unknown))}
+    for setting, pixels_only in (("served", False), ("pixels", True)):
+        answers = predict(copy, env, list(test.path), copy / f"test_{setting}.csv", pixels_only)
+        out[f"test_closest_right_{setting}"] = float((answers.closest_camera.to_numpy() == test.actual.to_numpy()).mean())
+        out[f"test_accepted_{setting}"] = float((answers.camera != "unknown").mean())
+        answers = predict(copy, env, list(unknown.path), copy / f"unknown_{setting}.csv", pixels_only)
+        rejected = (answers.camera == "unknown").to_numpy()
+        out[f"unknown_rejected_{setting}"] = float(rejected.mean())
+        out[f"unknown_rejected_{setting}_per_model"] = {
+            m: round(float(rejected[(unknown.label == m).to_numpy()].mean()), 3) for m in sorted(set(unknown.label))}
+    return out
 
 
 def run_one(base: Path, name: str, drop: list[str], background: list[str], photos: pd.DataFrame) -> dict:
