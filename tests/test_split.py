@@ -16,12 +16,15 @@ from camid.stages.split import device_split, split
 LABELS = ["Cam-A", "Cam-B", "Cam-C"]
 
 
-def photo(path: Path, serial: str | None = None, seed: int = 0) -> Path:
-    """A real JPEG, with the EXIF BodySerialNumber a camera writes when `serial` is given."""
+def photo(path: Path, serial: str | None = None, seed: int = 0, taken: str | None = None) -> Path:
+    """A real JPEG, with the EXIF BodySerialNumber a camera writes when `serial` is given, and DateTimeOriginal
+    when `taken` is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     exif = Image.Exif()
     if serial:
         exif.get_ifd(0x8769)[0xA431] = serial
+    if taken:
+        exif.get_ifd(0x8769)[0x9003] = taken
     pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif.tobytes())
     return path
@@ -91,6 +94,46 @@ def test_a_photo_split_holds_out_photo_fraction_for_val_and_for_test():
     assert len(sets["val"]) == round(0.2 * (40 - len(sets["test"])))
     with pytest.raises(CamidError, match="photo_fraction"):
         device_split(one, 0.25, 0.25, seed=3, photo_fraction=0.5)
+
+
+def test_a_photo_split_holds_out_runs_of_consecutive_shots_in_capture_order(tmp_path):
+    """A device's photos come in bursts of one scene: a held-out photo next in time to a training photo would be
+    scored against its own scene. Each held-out set is one run of consecutive shots, ordered by EXIF
+    DateTimeOriginal (the file names here are in another order, as hashed names are), not by name."""
+    root = tmp_path / "filtered"
+    order = np.random.default_rng(0).permutation(20)  # shot i is written under a name that sorts at place order[i]
+    for shot, place in enumerate(order):
+        photo(root / "Cam-A" / f"{place:02d}.jpg", serial="ONLY", seed=shot,
+              taken=f"2024:05:01 10:{shot // 6:02d}:{shot % 6 * 10:02d}")
+    for i in range(6):
+        photo(root / "Cam-B" / f"b{i}.jpg", serial="ONE", seed=100 + i)  # no capture time: file name order
+    for seed in (1, 2, 3):
+        summary = split(root, tmp_path / f"split{seed}", ["Cam-A", "Cam-B"], val_fraction=0.25, test_fraction=0.25,
+                        seed=seed, photo_fraction=0.2)
+        assert summary["cameras"]["Cam-A"]["mode"] == "photo_split"
+        sets = read_sets(tmp_path / f"split{seed}")
+        shot_of = {f"{place:02d}.jpg": shot for shot, place in enumerate(order)}
+        shots = {name: sorted(shot_of[Path(p).name] for p in table.loc[table.label == "Cam-A", "path"])
+                 for name, table in sets.items()}
+        assert len(shots["test"]) == 4 and len(shots["val"]) == 4 and len(shots["train"]) == 12
+        assert shots["test"] == list(range(shots["test"][0], shots["test"][0] + 4))
+        # val is a run of the photos left once test is out: consecutive among them
+        left = [shot for shot in range(20) if shot not in shots["test"]]
+        first = left.index(shots["val"][0])
+        assert shots["val"] == left[first:first + 4]
+        b_names = {name: sorted(Path(p).name for p in table.loc[table.label == "Cam-B", "path"])
+                   for name, table in sets.items()}
+        assert all(len(b_names[name]) == 1 for name in ("val", "test"))
+        assert list(sets["train"].columns) == ["path", "label", "device"]
+
+
+def test_capture_order_puts_photos_of_no_known_time_last_by_path():
+    from camid.data.splitting import in_capture_order
+
+    photos = pd.DataFrame({"path": ["d", "c", "b", "a"], "label": "Cam-A", "device": "x",
+                           "taken": ["2020:01:01 00:00:02", "", "2020:01:01 00:00:01", ""]})
+    assert list(in_capture_order(photos)["path"]) == ["b", "d", "a", "c"]
+    assert list(in_capture_order(photos.drop(columns="taken"))["path"]) == ["a", "b", "c", "d"]
 
 
 def test_photos_of_unknown_devices_only_ever_train():

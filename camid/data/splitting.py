@@ -37,18 +37,34 @@ def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int
     return n_val, n_test
 
 
+def in_capture_order(photos: pd.DataFrame) -> pd.DataFrame:
+    """`photos` in the order they were taken: by the `taken` column (EXIF DateTimeOriginal as written,
+    "YYYY:MM:DD HH:MM:SS", which sorts as text) where there is one, photos of no known time after them; then by
+    path, which for a camera's own file names (DSC_0001, ...) is the order they were shot."""
+    taken = photos["taken"].fillna("") if "taken" in photos else pd.Series("", index=photos.index)
+    keys = pd.DataFrame({"unknown": taken == "", "taken": taken, "path": photos["path"]}, index=photos.index)
+    return photos.loc[keys.sort_values(["unknown", "taken", "path"], kind="stable").index]
+
+
 def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rest, held) with about `fraction` of the photos held, at least one each side when there are two."""
-    order = rng.permutation(len(photos))
+    """(rest, held) with about `fraction` of the photos held, at least one each side when there are two. The
+    held photos are one run of consecutive shots (in_capture_order) at a random place, not photos drawn one by
+    one: a device's photos come in sessions of near-identical scenes a few seconds apart, and a held-out photo
+    whose neighbour in time is a training photo is scored against its own scene. Held out as a run, validation
+    sees scenes training did not, as the photos of another device will be, and the thresholds and temperatures
+    fitted on it (camid.inference.openset) are not set by scene overlap."""
+    ordered = in_capture_order(photos)
     n_held = min(len(photos) - 1, max(1, round(len(photos) * fraction)))
-    return photos.iloc[order[n_held:]], photos.iloc[order[:n_held]]
+    start = int(rng.integers(0, len(photos) - n_held + 1))
+    return (pd.concat([ordered.iloc[:start], ordered.iloc[start + n_held:]]),
+            ordered.iloc[start:start + n_held])
 
 
 def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float, rng: np.random.Generator,
                  photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], str]:
-    """One camera's photos (columns path, label, device) dealt to SETS; returns the sets and the mode. With three
-    devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo splits holding out
-    `photo_fraction` of the photos for each held-out set."""
+    """One camera's photos (columns path, label, device, and optionally taken) dealt to SETS; returns the sets and
+    the mode. With three devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo
+    splits holding out `photo_fraction` of the photos for each held-out set, each a run of consecutive shots."""
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]
     ids = np.array(sorted(known["device"].unique()))
@@ -76,7 +92,8 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
 
 def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
                  photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """Split `files` (path, label, device) per camera; returns {set: table} and {label: mode}."""
+    """Split `files` (path, label, device; optionally taken, the EXIF capture time that orders a photo split) per
+    camera; returns {set: table} and {label: mode}."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
                          "between 0 and 1, and leave some photos for training")

@@ -28,6 +28,9 @@ sets, so no device appears in two of them:
   split holds out `photo_fraction` of the camera's photos for validation and as much for test (at least one
   each), less than a device split's shares: with one reference device per model, a test figure on its own
   photos measures device identification whatever its size, and every photo held out is one training cannot use.
+  Each held-out set is one run of consecutive shots (by EXIF DateTimeOriginal, else file name) at a seeded
+  place, not photos drawn one by one, so that validation's photos are not burst neighbours of training photos
+  (camid.data.splitting._photo_split says why).
 
 Input is the filter stage's output (`<filtered>/<label>/...`, read recursively) and the raw folder's manifest
 where there is one; output is `train.csv`,
@@ -49,7 +52,7 @@ from camid.config import load_params
 from camid.errors import CamidError
 from camid.core.fileio import atomic_dir, write_json
 from camid.core.imageio import list_labelled
-from camid.data.splitting import MODES, PHOTO_FRACTION, SETS, device_split, split_camera  # noqa: F401 (re-exported)
+from camid.data.splitting import MIN_DEVICES, MODES, PHOTO_FRACTION, SETS, device_split, split_camera  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,17 @@ def devices(files: pd.DataFrame, filtered: Path | None = None, raw: Path | None 
     return pd.Series([device(p, f) for p, f in zip(files["path"], files["folder"])], index=files.index, dtype=str)
 
 
+def capture_times(files: pd.DataFrame) -> pd.Series:
+    """Each photo's EXIF capture time ("" where unknown), read from its header only for the cameras that get photo
+    splits (fewer than MIN_DEVICES known devices), whose held-out sets are runs of consecutive shots."""
+    from camid.forensics.inspect import inspect_file
+
+    known = files[files["device"] != ""].groupby("label")["device"].nunique()
+    few = files["label"].map(known).fillna(0) < MIN_DEVICES
+    return pd.Series([inspect_file(path, hashes=False)["datetime"] or "" if photo_split else ""
+                      for path, photo_split in zip(files["path"], few)], index=files.index, dtype=str)
+
+
 def device_sources(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
     """Photos per source of device identity, over all sets ("unknown": none found)."""
     ids = pd.concat([table["device"] for table in tables.values()])
@@ -152,6 +166,7 @@ def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, 
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
     files["device"] = devices(files, Path(filtered), raw)
+    files["taken"] = capture_times(files)
     tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction)
     summary = summarize(tables, modes)
     with atomic_dir(out) as tmp:
