@@ -11,6 +11,11 @@ what `TablePrior.fit` would count; every photo of the models' other devices and 
 `camid.forensics.jpeg_quality.same_family`), or `unseen`. Without families (before this ground) `family` was
 `unseen`. Printed per reference choice; then, over the `--others` photos among themselves, how many other models
 share each one's family (how broad families are among real firmware). Headers only: no pixels are decoded.
+
+`--twins`: the `--others` photos taken as one-device references of one catalog (a camera per EXIF make and model),
+which pairs `camid.inference.metadata.firmware_twins` makes twins: by exact tables, by table family within a maker
+(as the evaluate stage and `camid catalog from-folder` do), and by family whatever the maker (what the maker rule
+leaves out). Pairs must share a native size.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import statistics
 import time
 from pathlib import Path
 
+from camid.forensics.inspect import inspect_file
 from camid.inference.jpeg_tables import FAMILY, UNSEEN, USED, TablePrior, signature_of_file
+from camid.inference.metadata import firmware_twins, native_sizes, same_maker
 
 ROOT = Path(__file__).resolve().parents[1]
 JPEG = (".jpg", ".jpeg")
@@ -35,12 +42,49 @@ def classes(prior: TablePrior, signatures) -> dict[str, int]:
     return {kind: evidence.count(kind) for kind in (USED, FAMILY, UNSEEN)}
 
 
+def twins(folder: Path) -> None:
+    labels, makes, cameras, signatures, heights, widths = [], {}, [], [], [], []
+    for path in photos(folder):
+        record = inspect_file(path, hashes=False)
+        if record["error"] or not record["jpeg_tables"]:
+            continue
+        label = f"{record['make'] or '?'} / {record['model'] or '?'}"
+        if label not in labels:
+            labels.append(label)
+            makes[labels.index(label)] = record["make"] or ""
+        cameras.append(labels.index(label))
+        signatures.append(record["jpeg_tables"])
+        heights.append(record["height"])
+        widths.append(record["width"])
+    prior = TablePrior.fit(signatures, cameras, labels)
+    sizes = native_sizes(cameras, heights, widths)
+    single = set(range(len(labels)))
+    sized = sum(bool(sizes[a] & sizes[b]) for a, b in itertools.combinations(range(len(labels)), 2))
+    anyone = {c: "one maker" for c in single}  # every camera "of one maker": the family whatever the maker
+    found = {"exact tables": firmware_twins(prior.counts, sizes, single),
+             "table family, within a maker (the rule)": firmware_twins(prior.counts, sizes, single,
+                                                                        prior.seen_family, makes),
+             "table family, any maker": firmware_twins(prior.counts, sizes, single, prior.seen_family, anyone)}
+    print(f"{len(signatures)} photos of {len(labels)} models as one-device references; {sized} pairs share a size")
+    for name, pairs in found.items():
+        across = sum(not same_maker(makes[a], makes[b]) for a, b in pairs)
+        print(f"{name}: {len(pairs)} pairs ({across} of two makers)")
+        for a, b in pairs:
+            print(f"    {labels[a]}  |  {labels[b]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=Path, default=ROOT.parent / "shared" / "samples" / "real-devices")
     parser.add_argument("--others", type=Path, default=ROOT.parent / "shared" / "samples" / "real-jpeg")
+    parser.add_argument("--twins", action="store_true", help="the firmware twins among the --others models, as "
+                        "one-device references of one catalog")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.twins:
+        twins(args.others)
+        print(f"{time.perf_counter() - start:.1f} s")
+        return
     models = {m.name: {d.name: [signature_of_file(p) for p in photos(d)] for d in sorted(m.iterdir()) if d.is_dir()}
               for m in sorted(args.devices.iterdir()) if m.is_dir()}
     others = [signature_of_file(p) for p in photos(args.others)]

@@ -121,6 +121,31 @@ def test_one_device_cameras_with_the_same_tables_and_size_are_named_twins(tmp_pa
     assert "D200 write the same" not in out and "and Nikon-D200" not in out
 
 
+def test_one_device_cameras_in_two_quality_modes_of_one_table_family_are_named_twins(tmp_path, params_file, capsys):
+    """The D70's reference was shot in one quality mode and the D70s's in another: their tables differ, but they
+    are one firmware's base tables at two qualities (IJG's, as Pillow writes them at 90 and 80), so nothing but the
+    pixels separates the two models either."""
+    for label, model, quality in (("Nikon-D70", "NIKON D70", 90), ("Nikon-D70s", "NIKON D70s", 80)):
+        for i in range(3):
+            jpeg(tmp_path / label / "d1" / f"{i}.jpg", model, make="NIKON", size=(64, 96), quality=quality)
+    run_catalog(tmp_path, params_file)
+    out = capsys.readouterr().out
+    assert "note: Nikon-D70 and Nikon-D70s write JPEG tables of one family (one firmware's tables at two " \
+           "qualities: their photos were taken in different quality modes of one maker's cameras) at the same " \
+           "size (96x64)" in out
+
+
+def test_cameras_of_two_makers_with_one_table_family_are_not_named_twins(tmp_path, params_file, capsys):
+    """IJG's tables are one family that many makers' firmware writes: two makers' cameras at one size with them
+    at two qualities are not twins (exact tables would be)."""
+    for label, make, model, quality in (("Sony-Cybershot", "SONY", "CYBERSHOT", 90),
+                                        ("HP-735", "Hewlett-Packard", "hp photosmart 735", 80)):
+        for i in range(3):
+            jpeg(tmp_path / label / "d1" / f"{i}.jpg", model, make=make, size=(64, 96), quality=quality)
+    run_catalog(tmp_path, params_file)
+    assert "write JPEG tables of one family" not in capsys.readouterr().out
+
+
 def test_kaggle_layout_and_hidden_names(tmp_path):
     jpeg(tmp_path / "train" / "Cam-A" / "1.jpg")
     jpeg(tmp_path / "train" / "Cam-A" / "dev" / "2.jpg")

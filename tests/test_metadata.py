@@ -88,6 +88,21 @@ def test_one_reference_device_cameras_with_the_same_tables_and_size_are_twins_by
     assert firmware_twins(counts, sizes, single={1}) == [(0, 1)]  # one of the two is enough
     assert firmware_twins(counts, sizes, single={2, 3}) == []      # both had devices validation never saw
     assert firmware_twins(counts, {**sizes, 2: {same, d200}}, single={0, 1, 2, 3}) == [(0, 1), (0, 2)]
+    # The two references shot in different quality modes of one firmware's table family: twins too, given the
+    # family (TablePrior.seen_family); without it, or at another size, not.
+    # Only within one maker: IJG's family is written by many makers' firmware.
+    modes = {"nikon-fine": [5, 0, 0, 0], "nikon-normal": [0, 4, 0, 0], "canon": [0, 0, 0, 9]}
+    kin = {"nikon-fine": ["nikon-normal"], "nikon-normal": ["nikon-fine"]}
+    makes = {0: "NIKON CORPORATION", 1: "NIKON", 2: "NIKON CORPORATION", 3: "Canon"}
+
+    def family(sig):
+        return kin.get(sig, [])
+    assert firmware_twins(modes, sizes, single={0, 1, 2, 3}) == []
+    assert firmware_twins(modes, sizes, {0, 1, 2, 3}, family, makes) == [(0, 1)]
+    assert firmware_twins(modes, sizes, {0, 1, 2, 3}, family) == []  # no makes: exact tables only
+    assert firmware_twins(modes, sizes, {0, 1, 2, 3}, family, {**makes, 1: "Sony"}) == []
+    assert firmware_twins(modes, sizes, {2, 3}, family, makes) == []
+    assert firmware_twins(modes, {**sizes, 1: {d200}}, {0, 1}, family, makes) == []
     actual = np.repeat([0, 1, 2, 3], 10)
     probs = np.eye(4)[actual] * 0.9 + 0.025  # validation separates every reference device
     assert fit_twins(probs, actual, LABELS) == []

@@ -386,7 +386,8 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
     """fit_confidence on a catalog whose cameras each had one reference device (the split's photo mode): each
     camera's own threshold at `single_device_reach`, and a stricter one at `unseen_tables_reach` that unseen JPEG
     tables ask of the pixels (Ensemble.unknown_grounds); without the tables' evidence, none. Two such cameras whose
-    training photos share exact tables and a size are twins in the metadata rule (by firmware)."""
+    training photos share exact tables and a size are twins in the metadata rule (by firmware), and so are two of
+    one maker whose tables are one family at two qualities."""
     import dataclasses
 
     from camid.config import load_params
@@ -421,6 +422,30 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
     pair = [t for t in metadata["twins"] if t["cameras"] == ["Aster-A1", "Aster-A1s"]]
     assert len(pair) == 1 and (pair[0]["by"] == FIRMWARE or pair[0]["confused"] >= TWIN_CONFUSION)
     assert "Boreal-B7" not in [c for t in metadata["twins"] if t["by"] == FIRMWARE for c in t["cameras"]]
+    # The same where A1's reference was shot in one quality mode and A1s's in another: their tables differ but are
+    # one family (IJG's at 90 and 80, real JPEG headers), and both are Aster's (the catalog's make).
+    from PIL import Image
+
+    from camid.inference.jpeg_tables import signature_of_file
+    from camid.stages.evaluate import training_firmware_twins
+
+    signatures = []
+    for quality in (90, 80):
+        Image.new("RGB", (32, 32), (90, 120, 150)).save(tmp_path / f"q{quality}.jpg", quality=quality)
+        signatures.append(signature_of_file(tmp_path / f"q{quality}.jpg"))
+    modes = TablePrior.fit(signatures, [labels.index("Aster-A1"), labels.index("Aster-A1s")], labels)
+    assert len(modes.counts) == 2 and modes.seen_family(str(signatures[0])) == [str(signatures[1])]
+    one_device = np.zeros(len(labels), dtype=bool)
+    pair = (labels.index("Aster-A1"), labels.index("Aster-A1s"))
+    makes = [{"label": label, "make": label.split("-")[0]} for label in labels]  # as the bundle's catalog entries
+    assert pair in training_firmware_twins(dataclasses.replace(ensemble, tables=modes, cameras=makes), cache,
+                                           one_device)
+    exact_only = TablePrior(modes.counts, labels)  # the same signatures without their tables: no family test
+    assert pair not in training_firmware_twins(dataclasses.replace(ensemble, tables=exact_only, cameras=makes), cache,
+                                               one_device)
+    other_maker = [{**camera, "make": "Boreal"} if camera["label"] == "Aster-A1s" else camera for camera in makes]
+    assert pair not in training_firmware_twins(dataclasses.replace(ensemble, tables=modes, cameras=other_maker), cache,
+                                               one_device)
 
 
 def test_nearest_camera_is_the_camera_of_the_nearest_training_photo():

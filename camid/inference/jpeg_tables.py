@@ -94,6 +94,7 @@ class TablePrior:
         self._likelihood = (table + self.alpha) / (table.sum(axis=0) + self.alpha * self._outcomes)
         self._row = {sig: k for k, sig in enumerate(self.counts)}
         self._members = [TableSignature.from_quant(sig, q) for sig, q in self.quant.items() if sig in self._row]
+        self._member_of = {str(m): m for m in self._members}
         self._family_cache: dict[str, list[str]] = {}
 
     def family(self, signature: str | None) -> list[str]:
@@ -106,6 +107,12 @@ class TablePrior:
             fits = family_members(signature, self._members)
             self._family_cache[key] = [str(m) for m, ok in zip(self._members, fits) if ok and str(m) != key]
         return self._family_cache[key]
+
+    def seen_family(self, key: str) -> list[str]:
+        """`family` of the seen signature `key` (a `counts` key): the other seen signatures of its family; [] where
+        its tables were not kept (a plain string)."""
+        member = self._member_of.get(key)
+        return self.family(member) if member is not None else []
 
     def _family_likelihood(self, signature) -> np.ndarray | None:
         members = self.family(signature)

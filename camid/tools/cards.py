@@ -438,7 +438,8 @@ def _exif_reading(card: dict) -> str:
         if named not in group and given is not None and given < INCONSISTENT_BELOW:  # metadata.contradicts: twins
             return (f"EXIF Model {model!r} names {named}; the pixels point to {closest} and give {named} {given:.2f}, "
                     f"but the two are twins the pixels cannot be trusted to tell apart (validation could not, or "
-                    "one reference device each with the same JPEG tables and size): no contradiction")
+                    "one reference device each with the same JPEG tables, or one maker's tables in two quality "
+                    "modes, and one size): no contradiction")
         return (f"EXIF Model {model!r} names {named}; the pixels lean to {closest} but do not rule "
                 f"{named} out (group {SEPARATOR.join(group)}): no contradiction")
     if named:

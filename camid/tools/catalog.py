@@ -224,21 +224,28 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
 def _twin_notes(kept_by_label: dict[str, list[dict]], single: set[str]) -> list[str]:
     """A note for each pair of cameras that the evaluate stage will treat as firmware twins
     (`camid.inference.metadata.firmware_twins`), from each camera's usable records and the cameras of one device
-    (`single`): one of the two is one device, and their photos share exact JPEG tables and a size, so nothing but
-    the pixels separates them."""
+    (`single`): one of the two is one device, and their photos share JPEG tables (exactly, or, of one maker, one
+    family at two qualities) and a size, so nothing but the pixels separates them."""
     from camid.inference.jpeg_tables import TablePrior
     from camid.inference.metadata import firmware_twins, native_sizes
 
     labels = list(kept_by_label)
     records = [(index, r) for index, label in enumerate(labels) for r in kept_by_label[label]]
     cameras = [index for index, _ in records]
-    counts = TablePrior.fit([r["jpeg_tables"] or None for _, r in records], cameras, labels).counts
+    prior = TablePrior.fit([r["jpeg_tables"] or None for _, r in records], cameras, labels)
     sizes = native_sizes(cameras, [r["height"] for _, r in records], [r["width"] for _, r in records])
+    ones = {labels.index(label) for label in single}
+    makes = {index: (Counter(r["make"] for r in kept_by_label[label] if r["make"]).most_common(1) or [("", 0)])[0][0]
+             for index, label in enumerate(labels)}  # as the catalog entry's make
+    exact = set(firmware_twins(prior.counts, sizes, ones))
     notes = []
-    for a, b in firmware_twins(counts, sizes, {labels.index(label) for label in single}):
+    for a, b in firmware_twins(prior.counts, sizes, ones, prior.seen_family, makes):
         shared = sorted(sizes[a] & sizes[b], reverse=True)
+        tables = ("the same JPEG tables" if (a, b) in exact else
+                  "JPEG tables of one family (one firmware's tables at two qualities: their photos were taken in "
+                  "different quality modes of one maker's cameras)")
         notes.append(
-            f"note: {labels[a]} and {labels[b]} write the same JPEG tables at the same size "
+            f"note: {labels[a]} and {labels[b]} write {tables} at the same size "
             f"({', '.join(f'{long}x{short}' for long, short in shared)}), so only the pixels can tell them apart, and "
             "with one reference device validation cannot show whether they do (it tells two devices apart). camid "
             "treats them as twins: an answer between them names both, and EXIF naming one is never read as a forgery "
