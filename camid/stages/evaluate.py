@@ -104,9 +104,9 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     reference device a whole-photo threshold of its own (`knn_threshold_camera`, `single_device`); the metadata rule
     (`camid.inference.metadata.fit_metadata`: the twins validation's whole photos cannot tell apart by their pixels,
     and, for cameras of one reference device, those that share JPEG tables (exactly, or one maker's table family)
-    and a native size; how often
-    genuine photos would read inconsistent). Returns (temperatures, open-set rule, bank, metadata
-    rule). `val`: the validation pass `choose_settings` already made (computed here when not given)."""
+    and a native size; how often genuine photos would read inconsistent). Returns (temperatures, open-set rule,
+    bank, metadata rule). `val`: the validation pass `choose_settings` already made (computed here when not
+    given)."""
     from camid.inference.calibration import apply_temperature, fit_temperature
     from camid.data.cache import read_meta
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
@@ -234,8 +234,8 @@ def training_firmware_twins(ensemble: Ensemble, cache: Path, by_device: np.ndarr
         return []
     photos = split_photos(cache, "train")
     single = {c for c in range(len(ensemble.labels)) if not by_device[c]}
-    makes = {c: camera.get("make", "") for camera in ensemble.cameras for c, label in enumerate(ensemble.labels)
-             if camera.get("label") == label}
+    make_of = {camera.get("label"): camera.get("make", "") for camera in ensemble.cameras}
+    makes = {c: make_of.get(label, "") for c, label in enumerate(ensemble.labels)}
     return firmware_twins(ensemble.tables.counts, native_sizes(photos["label_index"], photos["height"],
                                                                photos["width"]), single, ensemble.tables.seen_family,
                           makes)
