@@ -111,6 +111,8 @@ def test_a_photo_split_holds_out_runs_of_consecutive_shots_in_capture_order(tmp_
         summary = split(root, tmp_path / f"split{seed}", ["Cam-A", "Cam-B"], val_fraction=0.25, test_fraction=0.25,
                         seed=seed, photo_fraction=0.2)
         assert summary["cameras"]["Cam-A"]["mode"] == "photo_split"
+        assert summary["cameras"]["Cam-A"]["photos_with_capture_time"] == 20
+        assert summary["cameras"]["Cam-B"]["photos_with_capture_time"] == 0
         sets = read_sets(tmp_path / f"split{seed}")
         shot_of = {f"{place:02d}.jpg": shot for shot, place in enumerate(order)}
         shots = {name: sorted(shot_of[Path(p).name] for p in table.loc[table.label == "Cam-A", "path"])

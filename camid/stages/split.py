@@ -35,7 +35,7 @@ sets, so no device appears in two of them:
 Input is the filter stage's output (`<filtered>/<label>/...`, read recursively) and the raw folder's manifest
 where there is one; output is `train.csv`,
 `val.csv`, `test.csv` (columns `path,label,device`) and `summary.json` (per camera: devices and photos per
-set, and the mode used).
+set, the mode used, and for a photo split how many of its photos had a capture time to order the runs by).
 """
 from __future__ import annotations
 
@@ -169,6 +169,10 @@ def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, 
     files["taken"] = capture_times(files)
     tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction)
     summary = summarize(tables, modes)
+    for label, mode in modes.items():  # what ordered a photo split's runs of shots: capture times, else file names
+        if mode != "devices":
+            summary["cameras"][label]["photos_with_capture_time"] = int((files.loc[files["label"] == label, "taken"]
+                                                                          != "").sum())
     with atomic_dir(out) as tmp:
         for name, table in tables.items():
             table.to_csv(tmp / f"{name}.csv", index=False)
