@@ -29,7 +29,7 @@ import json, resource, sys, time
 from pathlib import Path
 import camid.stages.split as stage
 if sys.argv[3] == "off":
-    stage.capture_times = lambda files: files["path"].map(lambda _: "")
+    stage.capture_times = lambda files, read=None: files["path"].map(lambda _: "")
 start = time.perf_counter()
 summary = stage.split(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[4]), val_fraction=0.25,
                       test_fraction=0.25, seed=7)

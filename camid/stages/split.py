@@ -106,9 +106,12 @@ def _manifest_row(path: str, filtered: Path | None, raw: Path | None, manifest: 
         return {}
 
 
-def devices(files: pd.DataFrame, filtered: Path | None = None, raw: Path | None = None) -> pd.Series:
+def devices(files: pd.DataFrame, filtered: Path | None = None, raw: Path | None = None,
+            times: dict[str, str] | None = None) -> pd.Series:
     """Each photo's device (see DEVICE_SOURCES): its device folder, else the manifest's device, else its owner,
-    else its EXIF serial number, else "" (unknown). `filtered` is the folder `files` were listed from."""
+    else its EXIF serial number, else "" (unknown). `filtered` is the folder `files` were listed from. Where
+    `times` is given, the capture time of every header read for a serial goes into it (path -> time, "" where
+    none), so that `capture_times` need not read that header again."""
     from camid.forensics.inspect import inspect_file
 
     manifest = read_manifest(raw)
@@ -121,21 +124,29 @@ def devices(files: pd.DataFrame, filtered: Path | None = None, raw: Path | None 
             return f"manifest:{row['device']}"
         if row.get("owner"):
             return f"owner:{row['owner']}"
-        serial = inspect_file(path, hashes=False)["serial"]
-        return f"serial:{serial}" if serial else ""
+        header = inspect_file(path, hashes=False)
+        if times is not None:
+            times[path] = header["datetime"] or ""
+        return f"serial:{header['serial']}" if header["serial"] else ""
 
     return pd.Series([device(p, f) for p, f in zip(files["path"], files["folder"])], index=files.index, dtype=str)
 
 
-def capture_times(files: pd.DataFrame) -> pd.Series:
-    """Each photo's EXIF capture time ("" where unknown), read from its header only for the cameras that get photo
-    splits (fewer than MIN_DEVICES known devices), whose held-out sets are runs of consecutive shots."""
+def capture_times(files: pd.DataFrame, read: dict[str, str] | None = None) -> pd.Series:
+    """Each photo's EXIF capture time ("" where unknown), only for the cameras that get photo splits (fewer than
+    MIN_DEVICES known devices), whose held-out sets are runs of consecutive shots: from `read` (what `devices`
+    kept of the headers it read) where there, else from the photo's header."""
     from camid.forensics.inspect import inspect_file
 
+    read = read or {}
     known = files[files["device"] != ""].groupby("label")["device"].nunique()
     few = files["label"].map(known).fillna(0) < MIN_DEVICES
-    return pd.Series([inspect_file(path, hashes=False)["datetime"] or "" if photo_split else ""
-                      for path, photo_split in zip(files["path"], few)], index=files.index, dtype=str)
+
+    def taken(path: str) -> str:
+        return read[path] if path in read else inspect_file(path, hashes=False)["datetime"] or ""
+
+    return pd.Series([taken(path) if photo_split else "" for path, photo_split in zip(files["path"], few)],
+                     index=files.index, dtype=str)
 
 
 def device_sources(tables: dict[str, pd.DataFrame]) -> dict[str, int]:
@@ -165,8 +176,9 @@ def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, 
     files = list_labelled(Path(filtered), labels)
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
-    files["device"] = devices(files, Path(filtered), raw)
-    files["taken"] = capture_times(files)
+    times: dict[str, str] = {}
+    files["device"] = devices(files, Path(filtered), raw, times)
+    files["taken"] = capture_times(files, times)
     tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction)
     summary = summarize(tables, modes)
     for label, mode in modes.items():  # what ordered a photo split's runs of shots: capture times, else file names

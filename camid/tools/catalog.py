@@ -188,8 +188,8 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 "answer. A questioned photo whose pixels are most like them is answered unknown, and for a camera of "
                 "one reference device that replaces the distance rule. Use originals of models not in the catalog, "
                 "as many models as you have (one folder per model or device). The background may also take photos "
-                "of your cameras' other devices (on real photos, 4 of 5 in two of eight runs): check it on photos "
-                "of a second device where you have one.")
+                "of your cameras' other devices (on real photos, 4 of a device's 5 in three of twelve runs): check "
+                "it on photos of a second device where you have one.")
             if models < MIN_BACKGROUND_MODELS:
                 notes.append(
                     f"warning: {label} holds {models} other camera model(s), fewer than {MIN_BACKGROUND_MODELS}. On real "
@@ -218,14 +218,15 @@ def _report(records_by_label: dict[str, list[dict]], entries: list[dict]) -> lis
                 "of every size and quality mode you will be asked about.")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows] + notes \
-        + _twin_notes(kept_by_label, single)
+        + _twin_notes(kept_by_label, single, {entry["label"]: entry["make"] for entry in entries})
 
 
-def _twin_notes(kept_by_label: dict[str, list[dict]], single: set[str]) -> list[str]:
+def _twin_notes(kept_by_label: dict[str, list[dict]], single: set[str], make_of: dict[str, str]) -> list[str]:
     """A note for each pair of cameras that the evaluate stage will treat as firmware twins
-    (`camid.inference.metadata.firmware_twins`), from each camera's usable records and the cameras of one device
-    (`single`): one of the two is one device, and their photos share JPEG tables (exactly, or, of one maker, one
-    family at two qualities) and a size, so nothing but the pixels separates them."""
+    (`camid.inference.metadata.firmware_twins`), from each camera's usable records, the cameras of one device
+    (`single`) and the catalog entries' makes (`make_of`): one of the two is one device, and their photos share
+    JPEG tables (exactly, or, of one maker, one family at two qualities) and a size, so nothing but the pixels
+    separates them."""
     from camid.inference.jpeg_tables import TablePrior
     from camid.inference.metadata import firmware_twins, native_sizes
 
@@ -235,8 +236,7 @@ def _twin_notes(kept_by_label: dict[str, list[dict]], single: set[str]) -> list[
     prior = TablePrior.fit([r["jpeg_tables"] or None for _, r in records], cameras, labels)
     sizes = native_sizes(cameras, [r["height"] for _, r in records], [r["width"] for _, r in records])
     ones = {labels.index(label) for label in single}
-    makes = {index: (Counter(r["make"] for r in kept_by_label[label] if r["make"]).most_common(1) or [("", 0)])[0][0]
-             for index, label in enumerate(labels)}  # as the catalog entry's make
+    makes = {index: make_of.get(label, "") for index, label in enumerate(labels)}
     exact = set(firmware_twins(prior.counts, sizes, ones))
     notes = []
     for a, b in firmware_twins(prior.counts, sizes, ones, prior.seen_family, makes):
