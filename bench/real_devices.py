@@ -28,6 +28,11 @@ models' photos it would reject at other settings of evaluate.single_device_reach
     python bench/real_devices.py --refs largest                    # one run: the device with the most photos
     python bench/real_devices.py --set train.patch=128 --set train.archs=[smallcnn_learned]  # another configuration
     python bench/real_devices.py --refs largest --background-half A   # background cameras (below)
+    python bench/real_devices.py --refs largest --reference-photos DJI-FC6360=10   # a smaller reference (below)
+
+`--reference-photos LABEL=N` keeps only the first N photos of that model's reference device, in the order they were
+taken (EXIF DateTimeOriginal, else the file name: camid.data.splitting.in_capture_order), as an analyst who shot N
+reference photos in one session would have; the device's other photos are not questioned (same device).
 
 Background cameras (`camid catalog from-folder --background`): `--background DIR` adds a folder of other models'
 photos to the reference folder as one more class that is never an answer; `--background-half A` (or B) takes
@@ -78,6 +83,16 @@ def reference_choices(devices: dict, refs: str) -> list[dict[str, str]]:
         return [dict(zip(labels, combo)) for combo in itertools.product(*(sorted(devices[l]) for l in labels))]
     chosen = dict(item.split("=", 1) for item in refs.split(","))
     return [chosen]
+
+
+def first_shots(photos: list[Path], count: int) -> list[Path]:
+    """The first `count` photos in the order they were taken (camid.data.splitting.in_capture_order)."""
+    from camid.data.splitting import in_capture_order
+    from camid.forensics.inspect import inspect_file
+
+    table = pd.DataFrame({"path": [str(p) for p in photos],
+                          "taken": [inspect_file(str(p), hashes=False)["datetime"] or "" for p in photos]})
+    return [Path(p) for p in in_capture_order(table)["path"].iloc[:count]]
 
 
 def link_tree(dest: Path, photos: dict[str, list[Path]]) -> Path:
@@ -132,10 +147,14 @@ def halves(photos: list[Path]) -> dict[str, list[Path]]:
 
 
 def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | None, overrides: dict,
-            catalog_args: list[str], background: list[Path] = ()) -> dict:
-    work = base / "_".join(f"{label}-{device[:8]}" for label, device in refs.items())
+            catalog_args: list[str], background: list[Path] = (), limits: dict[str, int] | None = None) -> dict:
+    limits = limits or {}
+    work = base / "_".join(f"{label}-{device[:8]}" + (f"-{limits[label]}" if label in limits else "")
+                           for label, device in refs.items())
     work.mkdir(parents=True)
-    reference = link_tree(work / "reference", {label: devices[label][refs[label]] for label in refs})
+    chosen = {label: devices[label][device] for label, device in refs.items()}
+    reference = link_tree(work / "reference", {label: first_shots(photos, limits[label]) if label in limits else photos
+                                               for label, photos in chosen.items()})
     for path in background:  # one folder per photo: each is its own device (of another model)
         target = reference / BACKGROUND / re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +177,8 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
     start = time.monotonic()
     run(["dvc", "repro"], copy, env)
     repro_s = time.monotonic() - start
-    row = {"references": ", ".join(f"{label} {device[:8]}" for label, device in refs.items()), "dvc_repro_s": repro_s,
+    row = {"references": ", ".join(f"{label} {device[:8]}" + (f" (first {limits[label]})" if label in limits else "")
+                                   for label, device in refs.items()), "dvc_repro_s": repro_s,
            "planned_s": float(expected.group(1)) * 60 if expected else None}
     answers = predict(copy, env, [other_dir], work / "others.csv", pixels_only=False)
     truth = answers["path"].map(lambda p: Path(p).parent.parent.name)
@@ -271,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-count", type=int, default=0, metavar="N",
                         help="train on only N of the background photos (the first N by a hash of the file name): "
                              "how many other models the background needs")
+    parser.add_argument("--reference-photos", default="", metavar="LABEL=N,...",
+                        help="keep only the first N photos (in capture order) of LABEL's reference device")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON lines")
     args = parser.parse_args(argv)
@@ -279,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     devices = devices_of(args.devices)
     unknown = args.unknown if str(args.unknown) and args.unknown.is_dir() else None
     overrides = parse_overrides(args.set)
+    try:
+        pairs = (item.split("=", 1) for item in args.reference_photos.split(",") if item)
+        limits = {label: int(count) for label, count in pairs}
+    except ValueError:
+        raise SystemExit(f"--reference-photos takes LABEL=N,...: got {args.reference_photos!r}") from None
+    strangers = sorted(set(limits) - set(devices))
+    if strangers:
+        raise SystemExit(f"--reference-photos names no model of {args.devices}: {', '.join(strangers)}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="camid-real-devices-"))
     base.mkdir(parents=True, exist_ok=True)
     background = list_images([args.background]) if args.background else []
@@ -296,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for refs in reference_choices(devices, args.refs):
         print(f"references: {refs}", flush=True)
-        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split(), background)
+        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split(), background, limits)
         row["background"] = f"{len(background)} photos" + (f" (half {args.background_half})"
                                                             if args.background_half else "") if background else "none"
         rows.append(row)
