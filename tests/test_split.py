@@ -129,6 +129,54 @@ def test_a_photo_split_holds_out_runs_of_consecutive_shots_in_capture_order(tmp_
         assert list(sets["train"].columns) == ["path", "label", "device"]
 
 
+def test_session_validation_holds_out_a_whole_session_where_the_photos_are_several(tmp_path):
+    """Real references come as sessions: the DJI's 5-photo device is four shots of four minutes and one of a year
+    later (README). A run of shots kept validation out of training's seconds but not its session: its one photo lay
+    as near the training photos as a copy. With split.session_validation, where the photos are several sessions
+    (more than SESSION_GAP apart), validation is one whole session of at most twice its share, and test a run of the
+    rest; a camera whose sessions are all too large is dealt in runs, and without the option every camera is."""
+    root = tmp_path / "filtered"
+    for shot in range(10):  # one morning, then two shots a month later
+        photo(root / "Cam-A" / f"a{shot:02d}.jpg", serial="ONLY", seed=shot, taken=f"2024:05:01 10:{shot:02d}:00")
+    for shot in (10, 11):
+        photo(root / "Cam-A" / f"a{shot:02d}.jpg", serial="ONLY", seed=shot, taken=f"2024:06:01 09:{shot:02d}:00")
+    for shot in range(12):  # two sessions of six: each more than twice validation's share (2 photos)
+        day = 1 + shot // 6
+        photo(root / "Cam-B" / f"b{shot:02d}.jpg", serial="ONE", seed=50 + shot, taken=f"2024:05:0{day} 10:{shot:02d}:00")
+    for seed in (1, 2, 3):
+        split(root, tmp_path / f"split{seed}", ["Cam-A", "Cam-B"], val_fraction=0.25, test_fraction=0.25, seed=seed,
+              photo_fraction=0.15, sessions=True)
+        sets = read_sets(tmp_path / f"split{seed}")
+        names = {(name, label): sorted(Path(p).name for p in table.loc[table.label == label, "path"])
+                 for name, table in sets.items() for label in ("Cam-A", "Cam-B")}
+        assert names["val", "Cam-A"] == ["a10.jpg", "a11.jpg"]
+        test = [int(name[1:3]) for name in names["test", "Cam-A"]]
+        assert len(test) == 2 and test[1] == test[0] + 1 and test[1] < 10  # a run of the morning
+        assert len(names["train", "Cam-A"]) == 8
+        val_b = [int(name[1:3]) for name in names["val", "Cam-B"]]
+        assert len(val_b) == 2 and val_b[1] == val_b[0] + 1  # a run, not a session of six
+        assert len(names["train", "Cam-B"]) == 8
+    vals = set()
+    for seed in range(1, 7):  # the default: runs of shots, the later session no more often than any other run
+        split(root, tmp_path / f"runs{seed}", ["Cam-A"], val_fraction=0.25, test_fraction=0.25, seed=seed,
+              photo_fraction=0.15)
+        val = read_sets(tmp_path / f"runs{seed}")["val"]
+        vals.add(tuple(sorted(Path(p).name for p in val.path)))
+    assert len(vals) > 1
+
+
+def test_sessions_cut_at_an_hour_and_not_where_a_time_is_missing():
+    from camid.data.splitting import sessions
+
+    photos = pd.DataFrame({"path": list("abcd"),
+                           "taken": ["2024:05:01 10:00:00", "2024:05:01 10:59:00", "2024:05:01 12:00:00",
+                                     "2024:05:01 12:30:00"]})
+    assert [list(part["path"]) for part in sessions(photos)] == [["a", "b"], ["c", "d"]]
+    photos.loc[3, "taken"] = ""
+    assert [list(part["path"]) for part in sessions(photos)] == [["a", "b", "c", "d"]]
+    assert len(sessions(photos.drop(columns="taken"))) == 1
+
+
 def test_capture_order_puts_photos_of_no_known_time_last_by_path():
     from camid.data.splitting import in_capture_order
 

@@ -21,6 +21,11 @@ MODES = {
 PHOTO_FRACTION = SplitParams.photo_fraction  # params.yaml's default (camid.config), for callers that pass none
 MIN_DEVICES = 3  # a camera is dealt by device from this many known devices on: one each for train, val and test
 MIN_PHOTOS = 3   # fewer photos than this cannot be dealt at all
+# Shots further apart in capture time than this are two sessions (outings, days): the photos of one session share
+# its scenes and light, those of two do not. A documented default, not fitted: the real references at hand are one
+# session of two to four minutes, or sessions months apart (README, "Held-out photos as a run of shots").
+SESSION_GAP = pd.Timedelta(hours=1)
+EXIF_TIME = "%Y:%m:%d %H:%M:%S"  # DateTimeOriginal as EXIF writes it
 
 
 def _counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -46,6 +51,33 @@ def in_capture_order(photos: pd.DataFrame) -> pd.DataFrame:
     return photos.loc[keys.sort_values(["unknown", "taken", "path"], kind="stable").index]
 
 
+def sessions(photos: pd.DataFrame) -> list[pd.DataFrame]:
+    """`photos` in capture order (in_capture_order), cut where two consecutive shots are more than SESSION_GAP
+    apart; one part where any photo has no readable capture time (its place in time is unknown)."""
+    ordered = in_capture_order(photos)
+    taken = pd.to_datetime(ordered["taken"] if "taken" in ordered else pd.Series(pd.NA, index=ordered.index),
+                           format=EXIF_TIME, errors="coerce")
+    if taken.isna().any():
+        return [ordered]
+    starts = np.flatnonzero(np.r_[True, np.diff(taken.to_numpy()) > SESSION_GAP.to_timedelta64()])
+    return [ordered.iloc[a:b] for a, b in zip(starts, [*starts[1:], len(ordered)])]
+
+
+def _session_split(photos: pd.DataFrame, fraction: float,
+                   rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(rest, held) with one whole session held, where the photos are two sessions or more: drawn (seeded) among
+    the sessions of at most twice the photos `fraction` asks for that leave at least two photos; None where there is
+    no such session. A run of consecutive shots keeps the held-out photos out of the training photos' seconds but not
+    out of their session; a session of its own is as new to training as another device's photos are."""
+    parts = sessions(photos)
+    n_held = max(1, round(len(photos) * fraction))
+    small = [i for i, part in enumerate(parts) if len(part) <= 2 * n_held and len(photos) - len(part) >= 2]
+    if len(parts) < 2 or not small:
+        return None
+    pick = small[int(rng.integers(len(small)))]
+    return pd.concat([part for i, part in enumerate(parts) if i != pick]), parts[pick]
+
+
 def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rest, held) with about `fraction` of the photos held, at least one each side when there are two. The
     held photos are one run of consecutive shots (in_capture_order) at a random place, not photos drawn one by
@@ -61,10 +93,12 @@ def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator
 
 
 def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float, rng: np.random.Generator,
-                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], str]:
+                 photo_fraction: float = PHOTO_FRACTION, sessions: bool = False) -> tuple[dict[str, pd.DataFrame], str]:
     """One camera's photos (columns path, label, device, and optionally taken) dealt to SETS; returns the sets and
     the mode. With three devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo
-    splits holding out `photo_fraction` of the photos for each held-out set, each a run of consecutive shots."""
+    splits holding out `photo_fraction` of the photos for each held-out set, each a run of consecutive shots; with
+    `sessions` (split.session_validation), validation is a whole session of its own where the photos are several
+    sessions (`_session_split`)."""
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]
     ids = np.array(sorted(known["device"].unique()))
@@ -82,18 +116,25 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
         held_device = rng.permutation(ids)[0]
         test = known[known["device"] == held_device]
         rest = pd.concat([known[known["device"] != held_device], unknown])
-        train, val = _photo_split(rest, photo_fraction, rng)
+        train, val = (sessions and _session_split(rest, photo_fraction, rng)) or _photo_split(rest, photo_fraction,
+                                                                                                rng)
         if len(train) and len(val):
             return {"train": train, "val": val, "test": test}, "val_photo_split"
+    session = _session_split(photos, photo_fraction, rng) if sessions else None
+    if session is not None:  # validation first: the open-set rule's near end is fitted on it (camid.inference.openset)
+        rest, val = session
+        train, test = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
+        return {"train": train, "val": val, "test": test}, "photo_split"
     rest, test = _photo_split(photos, photo_fraction, rng)
     train, val = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
     return {"train": train, "val": val, "test": test}, "photo_split"
 
 
 def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-                 photo_fraction: float = PHOTO_FRACTION) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+                 photo_fraction: float = PHOTO_FRACTION,
+                 sessions: bool = False) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Split `files` (path, label, device; optionally taken, the EXIF capture time that orders a photo split) per
-    camera; returns {set: table} and {label: mode}."""
+    camera (`split_camera`; `sessions`: split.session_validation); returns {set: table} and {label: mode}."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
                          "between 0 and 1, and leave some photos for training")
@@ -105,7 +146,7 @@ def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float,
     modes = {}
     for label, photos in files.groupby("label", sort=True):
         sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng,
-                                          photo_fraction)
+                                          photo_fraction, sessions)
         for name in SETS:
             parts[name].append(sets[name])
     tables = {name: pd.concat(parts[name])[["path", "label", "device"]].sort_values("path").reset_index(drop=True)

@@ -290,10 +290,11 @@ def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams)
         if len(kept) < MIN_PHOTOS:
             few += len(kept)
             continue
-        rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or ""} for i, r in enumerate(kept)]
+        rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or "", "taken": r["datetime"] or ""}
+                 for i, r in enumerate(kept)]
     if rows:
         sets = device_split(pd.DataFrame(rows), split.val_fraction, split.test_fraction, split.seed,
-                            split.photo_fraction)[0]
+                            split.photo_fraction, split.session_validation)[0]
         counts = {name: len(table) for name, table in sets.items()}
     else:
         counts = {"train": 0, "val": 0, "test": 0}
