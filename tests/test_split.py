@@ -145,7 +145,7 @@ def test_session_validation_holds_out_a_whole_session_where_the_photos_are_sever
         photo(root / "Cam-B" / f"b{shot:02d}.jpg", serial="ONE", seed=50 + shot, taken=f"2024:05:0{day} 10:{shot:02d}:00")
     for seed in (1, 2, 3):
         split(root, tmp_path / f"split{seed}", ["Cam-A", "Cam-B"], val_fraction=0.25, test_fraction=0.25, seed=seed,
-              photo_fraction=0.15, sessions=True)
+              photo_fraction=0.15, by_session=True)
         sets = read_sets(tmp_path / f"split{seed}")
         names = {(name, label): sorted(Path(p).name for p in table.loc[table.label == label, "path"])
                  for name, table in sets.items() for label in ("Cam-A", "Cam-B")}

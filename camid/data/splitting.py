@@ -93,11 +93,12 @@ def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator
 
 
 def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float, rng: np.random.Generator,
-                 photo_fraction: float = PHOTO_FRACTION, sessions: bool = False) -> tuple[dict[str, pd.DataFrame], str]:
+                 photo_fraction: float = PHOTO_FRACTION,
+                 by_session: bool = False) -> tuple[dict[str, pd.DataFrame], str]:
     """One camera's photos (columns path, label, device, and optionally taken) dealt to SETS; returns the sets and
     the mode. With three devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo
     splits holding out `photo_fraction` of the photos for each held-out set, each a run of consecutive shots; with
-    `sessions` (split.session_validation), validation is a whole session of its own where the photos are several
+    `by_session` (split.session_validation), validation is a whole session of its own where the photos are several
     sessions (`_session_split`)."""
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]
@@ -116,11 +117,11 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
         held_device = rng.permutation(ids)[0]
         test = known[known["device"] == held_device]
         rest = pd.concat([known[known["device"] != held_device], unknown])
-        train, val = (sessions and _session_split(rest, photo_fraction, rng)) or _photo_split(rest, photo_fraction,
-                                                                                                rng)
+        held = _session_split(rest, photo_fraction, rng) if by_session else None
+        train, val = held or _photo_split(rest, photo_fraction, rng)
         if len(train) and len(val):
             return {"train": train, "val": val, "test": test}, "val_photo_split"
-    session = _session_split(photos, photo_fraction, rng) if sessions else None
+    session = _session_split(photos, photo_fraction, rng) if by_session else None
     if session is not None:  # validation first: the open-set rule's near end is fitted on it (camid.inference.openset)
         rest, val = session
         train, test = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
@@ -132,9 +133,9 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
 
 def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
                  photo_fraction: float = PHOTO_FRACTION,
-                 sessions: bool = False) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+                 by_session: bool = False) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """Split `files` (path, label, device; optionally taken, the EXIF capture time that orders a photo split) per
-    camera (`split_camera`; `sessions`: split.session_validation); returns {set: table} and {label: mode}."""
+    camera (`split_camera`; `by_session`: split.session_validation); returns {set: table} and {label: mode}."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise CamidError(f"split.val_fraction ({val_fraction}) and split.test_fraction ({test_fraction}) must each be "
                          "between 0 and 1, and leave some photos for training")
@@ -146,7 +147,7 @@ def device_split(files: pd.DataFrame, val_fraction: float, test_fraction: float,
     modes = {}
     for label, photos in files.groupby("label", sort=True):
         sets, modes[label] = split_camera(photos.sort_values("path"), val_fraction, test_fraction, rng,
-                                          photo_fraction, sessions)
+                                          photo_fraction, by_session)
         for name in SETS:
             parts[name].append(sets[name])
     tables = {name: pd.concat(parts[name])[["path", "label", "device"]].sort_values("path").reset_index(drop=True)

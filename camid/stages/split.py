@@ -175,16 +175,16 @@ def summarize(tables: dict[str, pd.DataFrame], modes: dict[str, str]) -> dict:
 
 def split(filtered: Path, out: Path, labels: list[str], *, val_fraction: float, test_fraction: float, seed: int,
           photo_fraction: float = PHOTO_FRACTION, metrics_file: Path | None = None, raw: Path | None = None,
-          sessions: bool = False) -> dict:
+          by_session: bool = False) -> dict:
     """Split the photos under `filtered`; `raw` is the raw folder whose manifest (if any) names devices;
-    `sessions`: split.session_validation."""
+    `by_session`: split.session_validation."""
     files = list_labelled(Path(filtered), labels)
     if files.empty:
         raise CamidError(f"no images under {filtered}/<label>/ for the catalog's cameras; run the filter stage first")
     times: dict[str, str] = {}
     files["device"] = devices(files, Path(filtered), raw, times)
     files["taken"] = capture_times(files, times)
-    tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction, sessions)
+    tables, modes = device_split(files, val_fraction, test_fraction, seed, photo_fraction, by_session)
     summary = summarize(tables, modes)
     for label, mode in modes.items():  # what ordered a photo split's runs of shots: capture times, else file names
         if mode != "devices":
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     summary = split(args.filtered, args.out, params.catalog.labels, val_fraction=params.split.val_fraction,
                     test_fraction=params.split.test_fraction, seed=params.split.seed,
                     photo_fraction=params.split.photo_fraction, metrics_file=args.metrics,
-                    raw=args.raw, sessions=params.split.session_validation)
+                    raw=args.raw, by_session=params.split.session_validation)
     print(f"split: {', '.join(f'{n} {name}' for name, n in summary['photos'].items())} photos; "
           + ("no device in two sets" if summary["device_disjoint"] else
              f"photo-split fallback for {', '.join(summary['fallback_cameras'])} (too few devices)"))
