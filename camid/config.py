@@ -118,7 +118,7 @@ class SplitParams:
     val_fraction: float = 0.25
     test_fraction: float = 0.25
     photo_fraction: float = 0.15     # cameras of fewer than 3 devices: photos held out for val and for test, each
-    session_validation: bool = False  # such a camera's photos of several sessions: validation one whole session
+    session_validation: bool = False  # such a camera's photos of several sessions: validation whole sessions
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_session_validation_holds_out_a_whole_session_where_the_photos_are_sever
     """Real references come as sessions: the DJI's 5-photo device is four shots of four minutes and one of a year
     later (README). A run of shots kept validation out of training's seconds but not its session: its one photo lay
     as near the training photos as a copy. With split.session_validation, where the photos are several sessions
-    (more than SESSION_GAP apart), validation is one whole session of at most twice its share, and test a run of the
+    (more than SESSION_GAP apart), validation is its share in whole sessions (here one), and test a run of the
     rest; a camera whose sessions are all too large is dealt in runs, and without the option every camera is."""
     root = tmp_path / "filtered"
     for shot in range(10):  # one morning, then two shots a month later
@@ -142,7 +142,8 @@ def test_session_validation_holds_out_a_whole_session_where_the_photos_are_sever
         photo(root / "Cam-A" / f"a{shot:02d}.jpg", serial="ONLY", seed=shot, taken=f"2024:06:01 09:{shot:02d}:00")
     for shot in range(12):  # two sessions of six: each more than twice validation's share (2 photos)
         day = 1 + shot // 6
-        photo(root / "Cam-B" / f"b{shot:02d}.jpg", serial="ONE", seed=50 + shot, taken=f"2024:05:0{day} 10:{shot:02d}:00")
+        photo(root / "Cam-B" / f"b{shot:02d}.jpg", serial="ONE", seed=50 + shot,
+              taken=f"2024:05:0{day} 10:{shot:02d}:00")
     for seed in (1, 2, 3):
         split(root, tmp_path / f"split{seed}", ["Cam-A", "Cam-B"], val_fraction=0.25, test_fraction=0.25, seed=seed,
               photo_fraction=0.15, by_session=True)
@@ -163,6 +164,25 @@ def test_session_validation_holds_out_a_whole_session_where_the_photos_are_sever
         val = read_sets(tmp_path / f"runs{seed}")["val"]
         vals.add(tuple(sorted(Path(p).name for p in val.path)))
     assert len(vals) > 1
+
+
+def test_session_validation_takes_as_many_whole_sessions_as_its_share_needs():
+    """A large reference of many short sessions: validation is not one session of ten photos but its share (30 of 200)
+    in whole sessions, consecutive in time; the same seed deals the same sessions."""
+    start = pd.Timestamp("2024-01-01 09:00:00")
+    taken = [(start + pd.Timedelta(days=i // 10, seconds=5 * (i % 10))).strftime("%Y:%m:%d %H:%M:%S")
+             for i in range(200)]
+    photos = pd.DataFrame({"path": [f"p{i:03d}" for i in range(200)], "label": "Cam-A", "device": "serial:ONLY",
+                           "taken": taken})
+    for seed in (1, 2):
+        sets, _ = device_split(photos, 0.25, 0.25, seed=seed, photo_fraction=0.15, by_session=True)
+        days = sorted({int(p[1:]) // 10 for p in sets["val"].path})
+        assert len(sets["val"]) == 30 and len(days) == 3
+        assert all(int(p[1:]) // 10 in days for p in photos.path if p in set(sets["val"].path)) and \
+            sum(int(p[1:]) // 10 in days for p in photos.path) == 30  # whole days
+        assert days in ([d, d + 1, d + 2] for d in range(18)) or days in ([0, 1, 19], [0, 18, 19])  # round to the first
+        again, _ = device_split(photos, 0.25, 0.25, seed=seed, photo_fraction=0.15, by_session=True)
+        assert list(again["val"].path) == list(sets["val"].path)
 
 
 def test_sessions_cut_at_an_hour_and_not_where_a_time_is_missing():

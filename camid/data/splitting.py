@@ -65,17 +65,30 @@ def sessions(photos: pd.DataFrame) -> list[pd.DataFrame]:
 
 def _session_split(photos: pd.DataFrame, fraction: float,
                    rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(rest, held) with one whole session held, where the photos are two sessions or more: drawn (seeded) among
-    the sessions of at most twice the photos `fraction` asks for that leave at least two photos; None where there is
-    no such session. A run of consecutive shots keeps the held-out photos out of the training photos' seconds but not
-    out of their session; a session of its own is as new to training as another device's photos are."""
+    """(rest, held) with whole sessions held, where the photos are two sessions or more: a session drawn (seeded)
+    among those of at most twice the photos `fraction` asks for, then the sessions after it in time (round to the
+    first) that keep the held photos within twice that, until they have it; always leaving two photos. None where no
+    session fits. A run of consecutive shots keeps the held-out photos out of the training photos' seconds but not
+    out of their session; sessions of their own are as new to training as another device's photos are."""
     parts = sessions(photos)
     n_held = max(1, round(len(photos) * fraction))
-    small = [i for i, part in enumerate(parts) if len(part) <= 2 * n_held and len(photos) - len(part) >= 2]
+
+    def fits(size: int, held: int) -> bool:
+        return held + size <= 2 * n_held and len(photos) - held - size >= 2
+
+    small = [i for i, part in enumerate(parts) if fits(len(part), 0)]
     if len(parts) < 2 or not small:
         return None
-    pick = small[int(rng.integers(len(small)))]
-    return pd.concat([part for i, part in enumerate(parts) if i != pick]), parts[pick]
+    first = small[int(rng.integers(len(small)))]
+    chosen, held = set(), 0
+    for i in [*range(first, len(parts)), *range(first)]:
+        if held >= n_held:
+            break
+        if fits(len(parts[i]), held):
+            chosen.add(i)
+            held += len(parts[i])
+    return (pd.concat([part for i, part in enumerate(parts) if i not in chosen]),
+            pd.concat([parts[i] for i in sorted(chosen)]))
 
 
 def _photo_split(photos: pd.DataFrame, fraction: float, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,7 +111,7 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
     """One camera's photos (columns path, label, device, and optionally taken) dealt to SETS; returns the sets and
     the mode. With three devices or more, `val_fraction` and `test_fraction` of the devices; otherwise photo
     splits holding out `photo_fraction` of the photos for each held-out set, each a run of consecutive shots; with
-    `by_session` (split.session_validation), validation is a whole session of its own where the photos are several
+    `by_session` (split.session_validation), validation is whole sessions of its own where the photos are several
     sessions (`_session_split`)."""
     known = photos[photos["device"] != ""]
     unknown = photos[photos["device"] == ""]

@@ -32,8 +32,8 @@ sets, so no device appears in two of them:
   place, not photos drawn one by one, so that validation's photos are not burst neighbours of training photos
   (camid.data.splitting._photo_split says why). With `split.session_validation` (off by default: measured, see
   the README), where the photos are several sessions (shots more than `camid.data.splitting.SESSION_GAP`, an
-  hour, apart), validation is one whole session of them instead, drawn among those of at most twice its share,
-  so that it is as new to training as another device's photos.
+  hour, apart), validation is its share in whole sessions of them instead (from a session drawn among those of at
+  most twice its share, the sessions after it in time), so that it is as new to training as another device's photos.
 
 Input is the filter stage's output (`<filtered>/<label>/...`, read recursively) and the raw folder's manifest
 where there is one; output is `train.csv`,
