@@ -290,8 +290,8 @@ def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams)
         if len(kept) < MIN_PHOTOS:
             few += len(kept)
             continue
-        rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or "", "taken": r["datetime"] or ""}
-                 for i, r in enumerate(kept)]
+        rows += [{"path": f"{label}/{i:08d}", "label": label, "device": r["device"] or "",
+                  "taken": r.get("datetime") or ""} for i, r in enumerate(kept)]
     if rows:
         sets = device_split(pd.DataFrame(rows), split.val_fraction, split.test_fraction, split.seed,
                             split.photo_fraction, split.session_validation)[0]
