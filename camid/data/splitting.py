@@ -55,8 +55,9 @@ def sessions(photos: pd.DataFrame) -> list[pd.DataFrame]:
     """`photos` in capture order (in_capture_order), cut where two consecutive shots are more than SESSION_GAP
     apart; one part where any photo has no readable capture time (its place in time is unknown)."""
     ordered = in_capture_order(photos)
-    taken = pd.to_datetime(ordered["taken"] if "taken" in ordered else pd.Series(pd.NA, index=ordered.index),
-                           format=EXIF_TIME, errors="coerce")
+    if "taken" not in ordered:
+        return [ordered]
+    taken = pd.to_datetime(ordered["taken"], format=EXIF_TIME, errors="coerce")
     if taken.isna().any():
         return [ordered]
     starts = np.flatnonzero(np.r_[True, np.diff(taken.to_numpy()) > SESSION_GAP.to_timedelta64()])
@@ -138,9 +139,9 @@ def split_camera(photos: pd.DataFrame, val_fraction: float, test_fraction: float
     if session is not None:  # validation first: the open-set rule's near end is fitted on it (camid.inference.openset)
         rest, val = session
         train, test = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
-        return {"train": train, "val": val, "test": test}, "photo_split"
-    rest, test = _photo_split(photos, photo_fraction, rng)
-    train, val = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
+    else:
+        rest, test = _photo_split(photos, photo_fraction, rng)
+        train, val = _photo_split(rest, photo_fraction / (1 - photo_fraction), rng)
     return {"train": train, "val": val, "test": test}, "photo_split"
 
 
