@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from camid.tools.catalog import build_entry, fnmatch_escape, from_folder, scan_folder
+from camid.tools.plan import NETWORK_S_PER_MEGAPIXEL
 from camid.config import Camera, load_params
 from camid.errors import CamidError
 from camid.forensics.inspect import FIELDS
@@ -47,6 +48,8 @@ def comments(text: str) -> list[str]:
 
 
 def run_catalog(folder, params_file, name="mine", **options) -> list[dict]:
+    """`from_folder`, its plan costed at the reference machine's training speed (the plan's own test measures it)."""
+    options.setdefault("network_s_per_mp", NETWORK_S_PER_MEGAPIXEL["smallcnn"])
     return from_folder(str(folder), name, str(params_file), progress=False, **options)
 
 
@@ -56,10 +59,13 @@ def test_cli_flat_layout_writes_an_active_catalog_and_keeps_comments(tmp_path, p
         jpeg(tmp_path / "photos" / "Cam_B" / f"{serial}.jpg", "B7 Pro", make="Boreal", size=(96, 64), serial=serial)
     before = params_file.read_text()
     proc = subprocess.run([sys.executable, "-m", "camid", "catalog", "from-folder", "photos", "--name", "mine",
-                           "--workers", "1"], cwd=tmp_path, env=subprocess_env({"CAMID_PARAMS": str(params_file)}),
-                          capture_output=True, text=True, timeout=60)
+                           "--workers", "1", "--train-cost", "1.2"], cwd=tmp_path,
+                          env=subprocess_env({"CAMID_PARAMS": str(params_file)}), capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "dvc repro" in proc.stdout and "warning" not in proc.stdout
+    # --train-cost: the machine's training speed given, not measured; the plan says what it assumed
+    assert "measuring" not in proc.stdout and "trains smallcnn at 1.20 s per megapixel" in proc.stdout
 
     params = load_params(params_file)
     assert params.catalog.name == "mine" and params.catalog.labels == ["Cam-A", "Cam_B"]

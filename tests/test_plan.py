@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from camid.config import load_params
-from camid.tools.plan import MAX_COVERAGE, MAX_EPOCHS, MIN_EPOCHS, Photos, plan_training
+from camid.errors import CamidError
+from camid.tools.plan import (MAX_COVERAGE, MAX_EPOCHS, MIN_EPOCHS, NETWORK_S_PER_MEGAPIXEL, Photos,
+                              measure_network, plan_training)
 from tests.conftest import ROOT
 from tests.test_catalog import jpeg, run_catalog
 
@@ -57,6 +59,8 @@ def test_from_folder_prints_the_plan_and_writes_it_unless_told_to_keep_the_train
     after = load_params(params_file).train
     assert (after.epochs, after.steps_per_epoch) != (before.epochs, before.steps_per_epoch)
     assert f"train.epochs: {before.epochs} -> {after.epochs}" in out
+    with pytest.raises(CamidError, match="--train-cost must be a positive number"):
+        run_catalog(tmp_path / "photos", params_file, minutes=6, network_s_per_mp=0.0, force=True)
     shutil.copy(ROOT / "params.yaml", params_file)
     run_catalog(tmp_path / "photos", params_file, minutes=None)
     assert "training plan" not in capsys.readouterr().out and load_params(params_file).train == before
@@ -89,8 +93,8 @@ def test_the_plan_counts_photos_with_the_split_stages_own_dealing():
     from camid.data.splitting import device_split
     from camid.tools.catalog import expected_photos
 
-    def record(device):
-        return {"error": None, "format": "JPEG", "edited": False, "model": "X", "height": 1000, "width": 2000,
+    def record(device, height=1000):
+        return {"error": None, "format": "JPEG", "edited": False, "model": "X", "height": height, "width": 2000,
                 "device": device}
 
     many = [record(f"d{i % 4}") for i in range(4 * 9 + 2)]  # four devices of 9-10 photos
@@ -102,3 +106,24 @@ def test_the_plan_counts_photos_with_the_split_stages_own_dealing():
                         split.val_fraction, split.test_fraction, split.seed, split.photo_fraction)[0]
     held_many = photos.held_out - len(sets["val"]) - len(sets["test"])
     assert held_many in (19, 20)  # two whole devices of the four (9 or 10 photos each), not a share of photos
+
+    # Training draws a camera uniformly, then one of its photos: a camera of few large photos is decoded as often as
+    # one of many small ones, so a training decode costs the mean of the cameras' mean sizes.
+    large = [record("big", height=5000) for _ in range(10)]
+    photos = expected_photos({"Many": many, "Large": large}, split)
+    assert photos.megapixels == (38 * 2.0 + 10 * 10.0) / 48 and photos.decoded_megapixels == (2.0 + 10.0) / 2
+
+
+def test_the_plan_scales_the_networks_costs_by_this_machines_measured_speed():
+    """Machines of the same core count differ several-fold in what the network costs: the plan takes this
+    machine's measured figure (camid catalog from-folder measures it) and buys fewer steps where it is slower,
+    within the same budget; measured as fast as the reference machine, it is the reference's plan."""
+    measured = measure_network("smallcnn", 64, 32, steps=2)
+    assert 0.0 < measured < 100.0
+    reference = NETWORK_S_PER_MEGAPIXEL["smallcnn"]
+    estimate = plan_training(REAL, budget_s=15 * 60, cores=2)
+    assert plan_training(REAL, budget_s=15 * 60, cores=2, network_s_per_mp=reference).params() == estimate.params()
+    slow = plan_training(REAL, budget_s=15 * 60, cores=2, network_s_per_mp=4 * reference)
+    assert slow.steps_per_epoch * slow.epochs < 0.5 * estimate.steps_per_epoch * estimate.epochs
+    assert slow.total_s <= 15 * 60 * 1.02
+    assert f"this machine trains smallcnn at {4 * reference:.2f} s per megapixel of patches" in "\n".join(slow.lines(REAL))

@@ -152,6 +152,26 @@ def test_evaluate_scores_a_model_on_a_labelled_folder(tiny_model, tmp_path, monk
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def sized_bundle(tiny_model, tmp_path):
+    """(a test photo, its decoded image, a copy of the tiny bundle whose every catalog camera has that photo's
+    size): size verdicts then do not hang on which camera the tiny network finds closest."""
+    import dataclasses
+    import shutil
+
+    from camid.config import load_params
+    from camid.inference.ensemble import Ensemble
+    from tests.conftest import ROOT
+
+    source = tiny_model.test.path[0]
+    native = Image.open(source)
+    catalog = load_params(ROOT / "params.yaml").catalog
+    catalog = dataclasses.replace(catalog, cameras=tuple(dataclasses.replace(c, sizes=((native.height, native.width),))
+                                                         for c in catalog.cameras))
+    bundle = shutil.copytree(tiny_model.bundle, tmp_path / "bundle")
+    Ensemble.set_settings(bundle, (0,), "mean_square", catalog=catalog)
+    return source, native, bundle
+
+
 def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tmp_path, capsys):
     """Issue 20: `size_seen` is True where the photo's pixel size, in either orientation, is one of the closest
     camera's catalog sizes (the reference's), False for a size the reference lacks (here a crop), and empty for a
@@ -162,20 +182,7 @@ def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tm
     from camid.inference.answers import answers, score_photos
     from camid.inference.ensemble import Ensemble
 
-    import shutil
-
-    from camid.config import load_params
-    from tests.conftest import ROOT
-
-    source = tiny_model.test.path[0]
-    native = Image.open(source)
-    # A catalog whose every camera has the source photo's size: the verdict then does not hang on which camera
-    # the tiny network finds closest.
-    catalog = load_params(ROOT / "params.yaml").catalog
-    catalog = dataclasses.replace(catalog, cameras=tuple(dataclasses.replace(c, sizes=((native.height, native.width),))
-                                                         for c in catalog.cameras))
-    bundle = shutil.copytree(tiny_model.bundle, tmp_path / "bundle")
-    Ensemble.set_settings(bundle, (0,), "mean_square", catalog=catalog)
+    source, native, bundle = sized_bundle(tiny_model, tmp_path)
     turned, cropped = tmp_path / "turned.jpg", tmp_path / "cropped.jpg"
     native.transpose(Image.Transpose.TRANSPOSE).save(turned, quality=95)
     native.crop((0, 0, native.width - 16, native.height - 16)).save(cropped, quality=95)
@@ -206,3 +213,35 @@ def test_size_seen_says_whether_the_reference_has_the_photos_size(tiny_model, tm
     assert answers(ensemble, score_photos(ensemble, [Cut(crops, size=size)], tta=False)).size_seen.tolist() == [True]
     older = dataclasses.replace(ensemble, cameras=[{k: v for k, v in c.items() if k != "sizes"} for c in ensemble.cameras])
     assert answers(older, scores).size_seen.isna().all()
+
+
+def test_exif_against_pixels_is_undecided_for_a_size_the_exif_cameras_reference_lacks(tiny_model, tmp_path):
+    """Issue 20: a genuine photo of a size mode the EXIF camera's reference never shot (a Nikon D60 reference of
+    full-size photos, questioned on the camera's downscaled "S" photos) lies outside what the pixels learnt of that
+    camera, so pixels that point elsewhere do not make it `consistent: false`: it is undecided (None), and the card
+    says why. The same pixels on a photo of the reference's size still contradict the EXIF."""
+    import dataclasses
+
+    from camid.inference.answers import answers, score_photos
+    from camid.inference.ensemble import Ensemble
+    from camid.tools.cards import _exif_reading
+
+    source, native, bundle = sized_bundle(tiny_model, tmp_path)
+    ensemble = Ensemble.load(bundle)
+    scores = score_photos(ensemble, [source, source], patches=4, tta=False)
+    named = ensemble.cameras[1]
+    pixels = np.full((2, len(ensemble.labels)), 1e-9)
+    pixels[:, 0] = 1.0  # the pixels: all on the first camera; the EXIF: the second camera's model
+    other = (native.height // 2, native.width // 2)
+    scores = dataclasses.replace(scores, pixels=pixels / pixels.sum(1, keepdims=True),
+                                 exif_models=[named["models"][0]] * 2, sizes=[(native.height, native.width), other])
+    table = answers(ensemble, scores, {"jpeg_tables": False, "open_set": False})
+    assert list(table.exif_camera) == [named["label"]] * 2
+    assert not pd.isna(table.consistent[0]) and not table.consistent[0]  # the reference's size: contradicted
+    assert pd.isna(table.consistent[1])  # a size the EXIF camera's reference lacks: undecided
+    row = table.iloc[1]
+    card = {"error": "", "answer": {"exif_model": row.exif_model, "exif_camera": row.exif_camera, "consistent": None,
+                                    "closest_camera": row.closest_camera},
+            "exif_reference_sizes": [list(hw) for hw in ensemble.camera_sizes(named["label"])]}
+    reading = _exif_reading(card)
+    assert "cannot judge the EXIF: undecided" in reading and f"{native.height}x{native.width}" in reading

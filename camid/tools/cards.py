@@ -251,6 +251,8 @@ def _card(ensemble, index: int, photo: Photo, row: dict, labels: list[str], devi
             "probs": {label: _value(row[label]) for label in labels},
             "background": [label for label, other in zip(ensemble.labels, ensemble.background) if other],
             "reference_sizes": [list(hw) for hw in ensemble.camera_sizes(row["closest_camera"])],
+            "exif_reference_sizes": [list(hw) for hw in ensemble.camera_sizes(row["exif_camera"])]
+            if row["exif_camera"] else [],
             "inspection": None, "firmware": None, "firmware_family": None, "prnu": None, "thumbnail": None,
             "heatmap": None}
     if photo.path is None:
@@ -424,6 +426,12 @@ def _exif_reading(card: dict) -> str:
         return f"EXIF Model {model!r}" if model else "no EXIF Model"
     if not model:
         return "no EXIF Model: nothing to check the pixels against"
+    if consistent is None and named:  # answers: a size none of the EXIF camera's reference photos have
+        sizes = card.get("exif_reference_sizes") or []
+        known = f" ({', '.join(f'{h}x{w}' for h, w in sizes)})" if sizes else ""
+        return (f"EXIF Model {model!r} names {named}; the pixels point to {answer['closest_camera']}, but the photo's "
+                f"size is none of {named}'s reference sizes{known}, so the pixels cannot judge the EXIF: undecided "
+                f"(add reference photos of {named} at this size to settle it)")
     if consistent is None:
         return f"EXIF Model {model!r}; the model carries no catalog to match it with"
     if consistent and not named:  # metadata_check: the pixels put it with the background cameras

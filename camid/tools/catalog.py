@@ -31,7 +31,7 @@ from camid.config import PARAMS_FILE, FilterParams, SplitParams, load_params, lo
 from camid.data.splitting import MIN_DEVICES, MIN_PHOTOS, device_split
 from camid.errors import CamidError
 from camid.forensics.inspect import error_kind, inspect_paths
-from camid.tools.plan import PLANNED_ARCHS, Photos, plan_training
+from camid.tools.plan import NETWORK_S_PER_MEGAPIXEL, PLANNED_ARCHS, Photos, measure_network, plan_training
 from camid.tools.profile import set_params
 
 DEFAULT_MINUTES = 15.0  # the training plan's budget for the whole `dvc repro` (camid.tools.plan)
@@ -282,11 +282,17 @@ def _folder_setting(folder: str, params_path: str) -> str:
 def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams) -> Photos:
     """How the split stage will deal the usable photos, as counts for the training plan: its own rules
     (camid.data.splitting.device_split) on the catalog's devices (folders, else serials). A camera of fewer than
-    MIN_PHOTOS usable photos, which the split stage refuses, counts as training photos here."""
-    rows, pixels, few = [], [], 0
+    MIN_PHOTOS usable photos, which the split stage refuses, counts as training photos here. Training draws a
+    camera uniformly, then one of its photos, so the photo it decodes is on average the mean of the cameras' mean
+    sizes (`sampled_megapixels`), not the mean photo's: a camera of few large photos is decoded as often as one of
+    many small ones."""
+    rows, pixels, camera_means, few = [], [], [], 0
     for label, records in records_by_label.items():
         kept = usable(records)[0]
-        pixels += [r["height"] * r["width"] / 1e6 for r in kept]
+        sizes = [r["height"] * r["width"] / 1e6 for r in kept]
+        pixels += sizes
+        if sizes:
+            camera_means.append(sum(sizes) / len(sizes))
         if len(kept) < MIN_PHOTOS:
             few += len(kept)
             continue
@@ -299,28 +305,38 @@ def expected_photos(records_by_label: dict[str, list[dict]], split: SplitParams)
     else:
         counts = {"train": 0, "val": 0, "test": 0}
     return Photos(train=counts["train"] + few, held_out=counts["val"] + counts["test"], val=counts["val"],
-                  megapixels=sum(pixels) / max(1, len(pixels)))
+                  megapixels=sum(pixels) / max(1, len(pixels)),
+                  sampled_megapixels=sum(camera_means) / len(camera_means) if camera_means else None)
 
 
-def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float) -> tuple[dict, list[str]]:
+def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float,
+                 network_s_per_mp: float | None = None) -> tuple[dict, list[str]]:
     """The training plan's params.yaml keys and its lines (camid.tools.plan), or none where the active backbones
-    are not the one the plan's costs were measured with."""
+    are not the one the plan's costs were measured with. `network_s_per_mp`: this machine's cost of training the
+    backbone (None: measured now, `measure_network`)."""
     photos = expected_photos(records_by_label, params.split)
     archs = tuple(params.train.archs)
     if len(archs) != 1 or archs[0] not in PLANNED_ARCHS:
         return {}, [f"no training plan: train.archs is {list(archs)}, and the plan's costs are measured for one of "
                     f"{', '.join(PLANNED_ARCHS)} alone; set train.steps_per_epoch, train.epochs and "
                     "train.crops_per_decode by hand"]
+    if network_s_per_mp is not None and not network_s_per_mp > 0:
+        raise CamidError(f"--train-cost must be a positive number of seconds per megapixel, got {network_s_per_mp}")
+    if network_s_per_mp is None:
+        print(f"measuring how fast this machine trains {archs[0]} (a few steps on random patches) ...", flush=True)
+        network_s_per_mp = measure_network(archs[0], params.train.patch, params.train.batch_size)
     plan = plan_training(photos, patch=params.train.patch, batch_size=params.train.batch_size,
-                         budget_s=minutes * 60, arch=archs[0])
+                         budget_s=minutes * 60, arch=archs[0], network_s_per_mp=network_s_per_mp)
     return plan.params(), plan.lines(photos)
 
 
 def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, workers: int = 1,
                 keep_min_quality: bool = False, force: bool = False, progress: bool = True,
-                minutes: float | None = DEFAULT_MINUTES, background: tuple[str, ...] = ()) -> list[dict]:
+                minutes: float | None = DEFAULT_MINUTES, background: tuple[str, ...] = (),
+                network_s_per_mp: float | None = None) -> list[dict]:
     """Inspect DIR, print the report and the training plan for a `dvc repro` of `minutes` (None: no plan, the
     train block stays as it is), write catalog NAME into params.yaml as the active one; returns the entries.
+    `network_s_per_mp`: this machine's cost of training the backbone, for the plan (None: measured now).
     `background`: the labels whose folders hold other cameras' photos (`background: true`, camid.config.Camera)."""
     if name == "active" or not _NAME.fullmatch(name):
         raise CamidError(f"catalog name {name!r} is not allowed: use letters, digits, '-' and '_' (and not 'active')")
@@ -334,7 +350,7 @@ def from_folder(folder: str, name: str, params_path: str = PARAMS_FILE, *, worke
     print("\n".join(_report(records, entries)))
     if quality_message:
         print(quality_message)
-    plan, plan_lines = _plan_update(records, params, minutes) if minutes else ({}, [])
+    plan, plan_lines = _plan_update(records, params, minutes, network_s_per_mp) if minutes else ({}, [])
     print("\n".join(plan_lines))
     changed = set_params({f"catalog.{name}": [_flow(e) for e in entries], "catalog.active": name,
                           "acquire.source": "folder", "acquire.folder": _folder_setting(folder, params_path),
@@ -364,6 +380,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(train.steps_per_epoch, train.epochs, train.crops_per_decode) is chosen to fit it "
                         f"(default {DEFAULT_MINUTES:g})")
     p.add_argument("--keep-train", action="store_true", help="no training plan: leave the train block as it is")
+    p.add_argument("--train-cost", type=float, default=None, metavar="S",
+                   help="seconds per megapixel of patches this machine takes to train the backbone, for the plan "
+                        "(default: measured now, about 10 s; the reference machine's smallcnn: "
+                        f"{NETWORK_S_PER_MEGAPIXEL['smallcnn']:g})")
     p.add_argument("--background", action="append", default=[], metavar="LABEL",
                    help="a folder of DIR that holds photos of *other* camera models (one subfolder per model or "
                         "device): trained as a class, never an answer; a photo the pixels put with it is unknown "
@@ -373,5 +393,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from_folder(args.folder, args.name, args.params or os.environ.get("CAMID_PARAMS", PARAMS_FILE),
                 workers=args.workers, keep_min_quality=args.keep_min_quality, force=args.force,
-                minutes=None if args.keep_train else args.minutes, background=tuple(args.background))
+                minutes=None if args.keep_train else args.minutes, background=tuple(args.background),
+                network_s_per_mp=args.train_cost)
     return 0

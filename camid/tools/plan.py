@@ -15,15 +15,24 @@ time budget for the whole `dvc repro`, and chooses:
 
 The cost figures are wall seconds measured on a 2-core x86 machine (the project's CI machine) with the default
 backbone, `smallcnn` (its other front ends scaled by their networks' measured cost), and scaled by the number of
-cores; other backbones are given no time estimate. The plan is
+cores; other backbones are given no time estimate. Machines of the same core count differ several-fold in what
+the network costs: on a 2-core AMD EPYC with AVX2 and no AVX-512, which decoded JPEGs as fast as the reference
+machine, a `dvc repro` planned on the reference's figures for 15 minutes took 33.7, its training steps costing 3
+to 4 times the reference's. So `camid catalog from-folder` measures the network's
+training cost on the machine at hand (`measure_network`: a few steps of the real model fed through a Keras
+PyDataset, as training feeds it, on random patches) and the plan takes it in place of the reference's; the other
+costs (decoding, cutting patches, inference, which that machine did not slow as much) stay as measured on the
+reference. The plan is
 written into params.yaml as plain numbers, so a run is a function of params.yaml alone and `dvc repro` on another
 machine trains exactly the same; every value stays editable there. `bench/real_devices.py` prints the expected and
 the measured time of `dvc repro` side by side.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 from dataclasses import dataclass
 
 # Wall seconds on the 2-core reference machine (bench/real_devices.py, bench/input_pipeline.py).
@@ -51,13 +60,47 @@ NETWORK_S_PER_MEGAPIXEL = {"smallcnn": 0.60, "smallcnn_learned": 0.76, "smallcnn
 PLANNED_ARCHS = tuple(NETWORK_S_PER_MEGAPIXEL)
 
 
-def train_s_per_megapixel(arch: str) -> float:
-    """Training with the input pipeline: smallcnn's measured figure, the network's part swapped for `arch`'s."""
-    return TRAIN_S_PER_MEGAPIXEL + NETWORK_S_PER_MEGAPIXEL[arch] - NETWORK_S_PER_MEGAPIXEL["smallcnn"]
+MEASURE_STEPS, MEASURE_WARMUP = 10, 3
 
 
 def infer_s_per_megapixel(arch: str) -> float:
     return INFER_S_PER_MEGAPIXEL * NETWORK_S_PER_MEGAPIXEL[arch] / NETWORK_S_PER_MEGAPIXEL["smallcnn"]
+
+
+@functools.lru_cache(maxsize=None)
+def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32,
+                    steps: int = MEASURE_STEPS) -> float:
+    """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
+    NETWORK_S_PER_MEGAPIXEL holds for the reference machine): one `fit` of `steps` steps of the real model, loss and
+    optimizer on random patches from a Keras PyDataset, as training feeds it, timed after a first `fit` of
+    MEASURE_WARMUP steps that builds and traces it. About 10 s on 2 cores; measured once per process."""
+    import keras
+    import numpy as np
+
+    from camid.models import compile_model, create_model
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self, batches, count):
+            super().__init__()
+            self.batches, self.count = batches, count
+
+        def __len__(self):
+            return self.count
+
+        def __getitem__(self, index):
+            return self.batches[index % len(self.batches)]
+
+    model = create_model(arch, num_classes=2, patch=patch, weights="none")
+    compile_model(model, learning_rate=1e-3, aux_weight=0.1)
+    rng = np.random.default_rng(0)
+    batches = [({"image": rng.uniform(0, 255, (batch_size, patch, patch, 3)).astype(np.float32),
+                 "manipulated": np.zeros((batch_size, 1), np.float32)},
+                {"camera": rng.integers(2, size=batch_size).astype(np.int32),
+                 "manipulation": rng.integers(9, size=batch_size).astype(np.int32)}) for _ in range(4)]
+    model.fit(Batches(batches, MEASURE_WARMUP), epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(Batches(batches, steps), epochs=1, verbose=0)
+    return (time.perf_counter() - start) / steps / (batch_size * patch * patch / 1e6)
 
 
 @dataclass(frozen=True)
@@ -67,6 +110,12 @@ class Photos:
     held_out: int                 # validation + test
     val: int
     megapixels: float             # mean over all photos
+    sampled_megapixels: float | None = None  # the mean size of a photo training decodes: a camera uniformly (class
+                                             # balance), then one of its photos; None: `megapixels`
+
+    @property
+    def decoded_megapixels(self) -> float:
+        return self.megapixels if self.sampled_megapixels is None else self.sampled_megapixels
 
     @property
     def total(self) -> int:
@@ -85,6 +134,9 @@ class Plan:
     budget_s: float
     cores: int
     limited_by: str               # "time" or "coverage"
+    arch: str = "smallcnn"
+    network_s_per_mp: float | None = None  # this machine's measured training cost of the network (None: the
+                                            # reference machine's, scaled by cores)
 
     @property
     def total_s(self) -> float:
@@ -98,9 +150,13 @@ class Plan:
     def lines(self, photos: Photos) -> list[str]:
         minutes = lambda s: f"{s / 60:.1f} min"  # noqa: E731
         limit = "the time budget" if self.limited_by == "time" else "coverage: more passes buy little"
+        speed = ([] if self.network_s_per_mp is None else [
+            f"  this machine trains {self.arch} at {self.network_s_per_mp:.2f} s per megapixel of patches (the "
+            f"reference machine's {REFERENCE_CORES} cores: {NETWORK_S_PER_MEGAPIXEL[self.arch]:.2f})"])
         return [
             f"training plan for {photos.total} photos ({photos.train} train, {photos.held_out} validation and test; "
             f"{photos.megapixels:.1f} MP on average), a {minutes(self.budget_s)} budget on {self.cores} core(s):",
+            *speed,
             f"  {self.epochs} epochs x {self.steps_per_epoch} steps of {self.batch_size} patches of {self.patch} px, "
             f"{self.crops_per_decode} patches per decoded photo: {self.coverage:.1f} passes over the training "
             f"photos' pixels (limited by {limit})",
@@ -129,18 +185,21 @@ def stage_seconds(photos: Photos, patch: int, cores: int, arch: str = "smallcnn"
 
 
 def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budget_s: float = 15 * 60,
-                  cores: int | None = None, arch: str = "smallcnn") -> Plan:
+                  cores: int | None = None, arch: str = "smallcnn", network_s_per_mp: float | None = None) -> Plan:
     """The plan for `photos` in `budget_s` seconds of `dvc repro` on `cores` cores (default: this machine's), training
-    `arch` (one of PLANNED_ARCHS)."""
+    `arch` (one of PLANNED_ARCHS). `network_s_per_mp`: this machine's cost of training the network (`measure_network`);
+    None: the reference machine's, scaled by the cores."""
     cores = cores or os.cpu_count() or 1
     k = _scale(cores)
     patch_mp = patch * patch / 1e6
     others = stage_seconds(photos, patch, cores, arch)
-    train_patch_s = train_s_per_megapixel(arch) * patch_mp * k
-    decode_s = DECODE_S_PER_MEGAPIXEL * photos.megapixels * k / REFERENCE_CORES
+    network = NETWORK_S_PER_MEGAPIXEL[arch] * k if network_s_per_mp is None else network_s_per_mp
+    train_patch_s = ((TRAIN_S_PER_MEGAPIXEL - NETWORK_S_PER_MEGAPIXEL["smallcnn"]) * k + network) * patch_mp
+    decode_s = DECODE_S_PER_MEGAPIXEL * photos.decoded_megapixels * k / REFERENCE_CORES
     crops = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, decode_s / (DECODE_SHARE * train_patch_s)))))))
     step_s = batch_size * (train_patch_s + decode_s / crops)
-    val_pass_s = EPOCH_S * k + photos.val * (decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
+    val_decode_s = DECODE_S_PER_MEGAPIXEL * photos.megapixels * k / REFERENCE_CORES
+    val_pass_s = EPOCH_S * k + photos.val * (val_decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
     train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S)
     pixels = photos.train * photos.megapixels * 1e6
     max_steps = MAX_COVERAGE * pixels / (batch_size * patch * patch)
@@ -156,4 +215,4 @@ def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budg
                                                      "register")}
     return Plan(patch=patch, batch_size=batch_size, crops_per_decode=crops, steps_per_epoch=steps_per_epoch,
                 epochs=epochs, coverage=total_steps * batch_size * patch * patch / max(pixels, 1.0), seconds=seconds,
-                budget_s=budget_s, cores=cores, limited_by=limited_by)
+                budget_s=budget_s, cores=cores, limited_by=limited_by, arch=arch, network_s_per_mp=network_s_per_mp)
