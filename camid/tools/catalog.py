@@ -382,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-train", action="store_true", help="no training plan: leave the train block as it is")
     p.add_argument("--train-cost", type=float, default=None, metavar="S",
                    help="seconds per megapixel of patches this machine takes to train the backbone, for the plan "
-                        "(default: measured now, about 10 s; the reference machine's smallcnn: "
+                        "(default: measured now, 10 to 40 s; the reference machine's smallcnn: "
                         f"{NETWORK_S_PER_MEGAPIXEL['smallcnn']:g})")
     p.add_argument("--background", action="append", default=[], metavar="LABEL",
                    help="a folder of DIR that holds photos of *other* camera models (one subfolder per model or "

@@ -73,7 +73,7 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
     """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
     NETWORK_S_PER_MEGAPIXEL holds for the reference machine): one `fit` of `steps` steps of the real model, loss and
     optimizer on random patches from a Keras PyDataset, as training feeds it, timed after a first `fit` of
-    MEASURE_WARMUP steps that builds and traces it. About 10 s on 2 cores; measured once per process."""
+    MEASURE_WARMUP steps that builds and traces it. 10 to 40 s on 2 cores; measured once per process."""
     import keras
     import numpy as np
 
