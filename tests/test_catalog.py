@@ -58,10 +58,18 @@ def test_cli_flat_layout_writes_an_active_catalog_and_keeps_comments(tmp_path, p
         jpeg(tmp_path / "photos" / "Cam-A" / f"{serial}.jpg", "A1", serial=serial)
         jpeg(tmp_path / "photos" / "Cam_B" / f"{serial}.jpg", "B7 Pro", make="Boreal", size=(96, 64), serial=serial)
     before = params_file.read_text()
-    proc = subprocess.run([sys.executable, "-m", "camid", "catalog", "from-folder", "photos", "--name", "mine",
-                           "--workers", "1", "--train-cost", "1.2"], cwd=tmp_path,
-                          env=subprocess_env({"CAMID_PARAMS": str(params_file)}), capture_output=True, text=True,
-                          timeout=60)
+
+    def catalog(*options):
+        return subprocess.run([sys.executable, "-m", "camid", "catalog", "from-folder", "photos", "--name", "mine",
+                               "--workers", "1", *options], cwd=tmp_path,
+                              env=subprocess_env({"CAMID_PARAMS": str(params_file)}), capture_output=True, text=True,
+                              timeout=60)
+
+    # a training speed that is no positive number is refused at the argument, before anything is read or written
+    refused = catalog("--train-cost", "0")
+    assert refused.returncode == 2 and "argument --train-cost: must be above 0, got 0" in refused.stderr
+    assert params_file.read_text() == before
+    proc = catalog("--train-cost", "1.2")
     assert proc.returncode == 0, proc.stderr
     assert "dvc repro" in proc.stdout and "warning" not in proc.stdout
     # --train-cost: the machine's training speed given, not measured; the plan says what it assumed

@@ -115,3 +115,16 @@ def test_one_reference_device_cameras_with_the_same_tables_and_size_are_twins_by
     probs[10:14] = [0.7, 0.2, 0.05, 0.05]  # validation confuses them too: one entry, found by validation
     assert [(t["cameras"], t["by"]) for t in fit_twins(probs, actual, LABELS, firmware=[(1, 0)])] == \
         [(["Nikon-D70", "Nikon-D70s"], VALIDATION)]
+
+
+def test_a_contradiction_at_a_size_the_exif_cameras_reference_lacks_is_undecided():
+    """The same pixels contradict the EXIF camera at one of its reference sizes, and are undecided at another size
+    (a size mode its reference never shot, or a crop); a camera whose sizes the catalog does not record, and a photo
+    whose size is not known, keep the plain check."""
+    sized = [dict(c, sizes=[[2000, 3008]]) if c["label"] == "Canon-450D" else c for c in CATALOG]
+    probs = np.array([[0.97, 0.02, 0.0, 0.01]] * 4)
+    groups = camera_groups(probs, probs.argmax(1), LABELS)
+    named, consistent = metadata_check(sized, ["Canon EOS 450D"] * 3 + ["NIKON D200"], probs, groups, LABELS,
+                                       sizes=[(3008, 2000), (1000, 1504), None, (1000, 1504)])
+    assert named == ["Canon-450D"] * 3 + ["Nikon-D200"]
+    assert consistent == [False, None, False, False]

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from camid.core import fileio
+from camid.core.arguments import positive
 from camid.errors import CamidError
 from camid.core.imageio import ImageError, decode_image, list_images
 
@@ -351,13 +352,6 @@ class Matcher:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     enrol = sub.add_parser("enroll", help="estimate a device's fingerprint from its photos",
@@ -365,8 +359,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "one sensor size; either orientation).")
     enrol.add_argument("photos", nargs="+", metavar="PHOTO_OR_FOLDER")
     enrol.add_argument("--out", required=True, type=Path, help="fingerprint file to write (.npz)")
-    enrol.add_argument("--max-photos", type=_positive, help="use at most this many photos (the first, sorted)")
-    enrol.add_argument("--crop", type=_positive, help="only the sensor's central N x N pixels (faster)")
+    enrol.add_argument("--max-photos", type=positive(int), help="use at most this many photos (the first, sorted)")
+    enrol.add_argument("--crop", type=positive(int), help="only the sensor's central N x N pixels (faster)")
     enrol.add_argument("--quiet", action="store_true", help="no progress bar")
     match = sub.add_parser("match", help="score photos against a device's fingerprint (PCE)",
                            description="Score photos against a device fingerprint: PCE above the threshold "
@@ -375,7 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     match.add_argument("--fingerprint", required=True, type=Path, help="from `camid prnu enroll`")
     match.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                        help=f"PCE above which a photo is a match (default {DEFAULT_THRESHOLD:g})")
-    match.add_argument("--crop", type=_positive, help="compare only the sensor's central N x N pixels (faster)")
+    match.add_argument("--crop", type=positive(int), help="compare only the sensor's central N x N pixels (faster)")
     match.add_argument("--search-shifts", action="store_true",
                        help="look for the peak at every shift, for full-size photos that were cropped and padded "
                             "or shifted (photos smaller than the sensor are always searched)")

@@ -267,16 +267,9 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
         if settings["open_set"] else np.full(len(good), "", dtype=object)
     unknown = grounds != ""
     groups = ensemble.camera_groups(answerable, picked)
-    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], answerable, groups, elsewhere)
-    sizes = scores.sizes or [None] * n
-    # A photo of a pixel size that none of the EXIF camera's reference photos have lies outside what the pixels
-    # learnt of that camera (each size mode is resampled in the camera its own way): a low probability for it is
-    # then no evidence against the EXIF, so the check is left undecided (None), not read as a contradiction. Real
-    # photos (bench/real_devices.py): a Nikon D60 reference of 8 full-size photos read 32 of its other device's 34
-    # "S"-size photos as inconsistent.
-    outside = ensemble.size_seen(named, [sizes[r] for r in good])
-    consistent = [None if verdict is False and camera and seen is False else verdict
-                  for verdict, camera, seen in zip(consistent, named, outside)]
+    sizes = [(scores.sizes or [None] * n)[r] for r in good]
+    named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], answerable, groups, elsewhere,
+                                                sizes)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
     out.loc[good, "closest_camera"] = closest
     out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]
@@ -287,7 +280,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     reference = ensemble.open_set.get("reference_devices") or {}  # the closest camera's training devices (0: unknown)
     out.loc[good, "reference_devices"] = pd.array([reference.get(c) for c in closest], dtype="Int64")
     # Is the photo's size one of the closest camera's reference sizes?
-    out.loc[good, "size_seen"] = pd.array(ensemble.size_seen(closest, [sizes[r] for r in good]), dtype="boolean")
+    out.loc[good, "size_seen"] = pd.array(ensemble.size_seen(closest, sizes), dtype="boolean")
     out.loc[good, "manipulated"] = pd.array(flags, dtype="boolean")
     out.loc[good, "manipulated_estimated"] = pd.array(scores.estimated[good], dtype="boolean")
     out.loc[good, "tables_evidence"] = list(evidence[good])

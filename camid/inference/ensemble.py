@@ -154,11 +154,12 @@ class Ensemble:
     def group_name(group: list[str]) -> str:
         return SEPARATOR.join(group)
 
-    def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]],
-                       background=None) -> tuple[list[str], list[bool | None]]:
-        """`camid.inference.metadata.metadata_check` against the bundle's catalog and metadata rule (`background`:
-        the rows `in_background`)."""
-        return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata, background)
+    def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]], background=None,
+                       sizes=None) -> tuple[list[str], list[bool | None]]:
+        """`camid.inference.metadata.metadata_check` against the bundle's catalog (with its recorded sizes) and
+        metadata rule (`background`: the rows `in_background`; `sizes`: each photo's (height, width) or None)."""
+        return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata, background,
+                              sizes)
 
     # -- calibration and the open-set rule -----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from tqdm import tqdm
 
+from camid.core.arguments import positive
 from camid.config import PARAMS_FILE, FilterParams, SplitParams, load_params, load_raw
 from camid.data.splitting import MIN_DEVICES, MIN_PHOTOS, device_split
 from camid.errors import CamidError
@@ -314,14 +315,14 @@ def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float
     """The training plan's params.yaml keys and its lines (camid.tools.plan), or none where the active backbones
     are not the one the plan's costs were measured with. `network_s_per_mp`: this machine's cost of training the
     backbone (None: measured now, `measure_network`)."""
+    if network_s_per_mp is not None and not network_s_per_mp > 0:
+        raise CamidError(f"--train-cost must be a positive number of seconds per megapixel, got {network_s_per_mp}")
     photos = expected_photos(records_by_label, params.split)
     archs = tuple(params.train.archs)
     if len(archs) != 1 or archs[0] not in PLANNED_ARCHS:
         return {}, [f"no training plan: train.archs is {list(archs)}, and the plan's costs are measured for one of "
                     f"{', '.join(PLANNED_ARCHS)} alone; set train.steps_per_epoch, train.epochs and "
                     "train.crops_per_decode by hand"]
-    if network_s_per_mp is not None and not network_s_per_mp > 0:
-        raise CamidError(f"--train-cost must be a positive number of seconds per megapixel, got {network_s_per_mp}")
     if network_s_per_mp is None:
         print(f"measuring how fast this machine trains {archs[0]} (a few steps on random patches) ...", flush=True)
         network_s_per_mp = measure_network(archs[0], params.train.patch, params.train.batch_size)
@@ -380,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(train.steps_per_epoch, train.epochs, train.crops_per_decode) is chosen to fit it "
                         f"(default {DEFAULT_MINUTES:g})")
     p.add_argument("--keep-train", action="store_true", help="no training plan: leave the train block as it is")
-    p.add_argument("--train-cost", type=float, default=None, metavar="S",
+    p.add_argument("--train-cost", type=positive(float), default=None, metavar="S",
                    help="seconds per megapixel of patches this machine takes to train the backbone, for the plan "
                         "(default: measured now, 10 to 40 s; the reference machine's smallcnn: "
                         f"{NETWORK_S_PER_MEGAPIXEL['smallcnn']:g})")

@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from camid import __version__
 from camid.core.imageio import DEFAULT_MAX_PIXELS
+from camid.core.arguments import positive
 from camid.errors import CamidError
 
 log = logging.getLogger(__name__)
@@ -406,15 +407,6 @@ def serve(app, sock: socket.socket) -> None:
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")).run(sockets=[sock])
 
 
-def _positive(kind):
-    def convert(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-        return value
-    return convert
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/camid@champion",
                         help="MLflow model URI or ensemble bundle folder (default models:/camid@champion)")
@@ -424,11 +416,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder", type=Path, help="a folder on this machine the page can answer with one click")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port on {HOST} (default {DEFAULT_PORT}; 0: a free one)")
-    parser.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_MB,
+    parser.add_argument("--max-upload-mb", type=positive(float), default=DEFAULT_MAX_MB,
                         help=f"largest photo accepted, in MB (default {DEFAULT_MAX_MB})")
-    parser.add_argument("--max-pixels", type=_positive(int), default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS,
                         help=f"a photo over this many pixels gets a card saying so (default {DEFAULT_MAX_PIXELS:,})")
-    parser.add_argument("--max-files", type=_positive(int), default=DEFAULT_MAX_FILES,
+    parser.add_argument("--max-files", type=positive(int), default=DEFAULT_MAX_FILES,
                         help=f"most photos in one batch (default {DEFAULT_MAX_FILES})")
 
 
