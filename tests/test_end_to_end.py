@@ -173,17 +173,24 @@ def test_serve_rejects_missing_column_and_bad_params(server):
 
 
 def test_mlflow_run_train_entry_point_makes_one_tracked_run(project):
+    """`mlflow run . -e train -P arch=mobilenet`: one finished run of the backbone, tracked with what `mlflow run`
+    was given ('' where unset) and what train used, into models/runs (not into DVC's outputs)."""
     root, env = project
     before = set((root / "models/train").iterdir())
-    run(["mlflow", "run", ".", "-e", "train", "-P", "arch=smallcnn", "-P", "epochs=1", "-P", "steps_per_epoch=2",
-         "--env-manager", "local", "--experiment-name", "camid-mlproject"], root, env)
-    code = ("import mlflow\n"
-            "runs = mlflow.search_runs(experiment_names=['camid-mlproject'])\n"
-            "print(len(runs), runs.iloc[0]['status'], runs.iloc[0]['params.arch'], "
-            "'metrics.val_weighted_accuracy' in runs.columns, runs.iloc[0]['tags.git_commit'] != '')\n")
-    out = run([sys.executable, "-c", code], root, env).stdout.split()
-    assert out == ["1", "FINISHED", "smallcnn", "True", "True"], out
-    assert (root / "models/runs/smallcnn/model.keras").is_file()  # not into DVC's output
+    run(["mlflow", "run", ".", "-e", "train", "-P", "arch=mobilenet", "-P", "epochs=1", "-P", "steps_per_epoch=1",
+         "-P", "batch_size=2", "--env-manager", "local", "--experiment-name", "camid-mlproject"], root, env)
+    code = ("import json, mlflow\n"
+            "(run,) = mlflow.search_runs(experiment_names=['camid-mlproject'], output_format='list')\n"
+            "print(json.dumps({'status': run.info.status, 'params': run.data.params, 'tags': run.data.tags,\n"
+            "                  'metrics': sorted(run.data.metrics)}))\n")
+    logged = json.loads(run([sys.executable, "-c", code], root, env).stdout)
+    params, tags = logged["params"], logged["tags"]
+    assert logged["status"] == "FINISHED" and params["arch"] == "mobilenet"
+    assert params["epochs"] == "1" and params["learning_rate"] == "''"
+    assert params["train.epochs"] == "1" and float(params["train.learning_rate"]) == 0.001
+    assert tags["mlflow.project.entryPoint"] == "train" and tags["git_commit"]
+    assert "val_weighted_accuracy" in logged["metrics"]
+    assert (root / "models/runs/mobilenet/model.keras").is_file()  # not into DVC's output
     assert set((root / "models/train").iterdir()) == before
     assert "up to date" in run(["dvc", "status"], root, env).stdout.lower()
 

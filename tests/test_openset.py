@@ -34,6 +34,15 @@ def test_the_tradeoff_counts_accepted_right_answers_and_rejected_unknowns():
                        "unknown_rejected": 0.5, "open_set_accuracy": pytest.approx(2 / 5)}
 
 
+def val_passes(ensemble: Ensemble, cache, settings) -> dict:
+    """The validation passes `fit_confidence` makes, made once for fits that differ only in the JPEG-table
+    evidence (the passes are the pixels alone)."""
+    from camid.inference.scoring import validation_scores
+    from camid.stages.evaluate import score_split_photos
+
+    return {"val": validation_scores(ensemble, cache, settings), "val_photos": score_split_photos(ensemble, cache, "val")}
+
+
 @pytest.fixture(scope="module")
 def open_bundle(tiny_model, tmp_path_factory):
     """The tiny bundle with an open-set photo threshold at the median confidence of its test photos."""
@@ -79,40 +88,49 @@ def test_camid_predict_says_unknown_and_the_submission_still_names_a_catalog_cam
 def test_answers_without_the_jpeg_tables_are_calibrated_and_judged_on_their_own_scale(tiny_model):
     """With the tables, camera originals are far more confident than from the pixels alone: a pixels-only answer
     (`jpeg_tables: false`, a flagged manipulated photo, a PNG) takes the pixels-only temperature and threshold,
-    an answer the tables entered the tables' own."""
+    an answer the tables entered the tables' own. The photos are scored once (`score_photos`, the pixels alone)
+    and answered under each bundle and option by `answers`, the step every served answer ends with."""
     import dataclasses
 
     from camid.forensics.inspect import header_facts
+    from camid.inference.answers import answers, score_photos
     from camid.inference.calibration import apply_temperature
     from camid.inference.jpeg_tables import TablePrior
+    from camid.inference.options import resolve
 
     images = [open(p, "rb").read() for p in tiny_model.test.path]
     truth = [tiny_model.labels.index(label) for label in tiny_model.test.label]
     prior = TablePrior.fit([header_facts(b)["jpeg_tables"] for b in images], truth, tiny_model.labels)
     raw = dataclasses.replace(Ensemble.load(tiny_model.bundle), tables=prior, use_tables=True, temperature={},
                               open_set={})
-    frame = pd.DataFrame({"image": images})
-    raw_tables, raw_pixels = (predict_frame(raw, frame, {"jpeg_tables": on}) for on in (True, False))
+    scored = score_photos(raw, images)
+    flagged_scores = score_photos(raw, images, flags=[True] * len(images))  # the caller's flag rules the tables out
+
+    def answer(ensemble, jpeg_tables=None, scores=scored):
+        return answers(ensemble, scores, resolve({"jpeg_tables": jpeg_tables}))
+
+    assert answer(raw).equals(predict_frame(raw, pd.DataFrame({"image": images})))  # as served
+    raw_tables, raw_pixels = (answer(raw, on) for on in (True, False))
     assert set(raw_tables.tables_evidence) == {"used"} and set(raw_pixels.tables_evidence) == {"none"}
     cut_pixels = float(np.median(raw_pixels.confidence))  # would reject about half of the pixels-only answers
     cut_tables = float(np.min(raw_tables.confidence))      # accepts every tables answer...
     assert cut_tables > cut_pixels                          # ...and, for the pixels, would reject more than half
     fitted = dataclasses.replace(raw, temperature={"photo": 0.5, "photo_pixels_only": 2.0}, open_set={
         "score": "max_prob", "accept": 0.5, "threshold": {"photo": 0.0, "photo_pixels_only": 0.0}})
-    for on, answers, t in ((True, raw_tables, 0.5), (False, raw_pixels, 2.0)):
-        out = predict_frame(fitted, frame, {"jpeg_tables": on})
-        np.testing.assert_allclose(out[tiny_model.labels], apply_temperature(answers[tiny_model.labels].to_numpy(), t))
+    for on, answered, t in ((True, raw_tables, 0.5), (False, raw_pixels, 2.0)):
+        out = answer(fitted, on)
+        np.testing.assert_allclose(out[tiny_model.labels], apply_temperature(answered[tiny_model.labels].to_numpy(), t))
     judged = dataclasses.replace(raw, open_set={"score": "max_prob", "accept": 0.5, "threshold": {
         "photo": cut_tables, "photo_pixels_only": cut_pixels}})
-    pixels = predict_frame(judged, frame, {"jpeg_tables": False})
+    pixels = answer(judged, False)
     assert list(pixels.unknown) == list(raw_pixels.confidence < cut_pixels) and not pixels.unknown.all()
-    tables = predict_frame(judged, frame, {"jpeg_tables": True})
+    tables = answer(judged, True)
     assert not tables.unknown.any()
-    flagged = predict_frame(judged, frame.assign(manipulated=True))  # the caller's flag rules the tables out
+    flagged = answer(judged, scores=flagged_scores)
     assert set(flagged.tables_evidence) == {"none"} and list(flagged.unknown) == list(flagged.confidence < cut_pixels)
     # A bundle fitted before pixels-only settings existed judges every answer on its one scale, as it did.
     old = dataclasses.replace(raw, open_set={"score": "max_prob", "accept": 0.5, "threshold": {"photo": cut_tables}})
-    assert list(predict_frame(old, frame, {"jpeg_tables": False}).unknown) == list(raw_pixels.confidence < cut_tables)
+    assert list(answer(old, False).unknown) == list(raw_pixels.confidence < cut_tables)
 
 
 def test_jpeg_tables_no_catalog_camera_wrote_count_as_unknown_only_where_validation_allows(tiny_model):
@@ -159,15 +177,18 @@ def test_validation_allows_the_unseen_tables_rule_only_when_catalog_originals_sh
     val = read_index(cache, "val").drop_duplicates("image")
     ensemble = Ensemble.load(tiny_model.bundle)
     knows_val = TablePrior.fit([signature_of_file(p) for p in val.path], val.label_index, tiny_model.labels)
-    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings)
+    passes = val_passes(ensemble, cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_val, use_tables=True), cache, settings,
+                                   **passes)
     assert rule["val_tables_seen"] == 1.0 and rule["unseen_tables"]
     assert set(rule["threshold"]) == {"patch", "photo", "patch_pixels_only", "photo_pixels_only"}
     # Every camera split by device: the unseen tables rule measured on the unseen devices, no per-camera rule.
     assert rule["reference"] == UNSEEN_DEVICES and not rule["knn_threshold_camera"]
     knows_nothing = TablePrior.fit([], [], tiny_model.labels)  # as if every camera picked new tables per photo
-    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, tables=knows_nothing, use_tables=True), cache,
+                                   settings, **passes)
     assert rule["val_tables_seen"] == 0.0 and not rule["unseen_tables"]
-    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings)
+    _, rule, _, _ = fit_confidence(dataclasses.replace(ensemble, use_tables=False), cache, settings, **passes)
     assert set(rule["threshold"]) == {"patch", "photo"} and not rule["unseen_tables"]
     assert "knn_threshold_camera_unseen_tables" not in rule
 
@@ -399,7 +420,8 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
     cache = one_device_cache(tiny_model, tmp_path / "cache")
     settings = load_params(ROOT / "params.yaml").evaluate
     ensemble = dataclasses.replace(Ensemble.load(tiny_model.bundle), use_tables=True)
-    _, rule, _, _ = fit_confidence(ensemble, cache, settings)
+    passes = val_passes(ensemble, cache, settings)
+    _, rule, _, _ = fit_confidence(ensemble, cache, settings, **passes)
     per_camera, stricter = rule["knn_threshold_camera"], rule["knn_threshold_camera_unseen_tables"]
     assert rule["reference"] == SINGLE_DEVICE and per_camera and set(stricter) == set(per_camera)
     assert rule["unseen_tables_reach"] == settings.unseen_tables_reach < settings.single_device_reach
@@ -417,7 +439,7 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
     shared = TablePrior({signature: [int(label in cameras) for label in labels]
                          for signature, cameras in sharing.items()}, labels)
     _, rule, _, metadata = fit_confidence(dataclasses.replace(ensemble, use_tables=False, tables=shared), cache,
-                                          settings)
+                                          settings, **passes)
     assert rule["knn_threshold_camera"] and "knn_threshold_camera_unseen_tables" not in rule
     pair = [t for t in metadata["twins"] if t["cameras"] == ["Aster-A1", "Aster-A1s"]]
     assert len(pair) == 1 and (pair[0]["by"] == FIRMWARE or pair[0]["confused"] >= TWIN_CONFUSION)

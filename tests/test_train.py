@@ -1,6 +1,6 @@
-"""The train stage for real on a tiny virtual zoo: MLflow tracking, an exact resume after a SIGKILL, identical bytes
-from identical runs, the `train:` overrides and their errors, and every registry backbone (in process, one step;
-mobilenet also through `mlflow run`)."""
+"""The train stage for real on a tiny virtual zoo: MLflow tracking, an exact resume after a SIGKILL (to the bytes of
+an uninterrupted run), the `train:` overrides and their errors, and every registry backbone (in process, one step;
+mobilenet through `mlflow run` in test_end_to_end)."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +26,10 @@ from camid.models import get_backbone, list_backbones
 from camid.models.callbacks import FIXED_DATE_SAVED, latest_backup, read_backup_state
 from camid.stages.train import resolve_train_params, train
 from tests.conftest import ROOT
-from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, tracking_env, use_tracking,
+from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, use_tracking,
                                 write_params)
 
 EPOCH_METRICS = ("loss", "camera_accuracy", "val_weighted_accuracy", "learning_rate")
-# The backbones whose one-step run stays near 10 s on 2 CPU cores; the others take 25 s (mobilenet) to over 3 min
-# (densenet201), mostly tracing their graphs, and run with `pytest -m slow`.
-FAST_BACKBONES = {"smallcnn", "vgg16"}
 
 
 def only_run(experiment: str = "camid") -> mlflow.entities.Run:
@@ -69,7 +66,7 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
     assert run.info.artifact_uri.startswith(tmp_path.as_uri())
     logged = run.data.params
-    # every train setting by its params.yaml key (bare names are `mlflow run`'s, see test_mlflow_run_trains_mobilenet)
+    # every train setting by its params.yaml key (bare names are `mlflow run`'s, see test_end_to_end's `mlflow run` test)
     assert {f"train.{f.name}" for f in dataclasses.fields(TrainParams) if f.name != "archs"} <= set(logged)
     assert {"arch", "cache_patch", "num_classes", "train_photos", "val_images"} <= set(logged)
     assert logged["arch"] == "smallcnn" and logged["cache_patch"] == str(CACHE_PATCH)
@@ -117,9 +114,11 @@ def model_weights(path: Path) -> list:
 
 
 def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, caplog):
-    """SIGKILLed after an epoch's backup (so somewhere in the next epoch), then run again: the same best model (bytes
-    and weights), history and MLflow metrics as a run that was never interrupted. lr_patience=1 lets
-    ReduceLROnPlateau act within the run; dropout makes the layers' random state matter."""
+    """SIGKILLed after an epoch's backup (so somewhere in the next epoch), then run again: the same bytes in every
+    output DVC hashes (dvc.lock's hashes do not move), the same weights, history and MLflow metrics as a run that
+    was never interrupted. The MLflow run id lives in tracking.json, which .dvcignore keeps out of the hash; the
+    .keras file carries no save date. lr_patience=1 lets ReduceLROnPlateau act within the run; dropout makes the
+    layers' random state matter."""
     epochs, kill_after = 3, 1
     overrides = {"epochs": epochs, "lr_patience": 1, "dropout": [0.3]}
     settings = tiny_train(params.train, **overrides)
@@ -161,10 +160,19 @@ def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, cap
     summary = train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog)
     assert f"resuming smallcnn after epoch {done}" in caplog.text
 
-    assert (out / "history.csv").read_bytes() == (expected_out / "history.csv").read_bytes()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in expected_out.iterdir()) and {"history.csv", "model.keras"} <= set(names)
+    for name in names:
+        if name == TRACKING_FILE:
+            assert (out / name).read_bytes() != (expected_out / name).read_bytes()  # the run ids
+        else:
+            assert (out / name).read_bytes() == (expected_out / name).read_bytes(), name
+    assert TRACKING_FILE in (ROOT / ".dvcignore").read_text().split()
+    with zipfile.ZipFile(out / "model.keras") as archive:
+        assert {m.date_time for m in archive.infolist()} == {ZIP_EPOCH}
+        assert json.loads(archive.read("metadata.json"))["date_saved"] == FIXED_DATE_SAVED
     got, want = model_weights(out / "model.keras"), model_weights(expected_out / "model.keras")
     assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
-    assert (out / "model.keras").read_bytes() == (expected_out / "model.keras").read_bytes()
     assert {k: v for k, v in summary.items() if k != "run_id"} == {k: v for k, v in expected.items() if k != "run_id"}
     assert json.loads((out / "run.json").read_text()) == {k: v for k, v in summary.items() if k != "run_id"}
     assert json.loads((out / TRACKING_FILE).read_text()) == {"run_id": summary["run_id"]}
@@ -182,30 +190,6 @@ def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, cap
     interrupted = [r for r in client.search_runs([experiment]) if r.info.run_id != finished[0].info.run_id]
     assert [r.info.status for r in interrupted] == ["KILLED"]
     assert finished[0].data.tags["resumed_from"] == interrupted[0].info.run_id
-
-
-def test_identical_runs_write_identical_bytes(zoo, params, tmp_path, monkeypatch):
-    """Two runs with the same settings: the same bytes in every output DVC hashes (dvc.lock's hashes do not move);
-    the MLflow run id lives in tracking.json, which .dvcignore keeps out of the hash; the .keras file carries no
-    save date."""
-    use_tracking(monkeypatch, tmp_path)
-    settings = tiny_train(params.train, epochs=1, dropout=[0.3])
-    outs = [tmp_path / "first", tmp_path / "second"]
-    summaries = [train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog) for out in outs]
-    assert summaries[0]["run_id"] != summaries[1]["run_id"]
-    names = sorted(p.name for p in outs[0].iterdir())
-    assert names == sorted(p.name for p in outs[1].iterdir())
-    for name in names:
-        first, second = (out / name for out in outs)
-        if name == TRACKING_FILE:
-            assert first.read_bytes() != second.read_bytes()  # the run ids
-        else:
-            assert first.read_bytes() == second.read_bytes(), name
-    assert TRACKING_FILE in (ROOT / ".dvcignore").read_text().split()
-    with zipfile.ZipFile(outs[0] / "model.keras") as archive:
-        assert {m.date_time for m in archive.infolist()} == {ZIP_EPOCH}
-        assert json.loads(archive.read("metadata.json"))["date_saved"] == FIXED_DATE_SAVED
-    assert all(np.array_equal(a, b) for a, b in zip(*(model_weights(out / "model.keras") for out in outs)))
 
 
 def parse(*argv: str):
@@ -255,32 +239,16 @@ def test_cache_for_another_patch_or_other_cameras_is_refused(zoo, params, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_mlflow_run_trains_mobilenet(zoo, tmp_path):
-    env = subprocess_env({"CAMID_PARAMS": str(write_params(tmp_path / "params.yaml")),
-                          **tracking_env(tmp_path, "camid-mobilenet")})
-    out = tmp_path / "mobilenet"
-    command = ["mlflow", "run", str(ROOT), "-e", "train", "-P", "arch=mobilenet", "-P", f"cache={zoo.cache}",
-               "-P", f"out={out}", "-P", "epochs=1", "-P", "steps_per_epoch=1", "-P", "batch_size=2",
-               "--env-manager", "local", "--experiment-name", "camid-mobilenet"]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    run = only_run("camid-mobilenet")
-    assert run.info.status == "FINISHED" and run.data.params["arch"] == "mobilenet"
-    # `mlflow run` logs what it was given ('' when unset); train logs what it used.
-    assert run.data.params["epochs"] == "1" and run.data.params["learning_rate"] == "''"
-    assert run.data.params["train.epochs"] == "1" and float(run.data.params["train.learning_rate"]) == 0.001
-    assert run.data.tags["mlflow.project.entryPoint"] == "train"
-    assert "val_weighted_accuracy" in run.data.metrics and run.data.tags["git_commit"]
-    assert (out / "model.keras").is_file()
-
-
 def backbone_patch(arch: str) -> int:
     return max(-(-get_backbone(arch).min_size // 2) * 2, PATCH)
 
 
-@pytest.mark.parametrize("arch", [a if a in FAST_BACKBONES else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in list_backbones()])
+# A backbone's one-step run through the train stage takes 12 s (smallcnn) to over 3 min (densenet201) on 2 CPU
+# cores, mostly tracing its graph: `pytest -m slow` runs them. `make test` covers the stage with smallcnn
+# (test_training_run_is_tracked_in_mlflow, the resume test) and mobilenet (`mlflow run` in test_end_to_end), and
+# every backbone's build and training step in tests/test_models.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list_backbones())
 def test_every_backbone_trains_one_step(arch, zoo, params, tmp_path, monkeypatch):
     use_tracking(monkeypatch, tmp_path)
     patch = backbone_patch(arch)

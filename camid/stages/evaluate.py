@@ -88,8 +88,8 @@ def score_split_photos(ensemble: Ensemble, cache: Path, split: str, *, tta: bool
     return photos, scores
 
 
-def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
-                   val: ValidationScores | None = None) -> tuple[dict, dict, dict | None, dict]:
+def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams, val: ValidationScores | None = None,
+                   val_photos: tuple[pd.DataFrame, PhotoScores] | None = None) -> tuple[dict, dict, dict | None, dict]:
     """What the probabilities need from the validation split, with the bundle's views, each fitted on the
     population its setting serves (`camid.inference.ensemble.KINDS`): single patches on the validation camera
     originals' cached centre crops (a served `patches: 1` request is a photo, not one of the test set's
@@ -105,8 +105,9 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     (`camid.inference.metadata.fit_metadata`: the twins validation's whole photos cannot tell apart by their pixels,
     and, for cameras of one reference device, those that share JPEG tables (exactly, or one maker's table family)
     and a native size; how often genuine photos would read inconsistent). Returns (temperatures, open-set rule,
-    bank, metadata rule). `val`: the validation pass `choose_settings` already made (computed here when not
-    given)."""
+    bank, metadata rule). `val`: the validation pass `choose_settings` already made; `val_photos`: the validation
+    photos scored with the bundle's members and views (`score_split_photos`; the pixels alone, so one pass serves
+    any JPEG-table setting); each computed here when not given."""
     from camid.inference.calibration import apply_temperature, fit_temperature
     from camid.data.cache import read_meta
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
@@ -116,7 +117,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams,
     val = val or validation_scores(ensemble, cache, settings)
     evalset, labels = val.evalset, np.asarray(val.evalset.labels)
     originals = evalset.manipulation == 0
-    photos, scores = score_split_photos(ensemble, cache, "val")
+    photos, scores = val_photos or score_split_photos(ensemble, cache, "val")
     ok = scores.ok
     y = photos["label_index"].to_numpy()[ok]
     pixels = {"patch": (final_probs(ensemble, evalset, val.member_views, val.signatures, ensemble.views, False,
