@@ -6,12 +6,13 @@ a real `mlflow models serve` on 127.0.0.1 (one /invocations request per `--batch
 photos agree on the camera, the verdict (`unknown`, `unknown_by`), the JPEG-table evidence and the manipulated flag, and the
 largest difference in any probability. Run it from the project folder after `make run`:
 
-    python bench/one_path.py [--answers plots/test_photos.csv] [--model models:/camid@champion] [--batch 32]
+    python bench/one_path.py [--answers plots/test_photos.csv] [--model models:/camid/3] [--batch 32]
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 import tempfile
@@ -35,7 +36,9 @@ def _as_text(values) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--answers", type=Path, default=Path("plots/test_photos.csv"))
-    parser.add_argument("--model", default="models:/camid@champion")
+    parser.add_argument("--model", default=None,
+                        help="the registered model to serve (default: the version the register stage made from these "
+                             "answers' bundle, registry/registered.json's model_uri; the champion may be an older one)")
     parser.add_argument("--batch", type=int, default=32, help="photos per /invocations request")
     args = parser.parse_args(argv)
 
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.answers.is_file():
         raise SystemExit(f"{args.answers} not found: run `make run` (dvc repro) first")
+    if args.model is None:
+        registered = Path("registry/registered.json")
+        args.model = json.loads(registered.read_text())["model_uri"] if registered.is_file() else \
+            "models:/camid@champion"
     evaluated = pd.read_csv(args.answers, keep_default_na=False)
     paths = [Path(p) for p in evaluated.path]
     ensemble = load_ensemble(args.model)

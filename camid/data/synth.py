@@ -160,6 +160,24 @@ def pipeline_for(label: str, overrides: dict | None = None) -> Pipeline:
     return Pipeline(**fields)
 
 
+# ------------------------------------------------------------------------------------- the same bytes on every CPU
+# numpy picks its SIMD kernels for the CPU it runs on (AVX2, AVX-512, ...), and its float32 sin and power kernels
+# round differently on each: the zoo came out as other bytes on another CPU (17 of the default zoo's 640 files
+# with numpy's kernels beyond the baseline turned off). Such functions are computed here in float64, whose
+# last-place differences almost never survive the rounding to float32; the luma weights are plain products and
+# sums (each exactly rounded, the same everywhere), not `@`, whose OpenBLAS kernel is also chosen by CPU.
+# tests/test_synth.py makes a zoo with numpy's and OpenBLAS's SIMD kernels off and compares the bytes.
+
+def _f32(function, x, *args) -> np.ndarray:
+    """`function` (a numpy ufunc such as np.sin or np.power) of float32 `x` computed in float64, as float32."""
+    return function(np.asarray(x, dtype=np.float64), *args).astype(np.float32)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) luma with the Rec. 601 weights (_LUMA), product by product in a fixed order."""
+    return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
+
+
 # ---------------------------------------------------------------------------------------------------- scenes
 
 def _band_limited_noise(rng: np.random.Generator, h: int, w: int, beta: float) -> np.ndarray:
@@ -168,7 +186,7 @@ def _band_limited_noise(rng: np.random.Generator, h: int, w: int, beta: float) -
     fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
     f2 = fy * fy + fx * fx
     f2[0, 0] = 1.0
-    spectrum = np.fft.rfft2(rng.standard_normal((h, w), dtype=np.float32)) * f2 ** np.float32(-beta / 2)
+    spectrum = np.fft.rfft2(rng.standard_normal((h, w), dtype=np.float32)) * _f32(np.power, f2, -beta / 2)
     spectrum[0, 0] = 0
     field = np.fft.irfft2(spectrum, s=(h, w))
     return field / (field.std() + np.float32(1e-12))
@@ -222,11 +240,12 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         ya, yb, xa, xb = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         alpha, py, px = alpha[ya:yb, xa:xb, None], py[ya:yb], px[:, xa:xb]
         y0, y1, x0, x1 = y0 + ya, y0 + yb, x0 + xa, x0 + xb
-        colour = rng.uniform(0.0, 1.0, 3).astype(np.float32) ** 1.5
+        colour = _f32(np.power, rng.uniform(0.0, 1.0, 3).astype(np.float32), 1.5)
         fill = colour.mean() + np.float32(rng.uniform(0.2, 1.0)) * (colour - colour.mean())
         if rng.random() < 0.35:
             freq, phi = rng.uniform(0.03, 0.45), rng.uniform(0, 2 * np.pi)
-            stripes = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi * freq) * (px * np.float32(np.cos(phi)) + py * np.float32(np.sin(phi))))
+            stripes = 0.5 + 0.5 * _f32(np.sin, np.float32(2 * np.pi * freq) * (px * np.float32(np.cos(phi))
+                                                                              + py * np.float32(np.sin(phi))))
             fill = fill * (0.3 + 0.7 * stripes[..., None])
         window = img[y0:y1, x0:x1]
         window += alpha * (fill - window)
@@ -325,8 +344,8 @@ _TONE_LEVELS = 4096
 @functools.lru_cache(maxsize=None)
 def tone_curve(gamma: float, contrast: float) -> np.ndarray:
     """The firmware's tone curve as a lookup table over linear [0, 1]: a gamma, then an optional S-curve."""
-    x = np.linspace(0, 1, _TONE_LEVELS, dtype=np.float32) ** np.float32(1 / gamma)
-    return (x - contrast * np.sin(2 * np.pi * x) / (2 * np.pi)).astype(np.float32)
+    x = _f32(np.power, np.linspace(0, 1, _TONE_LEVELS, dtype=np.float32), 1 / gamma)
+    return (x - contrast * _f32(np.sin, 2 * np.pi * x) / (2 * np.pi)).astype(np.float32)
 
 
 DEMOSAIC = {"bilinear": _bilinear, "edge_directed": _edge_directed, "nearest": _nearest, "smooth_hue": _smooth_hue}
@@ -350,12 +369,12 @@ def develop(scene: np.ndarray, pipe: Pipeline, prnu: np.ndarray, rng: np.random.
     rgb = DEMOSAIC[pipe.demosaic](raw, masks)
     rgb = np.clip(rgb * wb, 0, 1)
     if pipe.chroma_nr > 0:
-        luma = rgb @ _LUMA
+        luma = _luma(rgb)
         chroma = ndimage.gaussian_filter(rgb - luma[..., None], (pipe.chroma_nr, pipe.chroma_nr, 0), mode="mirror")
         rgb = np.clip(luma[..., None] + chroma, 0, 1)
     tone = tone_curve(pipe.gamma, pipe.contrast)[np.round(rgb * (_TONE_LEVELS - 1)).astype(np.int32)]
     if pipe.sharpen_amount > 0:
-        luma = tone @ _LUMA
+        luma = _luma(tone)
         detail = luma - ndimage.gaussian_filter(luma, pipe.sharpen_radius, mode="mirror")
         tone = tone + pipe.sharpen_amount * detail[..., None]
     return np.clip(np.round(tone * 255), 0, 255).astype(np.uint8)
