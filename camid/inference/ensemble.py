@@ -22,7 +22,7 @@ from camid.inference import bundle as bundle_io
 from camid.inference.balancing import balance_to_quota
 from camid.inference.blending import blend as blend_probs
 from camid.inference.jpeg_tables import NONE, UNSEEN, TablePrior, entered
-from camid.inference.metadata import SEPARATOR, camera_groups, metadata_check
+from camid.inference.metadata import SEPARATOR, camera_groups, entry_camera, metadata_check
 from camid.inference.network import score_members
 from camid.inference.openset import photo_features
 from camid.inference.options import BALANCE_CHOICES
@@ -125,11 +125,7 @@ class Ensemble:
 
     def _sized_cameras(self) -> dict:
         """The catalog cameras whose sizes the bundle recorded, as camid.config.Camera (label -> camera)."""
-        from camid.config import Camera  # as camid.inference.metadata imports it: where it is used
-
-        return {c["label"]: Camera(c["label"], c.get("make", ""), tuple(c.get("models", ())),
-                                   tuple((int(h), int(w)) for h, w in c["sizes"]), False)
-                for c in self.cameras if c.get("sizes")}
+        return {c["label"]: entry_camera(c) for c in self.cameras if c.get("sizes")}
 
     def size_seen(self, cameras, sizes) -> list[bool | None]:
         """For each (camera label, photo (height, width)): is that pixel size one of the camera's native sizes in

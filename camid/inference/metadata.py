@@ -171,6 +171,14 @@ def camera_groups(probs: np.ndarray, picked: np.ndarray, labels: list[str], meta
     return groups
 
 
+def entry_camera(entry: dict):
+    """A bundle's catalog entry (camid.inference.bundle: label, make, models, sizes) as a camid.config.Camera."""
+    from camid.config import Camera
+
+    return Camera(entry["label"], entry.get("make", ""), tuple(entry.get("models", ())),
+                  tuple((int(h), int(w)) for h, w in entry.get("sizes") or ()), False)
+
+
 def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[list[str]], labels: list[str],
                    metadata: dict | None = None, background=None,
                    sizes=None) -> tuple[list[str], list[bool | None]]:
@@ -189,13 +197,9 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     is resampled in the camera its own way, so a low probability for it is no evidence against the EXIF. Real
     photos (bench/real_devices.py): a Nikon D60 reference of 8 full-size photos read 32 of its other device's 34
     "S"-size photos as inconsistent."""
-    from camid.config import Camera
-
     below = float((metadata or {}).get("inconsistent_below", INCONSISTENT_BELOW))
     twins = twin_map(metadata)
-    cameras = [Camera(c["label"], c.get("make", ""), tuple(c["models"]),
-                      tuple((int(h), int(w)) for h, w in c.get("sizes") or ()), False)
-               for c in catalog if not c.get("background")]
+    cameras = [entry_camera(c) for c in catalog if not c.get("background")]
     background = np.zeros(len(groups), dtype=bool) if background is None else np.asarray(background, dtype=bool)
     sizes = [None] * len(groups) if sizes is None else sizes
     named, consistent = [], []

@@ -170,16 +170,16 @@ def _scale(cores: int) -> float:
     return REFERENCE_CORES / max(1, cores)
 
 
-def photo_decode_s(photos: Photos) -> float:
-    """Reference-machine seconds to decode one photo of the mean size, all its cores decoding."""
-    return DECODE_S_PER_MEGAPIXEL * photos.megapixels / REFERENCE_CORES
+def photo_decode_s(megapixels: float) -> float:
+    """Reference-machine seconds to decode one photo of `megapixels`, all its cores decoding."""
+    return DECODE_S_PER_MEGAPIXEL * megapixels / REFERENCE_CORES
 
 
 def stage_seconds(photos: Photos, patch: int, cores: int, arch: str = "smallcnn") -> dict:
     """Expected wall seconds of every stage but training (their work from the photos' count and size)."""
     k = _scale(cores)
     patch_mp = patch * patch / 1e6
-    decode = photo_decode_s(photos)
+    decode = photo_decode_s(photos.megapixels)
     evaluate = (decode * (2 * photos.held_out + photos.train)
                 + infer_s_per_megapixel(arch) * patch_mp * (EVAL_ROWS_HELD_OUT * photos.held_out
                                                       + EVAL_ROWS_TRAIN * photos.train))
@@ -200,10 +200,10 @@ def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budg
     others = stage_seconds(photos, patch, cores, arch)
     network = NETWORK_S_PER_MEGAPIXEL[arch] * k if network_s_per_mp is None else network_s_per_mp
     train_patch_s = ((TRAIN_S_PER_MEGAPIXEL - NETWORK_S_PER_MEGAPIXEL["smallcnn"]) * k + network) * patch_mp
-    decode_s = DECODE_S_PER_MEGAPIXEL * photos.decoded_megapixels * k / REFERENCE_CORES
+    decode_s = photo_decode_s(photos.decoded_megapixels) * k  # a training decode: the class-balanced size
     crops = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, decode_s / (DECODE_SHARE * train_patch_s)))))))
     step_s = batch_size * (train_patch_s + decode_s / crops)
-    val_decode_s = photo_decode_s(photos) * k
+    val_decode_s = photo_decode_s(photos.megapixels) * k
     val_pass_s = EPOCH_S * k + photos.val * (val_decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
     train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S)
     pixels = photos.train * photos.megapixels * 1e6
