@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from camid.config import Camera
+
 INCONSISTENT_BELOW = 0.05   # EXIF contradicts the pixels only where they give its camera less than this
 TWIN_CONFUSION = 0.1        # a pair is "twins" where validation named this share of their photos the other
 GROUP_RATIO = 0.5           # a camera joins the group at this share of the closest camera's probability
@@ -173,8 +175,6 @@ def camera_groups(probs: np.ndarray, picked: np.ndarray, labels: list[str], meta
 
 def entry_camera(entry: dict):
     """A bundle's catalog entry (camid.inference.bundle: label, make, models, sizes) as a camid.config.Camera."""
-    from camid.config import Camera
-
     return Camera(entry["label"], entry.get("make", ""), tuple(entry.get("models", ())),
                   tuple((int(h), int(w)) for h, w in entry.get("sizes") or ()), False)
 
