@@ -1,6 +1,7 @@
 """The backbone registry: every backbone builds and trains, the model's contract, saving, and the weights errors."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -272,3 +273,54 @@ def test_mixed_precision_keeps_float32_outputs():
         assert model.get_layer("dense_1").compute_dtype == "float16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+MALLOC_PROBE = r"""
+import ctypes, json, sys
+import keras, numpy as np
+from camid.models import compile_model, create_model
+from camid.models.callbacks import malloc_callback
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped(size=16 * 2 ** 20):
+    # glibc marks a chunk it mmapped with bit 2 of the size field just before the pointer; freeing one first lets
+    # glibc's dynamic threshold (where it is still dynamic) rise above the size
+    libc.free(libc.malloc(size))
+    pointers = [libc.malloc(size) for _ in range(4)]
+    flags = [bool(ctypes.c_size_t.from_address(p - ctypes.sizeof(ctypes.c_size_t)).value & 2) for p in pointers]
+    for p in pointers:
+        libc.free(p)
+    return all(flags)
+
+class Batches(keras.utils.PyDataset):
+    def __len__(self):
+        return 2
+    def __getitem__(self, index):
+        rng = np.random.default_rng(index)
+        return ({"image": rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32"),
+                 "manipulated": np.zeros((4, 1), "float32")},
+                {"camera": np.arange(4) % 2, "manipulation": np.arange(4) % 9})
+
+model = create_model("smallcnn", num_classes=2, patch=16, weights="none")
+compile_model(model, learning_rate=1e-3, aux_weight=0.1)
+model.fit(Batches(), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
+print(json.dumps({"mmapped": mmapped()}))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"),
+                    reason="TensorFlow's malloc setting is made on the TensorFlow backend with glibc")
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_training_undoes_tensorflows_malloc_setting(switch):
+    """A PyDataset fit makes TensorFlow pin glibc's mmap threshold at 128 KiB (every MiB-sized tensor a fresh mmap:
+    a training step twice as slow, bench/malloc_thresholds.py); the training callback puts it back, so a 16-MiB
+    allocation comes from the heap again. CAMID_MALLOC_THRESHOLDS=0 leaves TensorFlow's setting. In a fresh process,
+    since the setting is the process's."""
+    env = {**os.environ, "CAMID_MALLOC_THRESHOLDS": switch, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"mmapped": switch == "0"}

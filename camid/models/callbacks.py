@@ -2,8 +2,11 @@
 the validation patches (unaltered and manipulated), written into the Keras epoch logs and logged to MLflow."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -27,6 +30,54 @@ def predict_cameras(model, images, manipulated: np.ndarray, batch_size: int) -> 
         return score(images, manipulated)
     parts = [score(pixels, manipulated[start:start + len(pixels)]) for start, pixels in images.chunks()]
     return np.concatenate(parts) if parts else np.zeros((0, len(images.camera_labels)), np.float32)
+
+
+# glibc's mallopt parameters (malloc.h) and the values camid puts back.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2 ** 20   # glibc's own ceiling for its dynamic threshold: the network's tensors reuse heap memory
+TRIM_THRESHOLD = 64 * 2 ** 20   # free memory at the heap's top that glibc keeps rather than hands back
+MALLOC_SWITCH = "CAMID_MALLOC_THRESHOLDS"  # "0": leave TensorFlow's setting (bench/malloc_thresholds.py's baseline)
+
+
+def restore_malloc_thresholds() -> bool:
+    """Undo what TensorFlow's generator dataset does to glibc's malloc; True where it was undone.
+
+    When a `tf.data` generator starts (every Keras PyDataset on the TensorFlow backend: the training patches),
+    TensorFlow calls `mallopt(M_TRIM_THRESHOLD, 128 KiB)` ("Memory patch applied" in its log), a
+    guard against memory growth with Python generators. Setting any threshold also ends glibc's dynamic mmap
+    threshold, which then stays at its starting 128 KiB: every tensor larger than that (a 64-px batch's activations
+    are 2 to 8 MiB) becomes a fresh mmap, each of its pages a page fault, and a munmap when freed. On a 2-core
+    virtual machine that doubled the cost of a training step (513 against 258 ms for smallcnn, 32 patches of 64
+    px; the kernel 38% of the CPU time; `python bench/malloc_thresholds.py`). Putting the mmap threshold where
+    glibc's dynamic one ends (32 MiB) lets those tensors reuse heap memory again. Only on the TensorFlow backend
+    with glibc; `CAMID_MALLOC_THRESHOLDS=0` leaves TensorFlow's setting."""
+    import keras
+
+    mallopt = _glibc_mallopt()
+    if os.environ.get(MALLOC_SWITCH) == "0" or keras.backend.backend() != "tensorflow" or mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc_mallopt():
+    """glibc's mallopt, or None (another C library: musl, macOS, Windows)."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    return getattr(ctypes.CDLL(None), "mallopt", None)
+
+
+def malloc_callback():
+    """A callback that undoes TensorFlow's malloc setting (restore_malloc_thresholds) before every training batch:
+    TensorFlow makes it when a generator's iterator starts, which can fall inside a `fit` (two `mallopt` calls, a few
+    microseconds, against a step of 0.1 s or more)."""
+    import keras
+
+    class MallocThresholds(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            restore_malloc_thresholds()
+
+    return MallocThresholds()
 
 
 def scoring_callbacks(evalset, batch_size: int) -> list:

@@ -37,7 +37,8 @@ from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import TRACKING_FILE, atomic_dir, atomic_path, write_json, write_text
 from camid.models.callbacks import (MONITOR, exact_resume, latest_backup, predict_cameras, read_backup_state,
-                                    restore_backup_files, save_reproducible_keras, scoring_callbacks)
+                                    malloc_callback, restore_backup_files, save_reproducible_keras,
+                                    scoring_callbacks)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: P
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train.early_stopping_patience),
         keras.callbacks.ModelCheckpoint(str(work / "best.keras"), monitor=MONITOR, mode="max", save_best_only=True),
     ]
-    return scoring_callbacks(evalset, train.batch_size) + stateful + [
+    return [malloc_callback()] + scoring_callbacks(evalset, train.batch_size) + stateful + [
         keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
         exact_resume(work / "backup", seed=train.seed, dataset=data, callbacks=stateful, best_file=work / "best.keras",
                      history_file=work / "history.csv", resume_from=resume_from),

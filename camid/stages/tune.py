@@ -19,7 +19,7 @@ from pathlib import Path
 from camid.config import TrainParams, TuneParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import write_text
-from camid.models.callbacks import MONITOR, scoring_callbacks
+from camid.models.callbacks import MONITOR, malloc_callback, scoring_callbacks
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("hyperband", "bayesian", "random")
@@ -62,7 +62,8 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
                                 crops_per_decode=base.crops_per_decode,
                                 cfa_flips=base.cfa_flips)
             evalset = eval_stream(cache, split="val", patch=patch, batch_size=base.batch_size)
-            callbacks = scoring_callbacks(evalset, base.batch_size) + list(kwargs.pop("callbacks", []))
+            callbacks = ([malloc_callback()] + scoring_callbacks(evalset, base.batch_size)
+                         + list(kwargs.pop("callbacks", [])))
             kwargs["shuffle"] = False  # in order: a group of batches shares its decodes (as in the train stage)
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
 

@@ -17,15 +17,15 @@ The cost figures are wall seconds measured on a 2-core x86 machine (the project'
 backbone, `smallcnn` (its other front ends scaled by their networks' measured cost), and scaled by the number of
 cores; other backbones are given no time estimate. Machines of the same core count differ several-fold in what
 the network costs: on a 2-core AMD EPYC with AVX2 and no AVX-512, which decoded JPEGs as fast as the reference
-machine, a `dvc repro` planned on the reference's figures for 15 minutes took 33.7, its training steps costing 3
-to 4 times the reference's. So `camid catalog from-folder` measures the network's
-training cost on the machine at hand (`measure_network`: a few steps of the real model fed through a Keras
-PyDataset, as training feeds it, on random patches) and the plan takes it in place of the reference's; the other
-costs (decoding, cutting patches, inference, which that machine did not slow as much) stay as measured on the
-reference. The plan is
-written into params.yaml as plain numbers, so a run is a function of params.yaml alone and `dvc repro` on another
-machine trains exactly the same; every value stays editable there. `bench/real_devices.py` prints the expected and
-the measured time of `dvc repro` side by side.
+machine, a `dvc repro` planned on the reference's figures for 15 minutes took 33.7, its training steps costing 3 to
+4 times the reference's (about half of the network's measured cost there was TensorFlow's malloc setting, which
+training now undoes: camid.models.callbacks.malloc_callback; the measurement below undoes it too). So `camid
+catalog from-folder` measures the network's training cost on the machine at hand (`measure_network`: a few steps of
+the real model fed through a Keras PyDataset, as training feeds it, on random patches) and the plan takes it in
+place of the reference's; the other costs (decoding, cutting patches, inference, which that machine did not slow as
+much) stay as measured on the reference. The plan is written into params.yaml as plain numbers, so a run is a
+function of params.yaml alone and `dvc repro` on another machine trains exactly the same; every value stays
+editable there. `bench/real_devices.py` prints the expected and the measured time of `dvc repro` side by side.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
     import numpy as np
 
     from camid.models import compile_model, create_model
+    from camid.models.callbacks import malloc_callback
 
     class Batches(keras.utils.PyDataset):
         def __init__(self, batches, count):
@@ -97,9 +98,9 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
                  "manipulated": np.zeros((batch_size, 1), np.float32)},
                 {"camera": rng.integers(2, size=batch_size).astype(np.int32),
                  "manipulation": rng.integers(9, size=batch_size).astype(np.int32)}) for _ in range(4)]
-    model.fit(Batches(batches, MEASURE_WARMUP), epochs=1, verbose=0)
+    model.fit(Batches(batches, MEASURE_WARMUP), epochs=1, verbose=0, callbacks=[malloc_callback()])
     start = time.perf_counter()
-    model.fit(Batches(batches, steps), epochs=1, verbose=0)
+    model.fit(Batches(batches, steps), epochs=1, verbose=0, callbacks=[malloc_callback()])  # as training runs
     return (time.perf_counter() - start) / steps / (batch_size * patch * patch / 1e6)
 
 
