@@ -1,10 +1,10 @@
 """What TensorFlow's malloc setting costs a training step, and what camid's undoing of it costs in memory.
 
-The first `tf.data` generator of a process (every Keras PyDataset on the TensorFlow backend, so camid's training
-patches) sets glibc's M_TRIM_THRESHOLD to 128 KiB, which pins the mmap threshold at 128 KiB: every larger tensor is
-then a fresh mmap, page faults and a munmap (camid.models.callbacks.restore_malloc_thresholds). This bench trains
-the default network (smallcnn, 64 px, batch 32) through `fit` on a PyDataset of random batches, as training feeds
-it, in fresh processes side by side: TensorFlow's setting (the baseline, `CAMID_MALLOC_THRESHOLDS=0`) and camid's
+TensorFlow's `tf.data` generators (behind every Keras PyDataset on the TensorFlow backend, so camid's training
+patches) set glibc's M_TRIM_THRESHOLD to 128 KiB when one starts, which pins the mmap threshold at 128 KiB: every
+larger tensor is then a fresh mmap, page faults and a munmap (camid.models.callbacks.restore_malloc_thresholds).
+This bench trains the default network (smallcnn, 64 px, batch 32) through `fit` on a PyDataset of random batches, as
+training feeds it (camid.tools.plan.time_network_fit, the plan's measurement), in fresh processes side by side: TensorFlow's setting (the baseline, `CAMID_MALLOC_THRESHOLDS=0`) and camid's
 (the malloc callback of the train and tune stages). Each at two lengths (--steps and 4x --steps), so that memory
 that grows with the steps would show. Per run: wall ms per step, CPU ms per step, minor page faults per step, and
 the process's peak RSS.
@@ -16,50 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
-PATCH, BATCH, WARMUP = 64, 32, 3
+WARMUP = 3
 
 
 def run_one(steps: int) -> dict:
-    """In this process: warm up, then time `steps` steps of `fit` with the training stage's malloc callback."""
-    import keras
-    import numpy as np
+    """In this process: the plan's measurement of the network (smallcnn, 64 px, batch 32, the train stage's malloc
+    callback) with a timed `fit` of `steps` steps."""
+    from camid.tools.plan import time_network_fit
 
-    from camid.models import compile_model, create_model
-    from camid.models.callbacks import malloc_callback
-
-    rng = np.random.default_rng(0)
-    batches = [({"image": rng.uniform(0, 255, (BATCH, PATCH, PATCH, 3)).astype(np.float32),
-                 "manipulated": np.zeros((BATCH, 1), np.float32)},
-                {"camera": rng.integers(2, size=BATCH).astype(np.int32),
-                 "manipulation": rng.integers(9, size=BATCH).astype(np.int32)}) for _ in range(4)]
-
-    class Batches(keras.utils.PyDataset):
-        def __init__(self, count):
-            super().__init__()
-            self.count = count
-
-        def __len__(self):
-            return self.count
-
-        def __getitem__(self, index):
-            return batches[index % len(batches)]
-
-    model = create_model("smallcnn", num_classes=2, patch=PATCH, weights="none")
-    compile_model(model, learning_rate=1e-3, aux_weight=0.1)
-    model.fit(Batches(WARMUP), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start, cpu = time.perf_counter(), time.process_time()
-    model.fit(Batches(steps), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"steps": steps, "ms_per_step": 1000 * wall / steps, "cpu_ms_per_step": 1000 * cpu / steps,
-            "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
-            "peak_rss_mb": after.ru_maxrss / 1024}
+    cost = time_network_fit("smallcnn", 64, 32, steps=steps, warmup=WARMUP)
+    return {"steps": steps, "ms_per_step": 1000 * cost["wall_s"] / steps,
+            "cpu_ms_per_step": 1000 * cost["cpu_s"] / steps, "faults_per_step": cost["minor_faults"] / steps,
+            "peak_rss_mb": cost["peak_rss_mb"]}
 
 
 def main(argv=None) -> int:

@@ -47,8 +47,9 @@ def restore_malloc_thresholds() -> bool:
     guard against memory growth with Python generators. Setting any threshold also ends glibc's dynamic mmap
     threshold, which then stays at its starting 128 KiB: every tensor larger than that (a 64-px batch's activations
     are 2 to 8 MiB) becomes a fresh mmap, each of its pages a page fault, and a munmap when freed. On a 2-core
-    virtual machine that doubled the cost of a training step (513 against 258 ms for smallcnn, 32 patches of 64
-    px; the kernel 38% of the CPU time; `python bench/malloc_thresholds.py`). Putting the mmap threshold where
+    virtual machine that cost a training step 1.5 to 2 times its time (smallcnn, 32 patches of 64 px: 345 to 512
+    ms against 189 to 257; about 108,000 page faults a step, the kernel 38% of the CPU time; `python
+    bench/malloc_thresholds.py`). Putting the mmap threshold where
     glibc's dynamic one ends (32 MiB) lets those tensors reuse heap memory again. Only on the TensorFlow backend
     with glibc; `CAMID_MALLOC_THRESHOLDS=0` leaves TensorFlow's setting."""
     import keras
@@ -70,7 +71,10 @@ def _glibc_mallopt():
 def malloc_callback():
     """A callback that undoes TensorFlow's malloc setting (restore_malloc_thresholds) before every training batch:
     TensorFlow makes it when a generator's iterator starts, which can fall inside a `fit` (two `mallopt` calls, a few
-    microseconds, against a step of 0.1 s or more)."""
+    microseconds, against a step of 0.1 s or more).
+
+    A callback, not a call in TrainPatches.__getitem__: with `use_multiprocessing` the batches are cut in worker
+    processes, while the tensors that suffer are allocated in the process that trains, where callbacks run."""
     import keras
 
     class MallocThresholds(keras.callbacks.Callback):

@@ -71,14 +71,29 @@ def infer_s_per_megapixel(arch: str) -> float:
 def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32,
                     steps: int = MEASURE_STEPS) -> float:
     """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
-    NETWORK_S_PER_MEGAPIXEL holds for the reference machine): one `fit` of `steps` steps of the real model, loss and
-    optimizer on random patches from a Keras PyDataset, as training feeds it, timed after a first `fit` of
-    MEASURE_WARMUP steps that builds and traces it. 10 to 40 s on 2 cores; measured once per process."""
+    NETWORK_S_PER_MEGAPIXEL holds for the reference machine): `time_network_fit`'s timed `fit` of `steps` steps.
+    10 to 40 s on 2 cores; measured once per process."""
+    cost = time_network_fit(arch, patch, batch_size, steps)
+    return cost["wall_s"] / steps / (batch_size * patch * patch / 1e6)
+
+
+def time_network_fit(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32, steps: int = MEASURE_STEPS,
+                     warmup: int = MEASURE_WARMUP) -> dict:
+    """Train `arch` (2 classes, no pretrained weights; its loss and optimizer) on random patches fed through a
+    Keras PyDataset with the train stage's malloc callback, as training feeds it: a first `fit` of `warmup` steps
+    that builds and traces it, then a timed `fit` of `steps` steps. What the timed `fit` cost this process:
+    {"wall_s", "cpu_s", "minor_faults"}, and "peak_rss_mb", the process's peak after it (the last two None where
+    the platform has no `resource` module). measure_network and bench/malloc_thresholds.py."""
     import keras
     import numpy as np
 
     from camid.models import compile_model, create_model
     from camid.models.callbacks import malloc_callback
+
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        resource = None
 
     class Batches(keras.utils.PyDataset):
         def __init__(self, batches, count):
@@ -98,10 +113,17 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
                  "manipulated": np.zeros((batch_size, 1), np.float32)},
                 {"camera": rng.integers(2, size=batch_size).astype(np.int32),
                  "manipulation": rng.integers(9, size=batch_size).astype(np.int32)}) for _ in range(4)]
-    model.fit(Batches(batches, MEASURE_WARMUP), epochs=1, verbose=0, callbacks=[malloc_callback()])
-    start = time.perf_counter()
-    model.fit(Batches(batches, steps), epochs=1, verbose=0, callbacks=[malloc_callback()])  # as training runs
-    return (time.perf_counter() - start) / steps / (batch_size * patch * patch / 1e6)
+    model.fit(Batches(batches, warmup), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
+    start, cpu = time.perf_counter(), time.process_time()
+    model.fit(Batches(batches, steps), epochs=1, verbose=0, shuffle=False,  # as the train stage runs it
+              callbacks=[malloc_callback()])
+    cost = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+            "minor_faults": None, "peak_rss_mb": None}
+    if resource:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cost.update(minor_faults=usage.ru_minflt - faults, peak_rss_mb=usage.ru_maxrss / 1024)
+    return cost
 
 
 @dataclass(frozen=True)
