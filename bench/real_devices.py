@@ -11,7 +11,8 @@ of this checkout (bench/scale.py's copy: the code as it is now, its own MLflow s
 
 It prints, per run: the closest camera right on the other devices, the share accepted (not `unknown`), how the
 JPEG tables read (used / family / unseen) and which ground made answers `unknown` (`unknown_by`), `consistent: false` on those genuine photos, the share of the other
-models answered `unknown` and the share the pixels alone reject, and how long `dvc repro` took. Split: train and
+models answered `unknown` and the share the pixels alone reject, how the other models' EXIF reads
+(`unknown_consistent`: `consistent` true, false or empty), and how long `dvc repro` took. Split: train and
 validation are photos of the reference devices; every figure is on devices or models training never saw.
 
 It also prints, per catalog camera, how well the features keep the camera's other devices nearer than other models,
@@ -197,7 +198,8 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
         pixels = pixels[pixels["error"].fillna("") == ""] if "error" in pixels else pixels
         row.update(unknown_n=len(served), unknown_rejected=float((served["camera"] == "unknown").mean()),
                    unknown_rejected_pixels=float((pixels["camera"] == "unknown").mean()),
-                   unknown_tables=served["tables_evidence"].value_counts().to_dict(), unknown_by=unknown_by(served))
+                   unknown_tables=served["tables_evidence"].value_counts().to_dict(), unknown_by=unknown_by(served),
+                   unknown_consistent=served["consistent"].astype(str).value_counts().to_dict())
     row.update(separation(copy / "models" / "ensemble", other_dir, unknown))
     evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
     row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")

@@ -265,6 +265,50 @@ def test_the_knn_ground_rejects_photos_whose_features_are_unlike_the_training_ph
     np.testing.assert_allclose(knn_score(feats, ensemble.bank["photo"], k=1), 1.0, atol=1e-4)
 
 
+def exif_model(jpeg: bytes) -> str:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(jpeg)).getexif()[0x0110]
+
+
+def with_exif_model(jpeg: bytes, model: str) -> bytes:
+    """The same JPEG, pixels and tables untouched, its EXIF Model rewritten in place (same length)."""
+    old = exif_model(jpeg)
+    assert len(model) == len(old)
+    head = jpeg.index(b"\xff\xdb")  # the EXIF segment ends before the first quantization table
+    out = jpeg[:head].replace(old.encode() + b"\x00", model.encode() + b"\x00", 1) + jpeg[head:]
+    assert exif_model(out) == model
+    return out
+
+
+def test_exif_naming_no_catalog_camera_agrees_with_pixels_the_open_set_rule_rejects(knn_bundle, catalog):
+    """Issue 20: a genuine photo of a camera outside the catalog, its EXIF naming that camera, answered `unknown`
+    on its pixels, agrees with its EXIF (`consistent: true`), as a photo the background cameras lead does: the
+    pixels point to no catalog camera either. Where the pixels accept a catalog camera, EXIF naming none
+    contradicts them (`false`)."""
+    import dataclasses
+
+    bundle, images, probe, margin, cut = knn_bundle
+    cameras = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
+    ensemble = dataclasses.replace(Ensemble.load(bundle), cameras=cameras)
+    renamed = [with_exif_model(jpeg, "Q" * len(exif_model(jpeg))) for jpeg in images]  # no catalog camera's model
+    out = predict_frame(ensemble, pd.DataFrame({"image": renamed}))
+    below = margin < cut
+    assert below.any() and not below.all()
+    assert list(out.unknown) == list(below) and set(out.unknown_by[below]) == {"pixels"}
+    assert (out.exif_camera == "").all()
+    assert list(out.consistent) == list(below)
+    # The original EXIF names each photo's own catalog camera: the usual check (camera group, 5% level), whatever
+    # the pixel ground says.
+    original = predict_frame(ensemble, pd.DataFrame({"image": images}))
+    assert (original.exif_camera != "").all()
+    expected = [named in group.split(" or ") or original[named].iloc[i] >= 0.05
+                for i, (named, group) in enumerate(zip(original.exif_camera, original.camera_group))]
+    assert list(original.consistent) == expected
+
+
 def test_one_reference_device_gets_a_threshold_of_its_own_halfway_on_a_log_scale_to_the_other_cameras():
     """Camera 0's held-out reference photos lie at cosine distance about 0.004 from its training photos, camera 1's
     photos at about 0.9: its threshold is the score at the geometric mean of the two median distances, far looser

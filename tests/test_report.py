@@ -167,6 +167,11 @@ def test_an_unknown_answer_says_which_ground_decided_it():
         assert text.startswith(f"unlike every catalog camera ({words})") and "closest is Aster-A1" in text
         assert "one device only" in text
     assert "quality mode" in UNKNOWN_BY["tables"]
+    # A genuine photo of a camera outside the catalog, rejected by the pixels: its EXIF is no contradiction.
+    outside = {**answer, "unknown_by": "pixels", "exif_model": "iPhone 4", "consistent": True}
+    assert readings({**card, "answer": outside}, True)["exif"] == (
+        "EXIF Model 'iPhone 4' names no catalog camera, and the pixels are unlike every catalog camera (`unknown` on "
+        "the pixel ground): no contradiction, though camid has no reference to confirm that camera")
 
 
 def test_a_card_says_when_the_photo_is_most_like_the_background_cameras():

@@ -153,7 +153,8 @@ class Ensemble:
     def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]], background=None,
                        sizes=None) -> tuple[list[str], list[bool | None]]:
         """`camid.inference.metadata.metadata_check` against the bundle's catalog (with its recorded sizes) and
-        metadata rule (`background`: the rows `in_background`; `sizes`: each photo's (height, width) or None)."""
+        metadata rule (`background`: the rows whose pixels point to no catalog camera; `sizes`: each photo's
+        (height, width) or None)."""
         return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata, background,
                               sizes)
 

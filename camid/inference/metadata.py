@@ -187,9 +187,11 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     pixels agree with it (None when the photo has no EXIF Model or the bundle no catalog to match with): False
     only where the pixels contradict that camera (`contradicts`: outside the group, not a twin of the closest
     camera, and under `inconsistent_below`), or where EXIF names no catalog camera while the pixels point to one.
-    Background cameras (catalog entries marked `background`) are never named: EXIF naming one of their models
-    names no catalog camera, and where the pixels put the photo with them (`background[i]` True) they point to
-    no catalog camera either, which agrees with such an EXIF.
+    `background[i]` True: the pixels point to no catalog camera, which agrees with EXIF naming none (the answers
+    pass the photos whose pixels the background cameras lead, and those the open-set rule's pixel ground rejects:
+    a genuine photo of a camera outside the catalog, answered `unknown` on its pixels, is not read as a swapped
+    EXIF). Background cameras (catalog entries marked `background`) are never named: EXIF naming one of their
+    models names no catalog camera.
 
     A contradiction is left undecided (None) where the photo's pixel size (`sizes[i]`, (height, width) or None)
     is none of the named camera's catalog sizes (the catalog entry's "sizes", where it records them): a size mode

@@ -26,7 +26,9 @@ metadata claims (`exif_model`; `exif_camera`, the catalog camera that EXIF Model
 `consistent`: false only where the pixels give that camera under 5% and it is not in the photo's
 `camera_group`, the closest camera with every camera the pixels find nearly as likely, and its twins (pairs
 validation could not separate, or one-reference-device cameras that share JPEG tables and size), e.g. "Nikon-D70
-or Nikon-D70s"; null without an EXIF Model) and the probability
+or Nikon-D70s", or where the EXIF names no catalog camera and the pixels pass the open-set rule's pixel ground
+(true where they point to no catalog camera: rejected on the pixels, or led by the background cameras); null
+without an EXIF Model) and the probability
 of every camera (one column per camera label).
 
 The signature declares `image` as a string, not MLflow's `binary`: for a binary column the scoring server

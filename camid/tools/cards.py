@@ -434,9 +434,13 @@ def _exif_reading(card: dict) -> str:
                 f"(add reference photos of {named} at this size to settle it)")
     if consistent is None:
         return f"EXIF Model {model!r}; the model carries no catalog to match it with"
-    if consistent and not named:  # metadata_check: the pixels put it with the background cameras
-        return (f"EXIF Model {model!r} names no catalog camera, and the pixels put the photo with the background "
-                "cameras (other models): no contradiction")
+    if consistent and not named:  # answers: the pixels point to no catalog camera
+        if _background_lead(card):
+            return (f"EXIF Model {model!r} names no catalog camera, and the pixels put the photo with the background "
+                    "cameras (other models): no contradiction")
+        return (f"EXIF Model {model!r} names no catalog camera, and the pixels are unlike every catalog camera "
+                "(`unknown` on the pixel ground): no contradiction, though camid has no reference to confirm that "
+                "camera")
     if consistent:
         closest = answer["closest_camera"]
         if named == closest:
