@@ -276,10 +276,8 @@ def test_mixed_precision_keeps_float32_outputs():
 
 
 MALLOC_PROBE = r"""
-import ctypes, json, sys
-import keras, numpy as np
-from camid.models import compile_model, create_model
-from camid.models.callbacks import malloc_callback
+import ctypes, json
+from camid.tools.plan import time_network_fit
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -295,18 +293,7 @@ def mmapped(size=16 * 2 ** 20):
         libc.free(p)
     return all(flags)
 
-class Batches(keras.utils.PyDataset):
-    def __len__(self):
-        return 2
-    def __getitem__(self, index):
-        rng = np.random.default_rng(index)
-        return ({"image": rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32"),
-                 "manipulated": np.zeros((4, 1), "float32")},
-                {"camera": np.arange(4) % 2, "manipulation": np.arange(4) % 9})
-
-model = create_model("smallcnn", num_classes=2, patch=16, weights="none")
-compile_model(model, learning_rate=1e-3, aux_weight=0.1)
-model.fit(Batches(), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
+time_network_fit("smallcnn", patch=16, batch_size=4, steps=2, warmup=1)  # PyDataset fits with the malloc callback
 print(json.dumps({"mmapped": mmapped()}))
 """
 
