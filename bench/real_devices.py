@@ -203,6 +203,12 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
     row.update(separation(copy / "models" / "ensemble", other_dir, unknown))
     evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
     row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")
+    # Which epoch's weights each backbone kept, of how many trained, and the best-scoring one (train.checkpoint).
+    for run_file in sorted((copy / "models" / "train").glob("*/run.json")):
+        kept = json.loads(run_file.read_text()).get("checkpoint") or {}
+        row[f"kept_{run_file.parent.name}"] = (f"epoch {kept.get('kept_epoch')} of {kept.get('epochs_trained')} "
+                                               f"({kept.get('rule')}; best {kept.get('best_epoch')}, noise "
+                                               f"{kept.get('noise', 0):.3f} on {kept.get('val_photos')} photos)")
     return row
 
 

@@ -139,6 +139,7 @@ class TrainParams:
     lr_factor: float = 0.5
     lr_patience: int = 3
     early_stopping_patience: int = 12
+    checkpoint: str = "within_noise"  # within_noise | best: which epoch's weights training keeps
     seed: int = 1
 
 

@@ -23,7 +23,8 @@ from camid.config import Catalog, TrainParams
 from camid.core.fileio import TRACKING_FILE, ZIP_EPOCH
 from camid.errors import CamidError
 from camid.models import get_backbone, list_backbones
-from camid.models.callbacks import FIXED_DATE_SAVED, latest_backup, read_backup_state
+from camid.models.callbacks import (FIXED_DATE_SAVED, MONITOR, keep_checkpoint, kept_epoch, latest_backup,
+                                    read_backup_state, validation_noise)
 from camid.stages.train import resolve_train_params, train
 from tests.conftest import ROOT
 from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, use_tracking,
@@ -76,6 +77,15 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert steps == [0, 1], (metric, steps)
     assert run.data.metrics["best_weighted_accuracy"] == pytest.approx(summary["weighted_accuracy"])
+    # The kept checkpoint is the epoch the rule names, and model.keras holds that epoch's weights: scored again,
+    # it gives the score the epoch had.
+    kept, history = summary["checkpoint"], pd.read_csv(out / "history.csv")
+    assert kept["rule"] == settings.checkpoint == "within_noise" and kept["epochs_trained"] == 2
+    assert kept["val_photos"] == int(logged["val_images"]) and kept["noise"] == pytest.approx(
+        validation_noise(kept["best_score"], kept["val_photos"]))
+    assert kept["kept_epoch"] == kept_epoch(history[MONITOR], kept["val_photos"])
+    assert summary["weighted_accuracy"] == pytest.approx(kept["kept_score"], abs=1e-9)
+    assert run.data.metrics["checkpoint_kept_epoch"] == kept["kept_epoch"]
     assert summary["weighted_accuracy"] == pytest.approx(0.7 * summary["accuracy_unaltered"]
                                                          + 0.3 * summary["accuracy_manipulated"])
     assert run.data.tags["git_commit"] not in ("", "unknown")
@@ -192,6 +202,100 @@ def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, cap
     assert finished[0].data.tags["resumed_from"] == interrupted[0].info.run_id
 
 
+# A real-device run's validation (10 photos of the reference devices; run C in the README): the best score came by
+# noise after the second epoch; the rule keeps the last, within 0.07 of it.
+NOISY_VALIDATION = [0.8175, 0.9475, 0.93625, 0.94375, 0.93625, 0.89625, 0.91125, 0.88875, 0.7, 0.90375, 0.9, 0.855,
+                    0.88875, 0.89625]
+
+
+def test_the_kept_epoch_is_the_latest_within_the_validations_noise_of_the_best():
+    assert validation_noise(0.9475, 10) == pytest.approx(0.0705, abs=1e-4)
+    assert kept_epoch(NOISY_VALIDATION, photos=10, rule="best") == 1
+    assert kept_epoch(NOISY_VALIDATION, photos=10) == 13
+    # The same scores on a validation 100 times larger: the band is 0.007; epoch 3, 0.004 below the best, is kept.
+    assert kept_epoch(NOISY_VALIDATION, photos=1000) == 3
+    # A perfect score has no band: the latest perfect epoch; a tie under "best" keeps the earliest.
+    assert kept_epoch([0.5, 1.0, 0.99, 1.0, 0.9], photos=10) == 3
+    assert kept_epoch([0.5, 1.0, 0.99, 1.0, 0.9], photos=10, rule="best") == 1
+    assert kept_epoch([], photos=10) is None
+    with pytest.raises(ValueError, match="choose one of within_noise, best"):
+        kept_epoch([0.5], photos=10, rule="last")
+
+
+class ModelStub:
+    """What the checkpoint callback asks of a Keras model: `save` (writes the epoch the stub holds) and
+    `stop_training`."""
+    epoch, stop_training = None, False
+
+    def save(self, path, overwrite=False):
+        assert overwrite
+        Path(path).write_text(str(self.epoch))
+
+
+def score_sequences() -> list[list[float]]:
+    rng = np.random.default_rng(3)
+    return [NOISY_VALIDATION, list(rng.uniform(0.3, 0.9, 30)), list(np.linspace(0.2, 0.9, 10)),
+            list(np.round(rng.uniform(0.6, 0.7, 40), 2))]
+
+
+@pytest.mark.parametrize("rule", ["within_noise", "best"])
+@pytest.mark.parametrize("photos", [10, 1000])
+def test_the_checkpoint_written_epoch_by_epoch_is_the_rules_choice_over_all_epochs(rule, photos, tmp_path):
+    """The callback decides at each epoch's end, seeing only the epochs so far; the file it leaves is what the rule
+    picks over the whole run."""
+    for scores in score_sequences():
+        target = tmp_path / "best.keras"
+        target.unlink(missing_ok=True)
+        callback, model = keep_checkpoint(target, photos=photos, rule=rule), ModelStub()
+        callback.set_model(model)
+        for epoch, score in enumerate(scores):
+            model.epoch = epoch
+            callback.on_epoch_end(epoch, {MONITOR: score})
+        assert not model.stop_training
+        assert int(target.read_text()) == callback.kept == kept_epoch(scores, photos, rule)
+
+
+def stopped_after(callback, scores) -> int:
+    """The epoch after which `callback` ends training (len(scores): never)."""
+    model = ModelStub()
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, score in enumerate(scores):
+        model.epoch = epoch
+        callback.on_epoch_end(epoch, {MONITOR: score})
+        if model.stop_training:
+            return epoch
+    return len(scores)
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3, 12])
+def test_early_stopping_counts_from_the_epoch_kept(patience, tmp_path):
+    """Under rule "best", training ends where Keras' EarlyStopping ends it; under "within_noise", `patience` epochs
+    after the last epoch within the noise of the best (the noisy real-device validation: Keras stops after epoch 13,
+    where the best came by noise 12 epochs before; the rule does not stop at all)."""
+    import keras
+
+    for scores in score_sequences():
+        keras_stop = stopped_after(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience), scores)
+        assert stopped_after(keep_checkpoint(tmp_path / "b.keras", photos=10, rule="best", patience=patience),
+                             scores) == keras_stop
+        stop = stopped_after(keep_checkpoint(tmp_path / "n.keras", photos=10, patience=patience), scores)
+        last = min(stop, len(scores) - 1)
+        kept = kept_epoch(scores[:last + 1], photos=10)
+        assert (stop < len(scores)) == (last - kept >= max(patience, 1))
+        assert all(epoch - kept_epoch(scores[:epoch + 1], photos=10) < max(patience, 1) for epoch in range(last))
+    assert stopped_after(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=12), NOISY_VALIDATION) == 13
+    assert stopped_after(keep_checkpoint(tmp_path / "n.keras", photos=10, patience=12), NOISY_VALIDATION) == 14
+
+
+def test_an_unknown_checkpoint_rule_is_refused_before_training(zoo, params, tmp_path, monkeypatch):
+    use_tracking(monkeypatch, tmp_path)
+    with pytest.raises(CamidError, match="train.checkpoint is 'last': choose one of within_noise, best"):
+        train("smallcnn", zoo.cache, tmp_path / "out", tiny_train(params.train, checkpoint="last"),
+              params.catalog.labels, params.catalog)
+    assert not (tmp_path / "out").exists()
+
+
 def parse(*argv: str):
     return build_parser("train").parse_args(["train", "--arch", "smallcnn", *argv])
 
@@ -208,7 +312,7 @@ def test_params_file_then_flags_override_the_train_block(params, tmp_path):
 
     # MLproject passes every parameter, '' when unset: '' keeps the value below it.
     unset = ("--out", "", "--weights", "", "--epochs", "", "--steps-per-epoch", "", "--batch-size", "",
-             "--learning-rate", "", "--dropout", "", "--dense", "", "--manipulation-prob", "")
+             "--learning-rate", "", "--dropout", "", "--dense", "", "--manipulation-prob", "", "--checkpoint", "")
     assert resolve_train_params(parse(*unset, "--params-file", ""), params.train) == params.train
     assert resolve_train_params(parse(*unset, "--params-file", str(best)), params.train) == settings
 
@@ -216,6 +320,7 @@ def test_params_file_then_flags_override_the_train_block(params, tmp_path):
                                        "--dropout", "0.1 0.05", "--epochs", "3"), params.train)
     assert (flags.learning_rate, flags.dense, flags.dropout, flags.epochs, flags.patch) == \
         (0.01, (32, 16), (0.1, 0.05), 3, 48)
+    assert resolve_train_params(parse("--checkpoint", "best"), params.train).checkpoint == "best"
 
     with pytest.raises(CamidError, match="not found"):
         resolve_train_params(parse("--params-file", str(tmp_path / "missing.yaml")), params.train)

@@ -29,13 +29,21 @@ def confusion_figure(matrix: np.ndarray, labels: list[str], title: str = "Confus
     return fig
 
 
-def history_figure(history: pd.DataFrame, title: str = "Training"):
+def history_figure(history: pd.DataFrame, title: str = "Training", kept: dict | None = None):
+    """The training curves; `kept` (run.json's "checkpoint") marks on the validation curve the epoch whose weights
+    were kept and the band of the validation's noise below the best score that the rule kept within."""
     metrics = [c for c in ("loss", "camera_accuracy", "val_weighted_accuracy", "learning_rate") if c in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for ax, name in zip(axes[0], metrics):
         ax.plot(history["epoch"], history[name], marker="o", ms=3)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        if name == "val_weighted_accuracy" and kept:
+            ax.axhspan(kept["best_score"] - kept["noise"], kept["best_score"], color="tab:green", alpha=0.15,
+                       label=f"best - 1 s.e. ({kept['val_photos']} photos)")
+            ax.plot([kept["kept_epoch"]], [kept["kept_score"]], marker="*", ms=12, color="tab:red", ls="none",
+                    label=f"kept: epoch {kept['kept_epoch']} ({kept['rule']})")
+            ax.legend(fontsize=7, loc="lower right")
         if name == "learning_rate":
             ax.set_yscale("log")
     fig.suptitle(title)

@@ -3,7 +3,8 @@
 The model sees a patch and the `manipulated` flag and predicts the camera, plus (auxiliary head) which of the
 eight test-set manipulations was applied. Validation scores every held-out photo unaltered and under each
 manipulation, and the competition's weighted accuracy (0.7 unaltered + 0.3 manipulated) drives the
-checkpoint, the learning-rate schedule and early stopping.
+checkpoint kept (the latest epoch within the validation's noise of the best, camid.models.callbacks.kept_epoch),
+the learning-rate schedule and early stopping.
 
 A run killed at any point (an epoch boundary or mid-epoch) and run again with the same settings resumes from the
 last finished epoch and ends exactly as an uninterrupted run: the same weights, metrics and files (the backup
@@ -36,9 +37,10 @@ import pandas as pd
 from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import TRACKING_FILE, atomic_dir, atomic_path, write_json, write_text
-from camid.models.callbacks import (MONITOR, exact_resume, latest_backup, predict_cameras, read_backup_state,
-                                    malloc_callback, restore_backup_files, save_reproducible_keras,
-                                    scoring_callbacks)
+from camid.models.callbacks import (CHECKPOINT_CHOICES, MONITOR, exact_resume, keep_checkpoint, kept_epoch,
+                                    latest_backup, malloc_callback, predict_cameras, read_backup_state,
+                                    restore_backup_files, save_reproducible_keras, scoring_callbacks,
+                                    validation_noise)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,8 @@ def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: P
     stateful = [
         keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train.lr_factor,
                                           patience=train.lr_patience, min_lr=1e-7, verbose=0),
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train.early_stopping_patience),
-        keras.callbacks.ModelCheckpoint(str(work / "best.keras"), monitor=MONITOR, mode="max", save_best_only=True),
+        keep_checkpoint(work / "best.keras", photos=len(np.unique(evalset.image_id)), rule=train.checkpoint,
+                        patience=train.early_stopping_patience),
     ]
     return [malloc_callback()] + scoring_callbacks(evalset, train.batch_size) + stateful + [
         keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
@@ -113,7 +115,8 @@ def run_key(arch: str, train: TrainParams, meta: dict) -> str:
 
 def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[str], catalog, *,
           metrics_file: Path | None = None, plots_file: Path | None = None, extra_tags: dict | None = None) -> dict:
-    """Train `arch` on `cache`, write `out/model.keras` (best checkpoint) and `out/run.json`; return the summary."""
+    """Train `arch` on `cache`, write `out/model.keras` (the checkpoint train.checkpoint keeps) and `out/run.json`;
+    return the summary."""
     import keras
     import mlflow
 
@@ -125,6 +128,9 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     from camid.core.plots import confusion_figure, history_figure
     from camid.data.cache import check_labels, read_meta, split_fingerprint
 
+    if train.checkpoint not in CHECKPOINT_CHOICES:
+        raise CamidError(f"train.checkpoint is {train.checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)} "
+                         "(params.yaml's train block or --checkpoint)")
     meta = read_meta(cache)
     check_labels(meta, catalog, cache)
     if train.patch > meta["patch"]:
@@ -164,7 +170,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
                          "the chief's, so set CAMID_CHECKPOINTS to the same folder on a file system all machines "
                          "share (or delete the checkpoints folder on every machine to start afresh)")
     if finished:
-        # The history and the best checkpoint as they were at the backup: rows CSVLogger wrote after it are epochs
+        # The history and the kept checkpoint as they were at the backup: rows CSVLogger wrote after it are epochs
         # that run again, and ModelCheckpoint may have been killed half-way through a save.
         restore_backup_files(backup, work / "best.keras", work / "history.csv")
         done = pd.read_csv(work / "history.csv", float_precision="round_trip")
@@ -207,11 +213,15 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
             # every batch (3x slower on 2-MP photos).
             model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2, shuffle=False,
                       callbacks=make_callbacks(evalset, train, work, data, backup))
-        if not chief:  # the chief scores the best checkpoint and writes the outputs
+        if not chief:  # the chief scores the kept checkpoint and writes the outputs
             log.info("%s: worker %d of %d done; the chief writes the model", arch, cluster.rank, cluster.workers)
             return {"arch": arch, "worker": cluster.rank, "workers": cluster.workers}
 
-        # Score the best checkpoint, not the last epoch.
+        # Score the kept checkpoint (train.checkpoint's rule), not the last epoch.
+        history = pd.read_csv(work / "history.csv")
+        photos = len(np.unique(evalset.image_id))
+        kept = history.iloc[kept_epoch(history[MONITOR], photos, train.checkpoint)]
+        top = history.iloc[kept_epoch(history[MONITOR], photos, "best")]
         best = keras.models.load_model(work / "best.keras")
         manipulated = evalset.manipulation > 0
         pred = predict_cameras(best, evalset, manipulated, train.batch_size).argmax(1)
@@ -220,6 +230,11 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
             "arch": arch,
             "patch": train.patch,
             "labels": labels,
+            # Which epoch's weights these are, and why: the rule, the epoch it kept and the best-scoring one, and the
+            # validation's noise (one standard error on its photos) that decided between them.
+            "checkpoint": {"rule": train.checkpoint, "kept_epoch": int(kept["epoch"]), "kept_score": float(kept[MONITOR]),
+                           "best_epoch": int(top["epoch"]), "best_score": float(top[MONITOR]), "val_photos": photos,
+                           "noise": validation_noise(float(top[MONITOR]), photos), "epochs_trained": len(history)},
             "weighted_accuracy": weighted_accuracy(evalset.labels, pred, manipulated),
             "accuracy_unaltered": float(np.mean(pred[~manipulated] == evalset.labels[~manipulated])),
             "accuracy_manipulated": float(np.mean(pred[manipulated] == evalset.labels[manipulated])),
@@ -228,7 +243,11 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         }
         mlflow.log_metrics({f"best_{k}": v for k, v in summary.items()
                             if k in ("weighted_accuracy", "accuracy_unaltered", "accuracy_manipulated")})
-        history = pd.read_csv(work / "history.csv")
+        mlflow.log_metrics({f"checkpoint_{k}": v for k, v in summary["checkpoint"].items() if k != "rule"})
+        if summary["checkpoint"]["kept_epoch"] != summary["checkpoint"]["best_epoch"]:
+            log.info("%s: kept epoch %d (%s %.4f), the latest within the validation's noise (%.3f on %d photos) of "
+                     "the best, epoch %d (%.4f)", arch, kept["epoch"], MONITOR, kept[MONITOR],
+                     summary["checkpoint"]["noise"], photos, top["epoch"], top[MONITOR])
         with atomic_dir(out) as tmp:
             save_reproducible_keras(work / "best.keras", tmp / "model.keras")  # same model, same bytes
             shutil.copy2(work / "history.csv", tmp / "history.csv")
@@ -238,7 +257,8 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
             write_json(tmp / TRACKING_FILE, {"run_id": active.info.run_id})
             tracking.log_figure(confusion_figure(matrix, labels, f"{arch}: validation (unaltered + manipulated)"),
                                 "confusion_matrix.png", tmp / "confusion_matrix.png")
-            tracking.log_figure(history_figure(history, f"{arch} training"), "training_curves.png",
+            tracking.log_figure(history_figure(history, f"{arch} training", kept=summary["checkpoint"]),
+                                "training_curves.png",
                                 tmp / "training_curves.png")
             mlflow.log_artifact(str(tmp / "model.keras"), artifact_path="model")
             mlflow.log_dict(summary, "summary.json")
