@@ -157,7 +157,7 @@ def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, cap
     assert kill_after <= done < epochs
     assert not out.exists()
     # What a kill can leave beyond the backup: CSVLogger's row of the epoch that was running, and a best checkpoint
-    # ModelCheckpoint was writing. Both go back to what the backup holds.
+    # the checkpoint callback was writing. Both go back to what the backup holds.
     (work,) = (folder / "ckpt").iterdir()
     with open(work / "history.csv", "a") as history:
         history.write(f"{done},0.5,1.0,0.001,1.0,0.5,1.0,0.5\r\n")

@@ -171,7 +171,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
                          "share (or delete the checkpoints folder on every machine to start afresh)")
     if finished:
         # The history and the kept checkpoint as they were at the backup: rows CSVLogger wrote after it are epochs
-        # that run again, and ModelCheckpoint may have been killed half-way through a save.
+        # that run again, and the checkpoint callback may have been killed half-way through a save.
         restore_backup_files(backup, work / "best.keras", work / "history.csv")
         done = pd.read_csv(work / "history.csv", float_precision="round_trip")
         log.info("resuming %s after epoch %d from %s (best %s so far %.4f)", arch, finished, backup, MONITOR,
