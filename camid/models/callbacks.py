@@ -198,7 +198,9 @@ RESUMABLE = {
     "ModelCheckpoint": ("best",),
     "KeepCheckpoint": ("epochs", "scores", "kept"),
 }
-CHECKPOINTS = ("ModelCheckpoint", "KeepCheckpoint")  # their state changes whenever they rewrite the file
+# The checkpoint callbacks and the attribute that changes exactly when they rewrite the file (a backup links the
+# previous backup's copy while it stays the same).
+CHECKPOINTS = {"ModelCheckpoint": "best", "KeepCheckpoint": "kept"}
 # What a reproducible .keras file says for its save date (Keras writes the wall-clock time of the save).
 FIXED_DATE_SAVED = "1980-01-01@00:00:00"
 
@@ -302,7 +304,7 @@ def exact_resume(folder: Path, *, seed: int, dataset, callbacks: list, best_file
             reseed(self.model, seed, epoch)
 
         def _checkpoint_best(self):
-            return [[_plain(getattr(c, name, None)) for name in RESUMABLE[type(c).__name__]]
+            return [_plain(getattr(c, CHECKPOINTS[type(c).__name__], None))
                     for c in tracked.values() if type(c).__name__ in CHECKPOINTS]
 
         def on_epoch_end(self, epoch, logs=None):
