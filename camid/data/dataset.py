@@ -275,6 +275,11 @@ class EvalRows:
     def manipulated(self) -> np.ndarray:
         return self.manipulation > 0
 
+    @property
+    def photos(self) -> int:
+        """How many photos the rows show."""
+        return int(len(np.unique(self.image_id)))
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -28,7 +28,7 @@ from camid.core.patches import grid_crops
 from camid.errors import CamidError
 from camid.forensics.inspect import header_facts
 from camid.inference.balancing import balance_to_quota
-from camid.inference.ensemble import UNKNOWN_GROUNDS
+from camid.inference.ensemble import PIXEL_GROUNDS
 from camid.inference.jpeg_tables import NONE, entered
 from camid.inference.openset import UNKNOWN, confidence
 from camid.inference.options import DEFAULTS, blend_for
@@ -271,7 +271,7 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
     sizes = [(scores.sizes or [None] * n)[r] for r in good]
     # The pixels point to no catalog camera where they put the photo with the background cameras, or where the
     # open-set rule's pixel ground rejects it: EXIF naming no catalog camera agrees with them there.
-    outside = elsewhere | np.isin(grounds, (UNKNOWN_GROUNDS[0], UNKNOWN_GROUNDS[2]))
+    outside = elsewhere | np.isin(grounds, PIXEL_GROUNDS)
     named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], answerable, groups, outside,
                                                 sizes)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)

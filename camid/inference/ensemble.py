@@ -58,6 +58,7 @@ PIXELS_ONLY = "_pixels_only"
 # Why an answer is `unknown` (the answer's `unknown_by`, `Ensemble.unknown_grounds`): the pixel ground, the JPEG
 # tables' (no catalog firmware's family writes them), or both.
 UNKNOWN_GROUNDS = ("pixels", "tables", "pixels and tables")
+PIXEL_GROUNDS = (UNKNOWN_GROUNDS[0], UNKNOWN_GROUNDS[2])  # the grounds where the pixels reject the photo
 
 
 @dataclass

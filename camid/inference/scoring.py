@@ -85,7 +85,7 @@ def score(ensemble: Ensemble, cache: Path, settings: EvaluateParams, *, split: s
     tables = ensemble.use_tables
     metrics, p = report(evalset, probs(views, tables), labels, settings.balance)
     metrics.update(
-        split=split, test_data=split_fingerprint(cache, split, labels), images=int(len(np.unique(evalset.image_id))),
+        split=split, test_data=split_fingerprint(cache, split, labels), images=evalset.photos,
         patches=int(len(evalset)), chance=1 / len(labels), tta=bool(len(views) > 1), views=[D4[v] for v in views],
         blend=settings.blend, balance=settings.balance, members=ensemble.names, jpeg_tables=tables,
         # the same model and settings, one thing changed at a time

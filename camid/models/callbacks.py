@@ -160,13 +160,13 @@ def keep_checkpoint(filepath: Path, *, photos: int, rule: str = "within_noise", 
     class KeepCheckpoint(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.epochs, self.scores, self.kept = [], [], None
+            self.scores, self.kept = [], None
 
         def on_epoch_end(self, epoch, logs=None):
             current = (logs or {}).get(MONITOR)
             if current is None:
                 return
-            self.epochs, self.scores = self.epochs + [int(epoch)], self.scores + [float(current)]
+            self.scores = self.scores + [float(current)]
             if kept_epoch(self.scores, photos, rule) == len(self.scores) - 1:
                 self.model.save(Path(filepath), overwrite=True)
                 self.kept = int(epoch)
@@ -196,7 +196,7 @@ RESUMABLE = {
     "ReduceLROnPlateau": ("best", "wait", "cooldown_counter"),
     "EarlyStopping": ("best", "wait", "best_epoch", "stopped_epoch"),
     "ModelCheckpoint": ("best",),
-    "KeepCheckpoint": ("epochs", "scores", "kept"),
+    "KeepCheckpoint": ("scores", "kept"),
 }
 # The checkpoint callbacks and the attribute that changes exactly when they rewrite the file (a backup links the
 # previous backup's copy while it stays the same).

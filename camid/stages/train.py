@@ -53,7 +53,7 @@ def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: P
     stateful = [
         keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train.lr_factor,
                                           patience=train.lr_patience, min_lr=1e-7, verbose=0),
-        keep_checkpoint(work / "best.keras", photos=len(np.unique(evalset.image_id)), rule=train.checkpoint,
+        keep_checkpoint(work / "best.keras", photos=evalset.photos, rule=train.checkpoint,
                         patience=train.early_stopping_patience),
     ]
     return [malloc_callback()] + scoring_callbacks(evalset, train.batch_size) + stateful + [
@@ -196,7 +196,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         settings = {f"train.{k}": v for k, v in dataclasses.asdict(train).items() if k != "archs"}
         flips = ",".join(f"{label}:{view}" for label, view in data.flip_views.items()) or "none"
         tracking.log_params({"arch": arch, **settings, "cache_patch": meta["patch"], "num_classes": len(labels),
-                           "train_photos": meta["splits"]["train"]["photos"], "val_images": len(np.unique(evalset.image_id)),
+                           "train_photos": meta["splits"]["train"]["photos"], "val_images": evalset.photos,
                            "cfa_flip_views": flips})
         if finished:
             continue_run(work / "mlflow_run_id", done)
@@ -219,7 +219,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
 
         # Score the kept checkpoint (train.checkpoint's rule), not the last epoch.
         history = pd.read_csv(work / "history.csv")
-        photos = len(np.unique(evalset.image_id))
+        photos = evalset.photos
         kept = history.iloc[kept_epoch(history[MONITOR], photos, train.checkpoint)]
         top = history.iloc[kept_epoch(history[MONITOR], photos, "best")]
         best = keras.models.load_model(work / "best.keras")
