@@ -13,7 +13,7 @@ import yaml
 
 from camid.cli import main as camid_main
 from camid.config import TuneParams, load_params
-from camid.stages.tune import ALGORITHMS, tune
+from camid.stages.tune import ALGORITHMS, trial_score, tune
 from tests.conftest import ROOT
 from tests.helpers_data import subprocess_env, tiny_train, tracking_env, use_tracking, write_params
 
@@ -48,12 +48,13 @@ def test_two_trials_are_nested_runs_and_the_best_values_train(zoo, tmp_path, mon
         assert HYPERPARAMETERS <= set(child.data.params)
         history = client.get_metric_history(child.info.run_id, "val_weighted_accuracy")
         assert [m.step for m in history] == [0]
-        assert "best_val_weighted_accuracy" in child.data.metrics
+        assert {"best_val_weighted_accuracy", "kept_val_weighted_accuracy", "kept_epoch"} <= set(child.data.metrics)
+        assert child.data.tags["checkpoint"] == "within_noise"
     assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "tune"
     assert {f"best_{name}" for name in HYPERPARAMETERS} <= set(parent.data.params)
     assert parent.data.params["tune.algorithm"] == "random" and parent.data.params["tune.max_trials"] == "2"
     best_score = parent.data.metrics["best_val_weighted_accuracy"]
-    assert best_score == max(c.data.metrics["best_val_weighted_accuracy"] for c in children)
+    assert best_score == max(c.data.metrics["kept_val_weighted_accuracy"] for c in children)
     assert "best.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     text = best_file.read_text()
@@ -90,8 +91,22 @@ def test_every_algorithm_runs_a_trial(algorithm, zoo, params, tmp_path, monkeypa
     assert result["trials"] == 1
     trials = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'tune-trial'")
     assert len(trials) == 1  # the score is the one trial's own val score, as its nested run logged it
-    assert result["score"] == pytest.approx(trials["metrics.best_val_weighted_accuracy"].iloc[0])
+    assert result["score"] == pytest.approx(trials["metrics.kept_val_weighted_accuracy"].iloc[0])
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())["train"]) == HYPERPARAMETERS
+
+
+def test_a_trial_scores_the_epoch_the_train_stage_would_keep():
+    """keras-tuner scores a History by its best epoch; camid's trials by the epoch train.checkpoint keeps."""
+    import keras
+
+    history = keras.callbacks.History()
+    history.epoch, history.history = [3, 4, 5], {"val_weighted_accuracy": [0.9, 0.5, 0.88]}
+    # 10 photos: the band below 0.9 is sqrt(0.9 * 0.1 / 10) = 0.095, and 0.88 is in it; Hyperband's epochs count on.
+    assert trial_score(history, 10, "within_noise") == (0.88, 5)
+    assert trial_score(history, 10, "best") == (0.9, 3)
+    assert trial_score(history, 1000, "within_noise") == (0.9, 3)  # 1,000 photos: a band of 0.009
+    history.history = {}
+    assert trial_score(history, 10, "within_noise") is None
 
 
 def test_unknown_algorithm_is_refused(zoo, params, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,10 @@
 """keras-tuner search over a backbone's hyperparameters, every trial a nested MLflow run under one parent.
 
 Searched: learning rate, dropout, head width, patch size and manipulation probability; the objective is
-the competition's weighted accuracy on the held-out split. The best values are logged to the parent run
+the competition's weighted accuracy on the held-out split, at the epoch train.checkpoint keeps (by default the latest
+epoch within the validation's noise of the best, camid.models.callbacks.kept_epoch): a trial is scored as the train
+stage would keep it, not by the one epoch a validation of a few photos happened to favour. Hyperband continues a
+trial from keras-tuner's own checkpoint of its best-scoring epoch. The best values are logged to the parent run
 and written as a params file (`train:` block) that `camid train --params-file` reads, or, with `--apply`,
 written into params.yaml so `dvc repro` retrains with them.
 
@@ -16,10 +19,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from camid.config import TrainParams, TuneParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import write_text
-from camid.models.callbacks import MONITOR, malloc_callback, scoring_callbacks
+from camid.models.callbacks import MONITOR, kept_epoch, malloc_callback, scoring_callbacks
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("hyperband", "bayesian", "random")
@@ -70,7 +75,19 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
     return CamidHyperModel()
 
 
-def make_tuner(algorithm: str, hypermodel, directory: Path, project: str, max_trials: int, epochs: int, seed: int):
+def trial_score(history, photos: int, rule: str) -> tuple[float, int] | None:
+    """(score, epoch) of the epoch `rule` keeps (camid.models.callbacks.kept_epoch) among one execution's epochs, the
+    epoch counted as Keras counts it (`initial_epoch` onwards); None when no epoch was scored."""
+    scores = getattr(history, "history", {}).get(MONITOR, [])
+    kept = kept_epoch(scores, photos, rule)
+    if kept is None:
+        return None
+    first = (getattr(history, "epoch", None) or [0])[0]
+    return float(scores[kept]), int(first + kept)
+
+
+def make_tuner(algorithm: str, hypermodel, directory: Path, project: str, max_trials: int, epochs: int, seed: int,
+               photos: int = 0, rule: str = "best"):
     import keras_tuner as kt
     import mlflow
 
@@ -79,18 +96,24 @@ def make_tuner(algorithm: str, hypermodel, directory: Path, project: str, max_tr
         raise CamidError(f"unknown tune.algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
 
     class TrackedTuner(classes[algorithm]):
-        """Each trial is a nested MLflow run holding its hyperparameters, per-epoch metrics and score."""
+        """Each trial is a nested MLflow run holding its hyperparameters, per-epoch metrics and score; the score the
+        oracle gets is the kept epoch's (`rule` on `photos` validation photos, trial_score), averaged over
+        executions, where keras-tuner would take each execution's best epoch."""
 
         def run_trial(self, trial, *args, **kwargs):
             with mlflow.start_run(run_name=f"trial-{trial.trial_id}", nested=True):
-                mlflow.set_tags({"stage": "tune-trial", "trial_id": trial.trial_id})
+                mlflow.set_tags({"stage": "tune-trial", "trial_id": trial.trial_id, "checkpoint": rule})
                 mlflow.log_params(trial.hyperparameters.values)
                 histories = super().run_trial(trial, *args, **kwargs)
-                history = histories[-1] if isinstance(histories, list) else histories
-                scores = getattr(history, "history", {}).get(MONITOR, [])
-                if scores:
-                    mlflow.log_metric(f"best_{MONITOR}", max(scores))
-                return histories
+                histories = histories if isinstance(histories, list) else [histories]
+                kept = [trial_score(history, photos, rule) for history in histories]
+                if any(k is None for k in kept):
+                    return histories  # an execution without a score: keras-tuner's own message follows
+                best = [max(history.history[MONITOR]) for history in histories]
+                mlflow.log_metrics({f"best_{MONITOR}": float(np.mean(best)),
+                                    f"kept_{MONITOR}": float(np.mean([score for score, _ in kept])),
+                                    "kept_epoch": kept[-1][1]})
+                return [{MONITOR: score} for score, _ in kept]
 
         def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
             # keras-tuner imports tensorboard for every trial on TensorFlow, TensorBoard callback or not, and
@@ -114,15 +137,23 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
 
     from camid import tracking
 
+    from camid.data.dataset import eval_stream
+    from camid.models.callbacks import CHECKPOINT_CHOICES
+
+    if base.checkpoint not in CHECKPOINT_CHOICES:
+        raise CamidError(f"train.checkpoint is {base.checkpoint!r} in params.yaml: choose one of "
+                         f"{', '.join(CHECKPOINT_CHOICES)}")
     hypermodel = make_hypermodel(arch, cache, base, catalog, catalog.labels)
+    photos = eval_stream(cache, split="val", batch_size=base.batch_size).photos  # rows only: no pixels are read
     tuner = make_tuner(settings.algorithm, hypermodel, directory, f"{arch}-{settings.algorithm}",
-                       settings.max_trials, settings.epochs, base.seed)
+                       settings.max_trials, settings.epochs, base.seed, photos=photos, rule=base.checkpoint)
     # tuner_id tells the processes of a distributed search apart: "chief" (the oracle), or a worker's id.
     tags = {"stage": "tune", "arch": arch, "data_version": tracking.data_version(cache), "tuner_id": tuner.tuner_id}
     with tracking.run(f"tune-{arch}", tags=tags):
         # params.yaml keys, as train logs them, apart from the bare names `mlflow run` logs ('' when unset).
         tracking.log_params({"arch": arch, **{f"tune.{k}": v for k, v in dataclasses.asdict(settings).items()},
                            "train.steps_per_epoch": base.steps_per_epoch, "train.batch_size": base.batch_size})
+        tracking.log_params({"train.checkpoint": base.checkpoint})
         tuner.search(epochs=settings.epochs)
         scored = [t for t in tuner.oracle.get_best_trials(1) if t.score is not None]
         if not scored:
@@ -130,14 +161,14 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
         best_trial = scored[0]
         best = best_trial.hyperparameters.values
         mlflow.log_params({f"best_{k}": v for k, v in best.items()})
-        mlflow.log_metric(f"best_{MONITOR}", float(best_trial.score))
+        mlflow.log_metric(f"best_{MONITOR}", float(best_trial.score))  # the kept epoch's score (trial_score)
         train_block = {"learning_rate": float(best["learning_rate"]), "dropout": [float(best["dropout"])],
                        "dense": [int(best["dense"])], "patch": int(best["patch"]),
                        "manipulation_prob": float(best["manipulation_prob"])}
         from camid.config import dump_yaml
 
         text = (f"# best of {len(tuner.oracle.trials)} {settings.algorithm} trials for {arch}: "
-                f"{MONITOR} {best_trial.score:.4f}\n" + dump_yaml({"train": dict(sorted(train_block.items()))}))
+                f"{MONITOR} {best_trial.score:.4f} (at the epoch train.checkpoint {base.checkpoint} keeps)\n" + dump_yaml({"train": dict(sorted(train_block.items()))}))
         write_text(out, text)
         mlflow.log_artifact(str(out))
     log.info("best %s %.4f with %s; written to %s", MONITOR, best_trial.score, train_block, out)
