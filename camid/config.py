@@ -140,6 +140,8 @@ class TrainParams:
     lr_patience: int = 3
     early_stopping_patience: int = 12
     checkpoint: str = "within_noise"  # within_noise | best: which epoch's weights training keeps
+    precise_bn: int = 16             # batches of training patches BatchNormalization's statistics are re-estimated
+                                     # on at every epoch's end (0: Keras' moving statistics); camid.models.callbacks
     seed: int = 1
 
 

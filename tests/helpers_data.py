@@ -19,7 +19,7 @@ CACHE_PATCH = 76
 PATCH = 64
 # Tiny training settings every test starts from (2 CPU cores).
 TINY_TRAIN = {"patch": PATCH, "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "dense": [16], "dropout": [0.1],
-              "early_stopping_patience": 50}
+              "early_stopping_patience": 50, "precise_bn": 2}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -296,6 +296,59 @@ def test_an_unknown_checkpoint_rule_is_refused_before_training(zoo, params, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_precise_batch_norm_sets_the_average_of_the_training_batches_statistics(zoo, params):
+    """Every BatchNormalization layer ends with the equal-weight mean of its batch means and variances over the
+    calibration batches, each layer's inputs as the layers before it normalise them in training mode; the
+    trainable weights do not move, and the momentum is put back."""
+    import keras
+
+    from camid.data.dataset import calibration_batches
+    from camid.models import create_model
+    from camid.models.callbacks import reestimate_batch_norm
+
+    batches = calibration_batches(zoo.cache, params.catalog, patch=PATCH, batch_size=8, batches=3,
+                                  manipulation_prob=0.5, seed=1)
+    assert len(batches) == 3 and batches[0]["image"].dtype == np.uint8
+    assert batches[0]["image"].shape == (8, PATCH, PATCH, 3) and batches[0]["manipulated"].shape == (8, 1)
+    again = calibration_batches(zoo.cache, params.catalog, patch=PATCH, batch_size=8, batches=3,
+                                manipulation_prob=0.5, seed=1)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(batches, again)), "a pure function of the seed"
+    # Memory is bounded whatever is asked: two batches' pixels allowed, two batches drawn.
+    assert len(calibration_batches(zoo.cache, params.catalog, patch=PATCH, batch_size=8, batches=50,
+                                   manipulation_prob=0.5, seed=1, max_bytes=2 * 8 * PATCH * PATCH * 3)) == 2
+
+    keras.utils.set_random_seed(3)
+    model = create_model("smallcnn", num_classes=len(params.catalog), patch=PATCH, dense=(16,), dropout=(0.0,))
+    backbone = model.get_layer("smallcnn")  # the backbone is a model inside the model
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    first = norms[0]
+    before = [np.array(w) for w in model.trainable_weights]
+    # The first layer's inputs: preprocessing, the residuals and the first convolution (nothing normalises before it).
+    upstream = keras.Model(backbone.inputs, first.input)
+    preprocessing = model.get_layer("preprocessing")
+    inputs = [np.asarray(upstream(preprocessing(b["image"].astype("float32")))) for b in batches]
+    means = np.mean([x.mean(axis=(0, 1, 2)) for x in inputs], axis=0)
+    variances = np.mean([x.var(axis=(0, 1, 2)) for x in inputs], axis=0)
+
+    assert reestimate_batch_norm(model, batches) == len(norms) > 1
+    np.testing.assert_allclose(np.array(first.moving_mean), means, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.array(first.moving_variance), variances, rtol=1e-3, atol=1e-6)
+    assert all(layer.momentum == norms[0].momentum for layer in norms) and first.momentum < 1.0
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.trainable_weights))
+    # Frozen layers keep their statistics (a frozen BatchNormalization runs in inference mode even in training).
+    for layer in norms:
+        layer.trainable = False
+    assert reestimate_batch_norm(model, batches) == 0
+
+
+def test_a_negative_precise_bn_is_refused_before_training(zoo, params, tmp_path, monkeypatch):
+    use_tracking(monkeypatch, tmp_path)
+    with pytest.raises(CamidError, match="train.precise_bn is -1"):
+        train("smallcnn", zoo.cache, tmp_path / "out", tiny_train(params.train, precise_bn=-1),
+              params.catalog.labels, params.catalog)
+    assert not (tmp_path / "out").exists()
+
+
 def parse(*argv: str):
     return build_parser("train").parse_args(["train", "--arch", "smallcnn", *argv])
 

@@ -186,10 +186,15 @@ class TrainPatches(keras.utils.PyDataset):
         self.__dict__.update(state)
         self._init_runtime()
 
-    def __del__(self):
+    def close(self) -> None:
+        """Stop the decoding threads (started again if more batches are asked for)."""
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        self.close()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -256,6 +261,36 @@ class TrainPatches(keras.utils.PyDataset):
         images, camera, manipulation = self._group(self.epoch, group).batch(b, self.patch)
         manipulated = (manipulation > 0).astype(np.float32)[:, None]
         return {"image": images, "manipulated": manipulated}, {"camera": camera, "manipulation": manipulation}
+
+
+# The stream `calibration_batches` draws from: an epoch number no training run reaches, so its batches are drawn as
+# training batches are (the same recipe and seed) and are never batches training itself sees.
+CALIBRATION_EPOCH = 2**31 - 1
+CALIBRATION_BYTES = 2**27  # the most uint8 pixels calibration_batches holds (128 MB: 5 batches of 32 at 512 px)
+CALIBRATION_CROPS = 4      # patches cut per decoded photo for the calibration batches
+
+
+def calibration_batches(cache_dir, catalog: Catalog, patch: int, batch_size: int, batches: int,
+                        manipulation_prob: float, seed: int, cfa_flips: bool = False,
+                        max_bytes: int = CALIBRATION_BYTES) -> list[dict]:
+    """Training batches, drawn once, to re-estimate BatchNormalization's statistics on
+    (camid.models.callbacks.precise_batch_norm): `batches` batches of TrainPatches' recipe (class balance,
+    manipulations at `manipulation_prob`, CFA flips) from their own stream (CALIBRATION_EPOCH), never the
+    validation photos. Each is {"image": uint8 (B, P, P, 3), "manipulated": float32 (B, 1)}.
+
+    Memory: at most `max_bytes` of pixels, whatever the number of photos (fewer batches where `batches` of `patch`
+    would hold more; at least one); the photos are decoded once, CALIBRATION_CROPS patches per decode."""
+    count = max(1, min(int(batches), max_bytes // max(1, batch_size * patch * patch * 3)))
+    stream = TrainPatches(cache_dir, catalog, patch=patch, batch_size=batch_size, steps_per_epoch=count,
+                          manipulation_prob=manipulation_prob, seed=seed, crops_per_decode=CALIBRATION_CROPS,
+                          cfa_flips=cfa_flips)
+    stream.epoch = CALIBRATION_EPOCH
+    out = []
+    for index in range(count):
+        inputs, _ = stream[index]
+        out.append({"image": inputs["image"].astype(np.uint8), "manipulated": inputs["manipulated"]})
+    stream.close()
+    return out
 
 
 VIEWS = (None, *MANIPULATIONS)  # an evaluation photo's rows: unaltered, then each manipulation

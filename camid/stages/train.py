@@ -38,16 +38,20 @@ from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import TRACKING_FILE, atomic_dir, atomic_path, write_json, write_text
 from camid.models.callbacks import (CHECKPOINT_CHOICES, MONITOR, exact_resume, keep_checkpoint, kept_epoch,
-                                    latest_backup, malloc_callback, predict_cameras, read_backup_state,
+                                    latest_backup, malloc_callback, precise_batch_norm, predict_cameras,
+                                    read_backup_state,
                                     restore_backup_files, save_reproducible_keras, scoring_callbacks,
                                     validation_noise)
 
 log = logging.getLogger(__name__)
 
 
-def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: Path | None = None) -> list:
+def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: Path | None = None,
+                   calibration: list | None = None) -> list:
     """The training callbacks, `exact_resume` last: it backs up, and on a resume restores, the state of the others
-    (camid.models.callbacks), so a run killed anywhere and run again ends as an uninterrupted one."""
+    (camid.models.callbacks), so a run killed anywhere and run again ends as an uninterrupted one. `calibration`:
+    the batches BatchNormalization's statistics are re-estimated on at every epoch's end, before the model is scored
+    (train.precise_bn; None or empty: Keras' moving statistics)."""
     import keras
 
     stateful = [
@@ -56,7 +60,8 @@ def make_callbacks(evalset, train: TrainParams, work: Path, data, resume_from: P
         keep_checkpoint(work / "best.keras", photos=evalset.photos, rule=train.checkpoint,
                         patience=train.early_stopping_patience),
     ]
-    return [malloc_callback()] + scoring_callbacks(evalset, train.batch_size) + stateful + [
+    precise = [precise_batch_norm(calibration)] if calibration else []
+    return [malloc_callback()] + precise + scoring_callbacks(evalset, train.batch_size) + stateful + [
         keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
         exact_resume(work / "backup", seed=train.seed, dataset=data, callbacks=stateful, best_file=work / "best.keras",
                      history_file=work / "history.csv", resume_from=resume_from),
@@ -121,7 +126,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     import mlflow
 
     from camid import tracking
-    from camid.data.dataset import TrainPatches, eval_stream
+    from camid.data.dataset import TrainPatches, calibration_batches, eval_stream
     from camid.core.metrics import confusion_matrix, per_camera_accuracy, weighted_accuracy
     from camid.models import compile_model, configure_devices, create_model
     from camid.models.devices import cluster_from_env, same_on_all_workers
@@ -131,6 +136,10 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     if train.checkpoint not in CHECKPOINT_CHOICES:
         raise CamidError(f"train.checkpoint is {train.checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)} "
                          "(params.yaml's train block or --checkpoint)")
+    if train.precise_bn < 0:
+        raise CamidError(f"train.precise_bn is {train.precise_bn}: the number of batches BatchNormalization's "
+                         "statistics are re-estimated on at every epoch's end, 0 to keep Keras' moving statistics "
+                         "(params.yaml's train block)")
     meta = read_meta(cache)
     check_labels(meta, catalog, cache)
     if train.patch > meta["patch"]:
@@ -185,6 +194,12 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         log.info("CFA layout kept by a diagonal flip (the photos as most are stored): %s", ", ".join(
             f"{label} {view}" for label, view in data.flip_views.items()) or "no camera's photos show which")
     data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
+    calibration = calibration_batches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
+                                      batches=train.precise_bn, manipulation_prob=train.manipulation_prob,
+                                      seed=train.seed, cfa_flips=train.cfa_flips) if train.precise_bn > 0 else []
+    if calibration:
+        log.info("BatchNormalization's statistics re-estimated at every epoch's end on %d batches of training "
+                 "patches (train.precise_bn)", len(calibration))
     # The validation rows, their pixels built chunk by chunk at each scoring: memory for one chunk, not the split.
     evalset = eval_stream(cache, split="val", patch=train.patch, batch_size=train.batch_size)
 
@@ -212,7 +227,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
             # one decode per photo (camid.data.dataset), which Keras' shuffled order would repeat for nearly
             # every batch (3x slower on 2-MP photos).
             model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2, shuffle=False,
-                      callbacks=make_callbacks(evalset, train, work, data, backup))
+                      callbacks=make_callbacks(evalset, train, work, data, backup, calibration))
         if not chief:  # the chief scores the kept checkpoint and writes the outputs
             log.info("%s: worker %d of %d done; the chief writes the model", arch, cluster.rank, cluster.workers)
             return {"arch": arch, "worker": cluster.rank, "workers": cluster.workers}

@@ -24,7 +24,7 @@ import numpy as np
 from camid.config import TrainParams, TuneParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import write_text
-from camid.models.callbacks import MONITOR, kept_epoch, malloc_callback, scoring_callbacks
+from camid.models.callbacks import MONITOR, kept_epoch, malloc_callback, precise_batch_norm, scoring_callbacks
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("hyperband", "bayesian", "random")
@@ -39,7 +39,7 @@ def patch_choices(cache_patch: int, min_size: int) -> list[int]:
 def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: list[str]):
     import keras_tuner as kt
 
-    from camid.data.dataset import TrainPatches, eval_stream
+    from camid.data.dataset import TrainPatches, calibration_batches, eval_stream
     from camid.models import compile_model, create_model, get_backbone
     from camid.data.cache import read_meta
 
@@ -67,7 +67,13 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
                                 crops_per_decode=base.crops_per_decode,
                                 cfa_flips=base.cfa_flips)
             evalset = eval_stream(cache, split="val", patch=patch, batch_size=base.batch_size)
-            callbacks = ([malloc_callback()] + scoring_callbacks(evalset, base.batch_size)
+            # As the train stage scores an epoch: BatchNormalization's statistics re-estimated first (train.precise_bn).
+            calibration = calibration_batches(cache, catalog, patch=patch, batch_size=base.batch_size,
+                                              batches=base.precise_bn,
+                                              manipulation_prob=hp.get("manipulation_prob"), seed=base.seed,
+                                              cfa_flips=base.cfa_flips) if base.precise_bn > 0 else []
+            precise = [precise_batch_norm(calibration)] if calibration else []
+            callbacks = ([malloc_callback()] + precise + scoring_callbacks(evalset, base.batch_size)
                          + list(kwargs.pop("callbacks", [])))
             kwargs["shuffle"] = False  # in order: a group of batches shares its decodes (as in the train stage)
             return model.fit(data, *args, callbacks=callbacks, verbose=0, **kwargs)
@@ -168,7 +174,8 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
         from camid.config import dump_yaml
 
         text = (f"# best of {len(tuner.oracle.trials)} {settings.algorithm} trials for {arch}: "
-                f"{MONITOR} {best_trial.score:.4f} (at the epoch train.checkpoint {base.checkpoint} keeps)\n" + dump_yaml({"train": dict(sorted(train_block.items()))}))
+                f"{MONITOR} {best_trial.score:.4f} (at the epoch train.checkpoint {base.checkpoint} keeps)\n"
+                + dump_yaml({"train": dict(sorted(train_block.items()))}))
         write_text(out, text)
         mlflow.log_artifact(str(out))
     log.info("best %s %.4f with %s; written to %s", MONITOR, best_trial.score, train_block, out)

@@ -60,6 +60,10 @@ NETWORK_S_PER_MEGAPIXEL = {"smallcnn": 0.60, "smallcnn_learned": 0.76, "smallcnn
 PLANNED_ARCHS = tuple(NETWORK_S_PER_MEGAPIXEL)
 
 
+# Re-estimating BatchNormalization's statistics at an epoch's end (train.precise_bn batches, run eagerly in training
+# mode, camid.models.callbacks.reestimate_batch_norm): its cost per patch against a training step's network cost.
+PRECISE_BN_SHARE = 0.65          # measured at 64 px (0.39 at 128 px: eager calls cost most on small patches)
+
 MEASURE_STEPS, MEASURE_WARMUP = 10, 3
 
 
@@ -213,10 +217,15 @@ def stage_seconds(photos: Photos, patch: int, cores: int, arch: str = "smallcnn"
 
 
 def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budget_s: float = 15 * 60,
-                  cores: int | None = None, arch: str = "smallcnn", network_s_per_mp: float | None = None) -> Plan:
+                  cores: int | None = None, arch: str = "smallcnn", network_s_per_mp: float | None = None,
+                  precise_bn: int | None = None) -> Plan:
     """The plan for `photos` in `budget_s` seconds of `dvc repro` on `cores` cores (default: this machine's), training
     `arch` (one of PLANNED_ARCHS). `network_s_per_mp`: this machine's cost of training the network (`measure_network`);
-    None: the reference machine's, scaled by the cores."""
+    None: the reference machine's, scaled by the cores. `precise_bn`: train.precise_bn (None: its default)."""
+    from camid.config import TrainParams
+    from camid.data.dataset import CALIBRATION_CROPS
+
+    precise_bn = TrainParams.precise_bn if precise_bn is None else max(0, int(precise_bn))
     cores = cores or os.cpu_count() or 1
     k = _scale(cores)
     patch_mp = patch * patch / 1e6
@@ -227,8 +236,12 @@ def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budg
     crops = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, decode_s / (DECODE_SHARE * train_patch_s)))))))
     step_s = batch_size * (train_patch_s + decode_s / crops)
     val_decode_s = photo_decode_s(photos.megapixels) * k
-    val_pass_s = EPOCH_S * k + photos.val * (val_decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
-    train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S)
+    # An epoch's fixed cost: scoring validation, and re-estimating BatchNormalization's statistics first; training
+    # also decodes the photos of those batches once (CALIBRATION_CROPS patches per decode).
+    val_pass_s = (EPOCH_S * k + photos.val * (val_decode_s + 9 * infer_s_per_megapixel(arch) * patch_mp * k)
+                  + precise_bn * batch_size * PRECISE_BN_SHARE * network * patch_mp)
+    calibration_s = precise_bn * batch_size / CALIBRATION_CROPS * decode_s
+    train_s = max(MIN_TRAIN_S, budget_s - sum(others.values()) - STAGE_S - calibration_s)
     pixels = photos.train * photos.megapixels * 1e6
     max_steps = MAX_COVERAGE * pixels / (batch_size * patch * patch)
     epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, VAL_SHARE * train_s / max(val_pass_s, 1e-9))))
@@ -238,7 +251,7 @@ def plan_training(photos: Photos, *, patch: int = 64, batch_size: int = 32, budg
         steps, limited_by = max_steps, "coverage"
     steps_per_epoch = max(1, int(steps / epochs))
     total_steps = steps_per_epoch * epochs
-    seconds = {**others, "train": STAGE_S + total_steps * step_s + epochs * val_pass_s}
+    seconds = {**others, "train": STAGE_S + calibration_s + total_steps * step_s + epochs * val_pass_s}
     seconds = {stage: seconds[stage] for stage in ("acquire, filter, split", "prepare", "train", "evaluate",
                                                      "register")}
     return Plan(patch=patch, batch_size=batch_size, crops_per_decode=crops, steps_per_epoch=steps_per_epoch,
