@@ -64,8 +64,13 @@ def inside(root: Path, **env: str):
 
 def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[str, ...] = ("smallcnn",),
                      images_per_device: int = 2, epochs: int = 1, steps_per_epoch: int = 3,
-                     batch_size: int = 8, register: bool = True) -> TinyModel:
-    """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register."""
+                     batch_size: int = 8, precise_bn: int = 0, register: bool = True) -> TinyModel:
+    """Synthesise, split, prepare, train one member per (arch, seed), bundle, and optionally register.
+
+    `precise_bn` (train.precise_bn) is 0 by default: after a few steps Keras' moving statistics are still near
+    their initial values and the tiny model answers close to uniform, which the tests and benches built on it rely
+    on (JPEG tables or a threshold can still move an answer); statistics re-estimated on training patches make the
+    same barely trained network confidently wrong."""
     from camid.config import load_params
     from camid.inference.ensemble import Ensemble
     from camid.data.cache import prepare
@@ -90,7 +95,8 @@ def build_tiny_model(root: Path, *, seeds: tuple[int, ...] = (1,), archs: tuple[
         for arch in archs:
             for seed in seeds:
                 settings = dataclasses.replace(params.train, archs=(arch,), epochs=epochs, seed=seed,
-                                               steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+                                               steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                                               precise_bn=precise_bn)
                 out = root / "models" / f"{arch}-{seed}"
                 scores.append(train(arch, root / "cache", out, settings, labels, catalog)["weighted_accuracy"])
                 members.append(out)

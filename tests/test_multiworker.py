@@ -345,7 +345,7 @@ def train_worker_main(out: Path, cache: str) -> None:
     from tests.helpers_data import tiny_train
 
     params = load_params(ROOT / "params.yaml")
-    settings = tiny_train(params.train, epochs=2, steps_per_epoch=2, batch_size=4)
+    settings = tiny_train(params.train, epochs=2, steps_per_epoch=2, batch_size=4, precise_bn=2)
     summary = train("smallcnn", Path(cache), Path("models/smallcnn"), settings, params.catalog.labels, params.catalog)
     (out / "result.json").write_text(json.dumps(summary, default=str))
 

@@ -27,7 +27,7 @@ from camid.models.callbacks import (FIXED_DATE_SAVED, MONITOR, keep_checkpoint, 
                                     read_backup_state, validation_noise)
 from camid.stages.train import resolve_train_params, train
 from tests.conftest import ROOT
-from tests.helpers_data import (CACHE_PATCH, PATCH, subprocess_env, tiny_train, use_tracking,
+from tests.helpers_data import (CACHE_PATCH, PATCH, PRECISE_BN, subprocess_env, tiny_train, use_tracking,
                                 write_params)
 
 EPOCH_METRICS = ("loss", "camera_accuracy", "val_weighted_accuracy", "learning_rate")
@@ -54,7 +54,7 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     decodes = []  # training photos decoded: the batches come in order, so a group decodes each photo once
     real = dataset_module.decode_photo
     monkeypatch.setattr(dataset_module, "decode_photo", lambda *a, **k: decodes.append(a[0]) or real(*a, **k))
-    settings = tiny_train(params.train, epochs=2, steps_per_epoch=16, crops_per_decode=2)
+    settings = tiny_train(params.train, epochs=2, steps_per_epoch=16, crops_per_decode=2, precise_bn=PRECISE_BN)
     out = tmp_path / "models" / "smallcnn"
     summary = train("smallcnn", zoo.cache, out, settings, params.catalog.labels, params.catalog)
     train_photos = set(pd.read_parquet(zoo.cache / "train" / "index.parquet").path)
@@ -72,7 +72,7 @@ def test_training_run_is_tracked_in_mlflow(zoo, params, tmp_path, monkeypatch):
     assert {"arch", "cache_patch", "num_classes", "train_photos", "val_images"} <= set(logged)
     assert logged["arch"] == "smallcnn" and logged["cache_patch"] == str(CACHE_PATCH)
     assert logged["train.patch"] == str(PATCH) and float(logged["train.learning_rate"]) == settings.learning_rate
-    assert logged["train.dense"] == "(16,)" and logged["train.epochs"] == "2"
+    assert logged["train.dense"] == "(16,)" and logged["train.epochs"] == "2" and logged["train.precise_bn"] == "2"
     for metric in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert steps == [0, 1], (metric, steps)
@@ -130,7 +130,7 @@ def test_killed_training_resumes_exactly(zoo, params, tmp_path, monkeypatch, cap
     .keras file carries no save date. lr_patience=1 lets ReduceLROnPlateau act within the run; dropout makes the
     layers' random state matter."""
     epochs, kill_after = 3, 1
-    overrides = {"epochs": epochs, "lr_patience": 1, "dropout": [0.3]}
+    overrides = {"epochs": epochs, "lr_patience": 1, "dropout": [0.3], "precise_bn": PRECISE_BN}
     settings = tiny_train(params.train, **overrides)
     # One tracking store (making one costs seconds), an experiment per run; the checkpoints apart.
     tracking = use_tracking(monkeypatch, tmp_path, "camid", "killed")
