@@ -279,7 +279,10 @@ def calibration_batches(cache_dir, catalog: Catalog, patch: int, batch_size: int
     validation photos. Each is {"image": uint8 (B, P, P, 3), "manipulated": float32 (B, 1)}.
 
     Memory: at most `max_bytes` of pixels, whatever the number of photos (fewer batches where `batches` of `patch`
-    would hold more; at least one); the photos are decoded once, CALIBRATION_CROPS patches per decode."""
+    would hold more; at least one); the photos are decoded once, CALIBRATION_CROPS patches per decode. `batches` 0:
+    none (train.precise_bn 0, Keras' moving statistics), nothing decoded."""
+    if batches <= 0:
+        return []
     count = max(1, min(int(batches), max_bytes // max(1, batch_size * patch * patch * 3)))
     stream = TrainPatches(cache_dir, catalog, patch=patch, batch_size=batch_size, steps_per_epoch=count,
                           manipulation_prob=manipulation_prob, seed=seed, crops_per_decode=CALIBRATION_CROPS,

@@ -169,6 +169,15 @@ def precise_batch_norm(batches):
 CHECKPOINT_CHOICES = ("within_noise", "best")
 
 
+def check_checkpoint_rule(rule: str, where: str = "params.yaml's train block") -> None:
+    """A CamidError naming the choices unless `rule` is one of CHECKPOINT_CHOICES (train.checkpoint, set in `where`):
+    the train and tune stages call it before they read any data."""
+    from camid.errors import CamidError
+
+    if rule not in CHECKPOINT_CHOICES:
+        raise CamidError(f"train.checkpoint is {rule!r}: choose one of {', '.join(CHECKPOINT_CHOICES)} ({where})")
+
+
 def validation_noise(score: float, photos: int) -> float:
     """The standard error of a validation score `score` measured on `photos` photos: sqrt(p (1 - p) / n), the
     binomial error with the photo as the unit (a photo's patches share its scene and device, so they are not

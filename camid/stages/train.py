@@ -37,7 +37,7 @@ import pandas as pd
 from camid.config import TrainParams, load_params, optional
 from camid.errors import CamidError
 from camid.core.fileio import TRACKING_FILE, atomic_dir, atomic_path, write_json, write_text
-from camid.models.callbacks import (CHECKPOINT_CHOICES, MONITOR, exact_resume, keep_checkpoint, kept_epoch,
+from camid.models.callbacks import (MONITOR, check_checkpoint_rule, exact_resume, keep_checkpoint, kept_epoch,
                                     latest_backup, malloc_callback, precise_batch_norm, predict_cameras,
                                     read_backup_state,
                                     restore_backup_files, save_reproducible_keras, scoring_callbacks,
@@ -133,9 +133,7 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
     from camid.core.plots import confusion_figure, history_figure
     from camid.data.cache import check_labels, read_meta, split_fingerprint
 
-    if train.checkpoint not in CHECKPOINT_CHOICES:
-        raise CamidError(f"train.checkpoint is {train.checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)} "
-                         "(params.yaml's train block or --checkpoint)")
+    check_checkpoint_rule(train.checkpoint, "params.yaml's train block or --checkpoint")
     if train.precise_bn < 0:
         raise CamidError(f"train.precise_bn is {train.precise_bn}: the number of batches BatchNormalization's "
                          "statistics are re-estimated on at every epoch's end, 0 to keep Keras' moving statistics "
@@ -194,12 +192,6 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
         log.info("CFA layout kept by a diagonal flip (the photos as most are stored): %s", ", ".join(
             f"{label} {view}" for label, view in data.flip_views.items()) or "no camera's photos show which")
     data.epoch = finished  # the stream an uninterrupted run would draw from here on (also set at each epoch begin)
-    calibration = calibration_batches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
-                                      batches=train.precise_bn, manipulation_prob=train.manipulation_prob,
-                                      seed=train.seed, cfa_flips=train.cfa_flips) if train.precise_bn > 0 else []
-    if calibration:
-        log.info("BatchNormalization's statistics re-estimated at every epoch's end on %d batches of training "
-                 "patches (train.precise_bn)", len(calibration))
     # The validation rows, their pixels built chunk by chunk at each scoring: memory for one chunk, not the split.
     evalset = eval_stream(cache, split="val", patch=train.patch, batch_size=train.batch_size)
 
@@ -226,6 +218,13 @@ def train(arch: str, cache: Path, out: Path, train: TrainParams, labels: list[st
             # In order (shuffle=False): every batch already holds random photos, and the batches of a group share
             # one decode per photo (camid.data.dataset), which Keras' shuffled order would repeat for nearly
             # every batch (3x slower on 2-MP photos).
+            # Drawn only when epochs are left to train: a rerun that only scores the kept checkpoint decodes none.
+            calibration = calibration_batches(cache, catalog, patch=train.patch, batch_size=train.batch_size,
+                                              batches=train.precise_bn, manipulation_prob=train.manipulation_prob,
+                                              seed=train.seed, cfa_flips=train.cfa_flips)
+            if calibration:
+                log.info("BatchNormalization's statistics re-estimated at every epoch's end on %d batches of "
+                         "training patches (train.precise_bn)", len(calibration))
             model.fit(data, epochs=train.epochs, initial_epoch=finished, verbose=2, shuffle=False,
                       callbacks=make_callbacks(evalset, train, work, data, backup, calibration))
         if not chief:  # the chief scores the kept checkpoint and writes the outputs

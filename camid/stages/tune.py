@@ -71,7 +71,7 @@ def make_hypermodel(arch: str, cache: Path, base: TrainParams, catalog, labels: 
             calibration = calibration_batches(cache, catalog, patch=patch, batch_size=base.batch_size,
                                               batches=base.precise_bn,
                                               manipulation_prob=hp.get("manipulation_prob"), seed=base.seed,
-                                              cfa_flips=base.cfa_flips) if base.precise_bn > 0 else []
+                                              cfa_flips=base.cfa_flips)
             precise = [precise_batch_norm(calibration)] if calibration else []
             callbacks = ([malloc_callback()] + precise + scoring_callbacks(evalset, base.batch_size)
                          + list(kwargs.pop("callbacks", [])))
@@ -144,11 +144,9 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
     from camid import tracking
 
     from camid.data.dataset import eval_stream
-    from camid.models.callbacks import CHECKPOINT_CHOICES
+    from camid.models.callbacks import check_checkpoint_rule
 
-    if base.checkpoint not in CHECKPOINT_CHOICES:
-        raise CamidError(f"train.checkpoint is {base.checkpoint!r} in params.yaml: choose one of "
-                         f"{', '.join(CHECKPOINT_CHOICES)}")
+    check_checkpoint_rule(base.checkpoint)
     hypermodel = make_hypermodel(arch, cache, base, catalog, catalog.labels)
     photos = eval_stream(cache, split="val", batch_size=base.batch_size).photos  # rows only: no pixels are read
     tuner = make_tuner(settings.algorithm, hypermodel, directory, f"{arch}-{settings.algorithm}",
@@ -158,8 +156,8 @@ def tune(arch: str, cache: Path, settings: TuneParams, base: TrainParams, catalo
     with tracking.run(f"tune-{arch}", tags=tags):
         # params.yaml keys, as train logs them, apart from the bare names `mlflow run` logs ('' when unset).
         tracking.log_params({"arch": arch, **{f"tune.{k}": v for k, v in dataclasses.asdict(settings).items()},
-                           "train.steps_per_epoch": base.steps_per_epoch, "train.batch_size": base.batch_size})
-        tracking.log_params({"train.checkpoint": base.checkpoint})
+                           "train.steps_per_epoch": base.steps_per_epoch, "train.batch_size": base.batch_size,
+                           "train.checkpoint": base.checkpoint})
         tuner.search(epochs=settings.epochs)
         scored = [t for t in tuner.oracle.get_best_trials(1) if t.score is not None]
         if not scored:
