@@ -299,7 +299,8 @@ def test_an_unknown_checkpoint_rule_is_refused_before_training(zoo, params, tmp_
 def test_precise_batch_norm_sets_the_average_of_the_training_batches_statistics(zoo, params):
     """Every BatchNormalization layer ends with the equal-weight mean of its batch means and variances over the
     calibration batches, each layer's inputs as the layers before it normalise them in training mode; the
-    trainable weights do not move, and the momentum is put back."""
+    trainable weights and the other variables (the dropout's seed state) do not move, and the momentum is put
+    back."""
     import keras
 
     from camid.data.dataset import calibration_batches
@@ -318,11 +319,14 @@ def test_precise_batch_norm_sets_the_average_of_the_training_batches_statistics(
                                    manipulation_prob=0.5, seed=1, max_bytes=2 * 8 * PATCH * PATCH * 3)) == 2
 
     keras.utils.set_random_seed(3)
-    model = create_model("smallcnn", num_classes=len(params.catalog), patch=PATCH, dense=(16,), dropout=(0.0,))
+    model = create_model("smallcnn", num_classes=len(params.catalog), patch=PATCH, dense=(16,), dropout=(0.5,))
     backbone = model.get_layer("smallcnn")  # the backbone is a model inside the model
     norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
     first = norms[0]
     before = [np.array(w) for w in model.trainable_weights]
+    statistics = {id(v) for layer in norms for v in (layer.moving_mean, layer.moving_variance)}
+    others = [v for v in model.non_trainable_variables if id(v) not in statistics]  # the dropout's seed state
+    others_before = [np.array(v) for v in others]
     # The first layer's inputs: preprocessing, the residuals and the first convolution (nothing normalises before it).
     upstream = keras.Model(backbone.inputs, first.input)
     preprocessing = model.get_layer("preprocessing")
@@ -335,10 +339,59 @@ def test_precise_batch_norm_sets_the_average_of_the_training_batches_statistics(
     np.testing.assert_allclose(np.array(first.moving_variance), variances, rtol=1e-3, atol=1e-6)
     assert all(layer.momentum == norms[0].momentum for layer in norms) and first.momentum < 1.0
     assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.trainable_weights))
+    assert others and all(np.array_equal(a, np.array(b)) for a, b in zip(others_before, others)), \
+        "training draws the same dropout masks with or without the re-estimation"
     # Frozen layers keep their statistics (a frozen BatchNormalization runs in inference mode even in training).
     for layer in norms:
         layer.trainable = False
     assert reestimate_batch_norm(model, batches) == 0
+
+
+MIRRORED_PRECISE_BN = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from camid.models import compile_model, create_model
+from camid.models.callbacks import _all_layers, precise_batch_norm, reestimate_batch_norm
+
+def statistics(model):
+    return [np.asarray(v) for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+def same(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(statistics(a), statistics(b))) == 0.0
+
+rng = np.random.default_rng(0)
+batches = [{"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+            "manipulated": rng.integers(0, 2, (8, 1)).astype("float32")} for _ in range(3)]
+keras.utils.set_random_seed(3)
+alone = create_model("smallcnn", num_classes=4, patch=32, dense=(16,), dropout=(0.0,))
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = create_model("smallcnn", num_classes=4, patch=32, dense=(16,), dropout=(0.0,))
+    compile_model(mirrored, learning_rate=1e-3, aux_weight=0.2)
+mirrored.set_weights(alone.get_weights())
+assert reestimate_batch_norm(alone, batches) == reestimate_batch_norm(mirrored, batches) == 7
+assert same(alone, mirrored), "re-estimated outside fit"
+x = {"image": rng.uniform(0, 255, (32, 32, 32, 3)).astype("float32"), "manipulated": np.zeros((32, 1), "float32")}
+y = {"camera": rng.integers(0, 4, 32), "manipulation": rng.integers(0, 9, 32)}
+mirrored.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[precise_batch_norm(batches)])
+alone.set_weights(mirrored.get_weights())
+reestimate_batch_norm(alone, batches)
+assert same(alone, mirrored), "re-estimated by the callback at the end of a mirrored epoch"
+print("replicas", strategy.num_replicas_in_sync)
+"""
+
+
+def test_precise_batch_norm_under_a_mirrored_strategy():
+    """Several GPUs train under tf.distribute.MirroredStrategy (camid.models.devices); two logical CPU devices stand
+    in for them. The re-estimation (eager training-mode calls on mirrored variables, in cross-replica context, also
+    as the callback at the end of a mirrored fit's epoch) sets the same statistics as on one device."""
+    done = subprocess.run([sys.executable, "-c", MIRRORED_PRECISE_BN], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env({}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicas 2" in done.stdout
 
 
 def test_a_negative_precise_bn_is_refused_before_training(zoo, params, tmp_path, monkeypatch):

@@ -60,9 +60,9 @@ NETWORK_S_PER_MEGAPIXEL = {"smallcnn": 0.60, "smallcnn_learned": 0.76, "smallcnn
 PLANNED_ARCHS = tuple(NETWORK_S_PER_MEGAPIXEL)
 
 
-# Re-estimating BatchNormalization's statistics at an epoch's end (train.precise_bn batches, run eagerly in training
-# mode, camid.models.callbacks.reestimate_batch_norm): its cost per patch against a training step's network cost.
-PRECISE_BN_SHARE = 0.65          # measured at 64 px (0.39 at 128 px: eager calls cost most on small patches)
+# Re-estimating BatchNormalization's statistics at an epoch's end (train.precise_bn batches, a compiled training-mode
+# pass, camid.models.callbacks.batch_statistics): its cost per patch against a training step's network cost.
+PRECISE_BN_SHARE = 0.33          # measured at 64 px (0.32 at 128 px; the eager pass it replaced: 0.65 and 0.39)
 
 MEASURE_STEPS, MEASURE_WARMUP = 10, 3
 
