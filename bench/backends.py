@@ -25,13 +25,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from camid.models.callbacks import _all_layers, reestimate_batch_norm
+from camid.models.callbacks import _all_layers, _batch_norms as _norms, reestimate_batch_norm
 from camid.models.registry import BACKBONES, compile_model, create_model
-
-
-def _norms(model) -> list:
-    return [layer for layer in _all_layers(model)
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
 def _statistics(model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
