@@ -38,6 +38,17 @@ def test_exif_is_contradicted_only_where_the_pixels_give_its_camera_little():
     assert groups[0] == ["Nikon-D70"] and groups[3] == LABELS  # a flat answer: every camera as likely
 
 
+def test_exif_naming_no_catalog_camera_is_undecided_where_pixels_and_tables_disagree():
+    """EXIF naming no catalog camera: contradicted where the pixels point to one (False), agreed with where they
+    point to none (`background`, True), undecided where the answer's grounds split (`split`: the pixels accept a
+    catalog camera, the JPEG tables reject every one, None)."""
+    probs = np.array([[0.97, 0.01, 0.01, 0.01]] * 3)
+    groups = camera_groups(probs, probs.argmax(1), LABELS)
+    named, consistent = metadata_check(CATALOG, ["Phone 9000"] * 3, probs, groups, LABELS, None,
+                                       background=[False, True, False], split=[False, False, True])
+    assert named == ["", "", ""] and consistent == [False, True, None]
+
+
 def test_validation_twins_widen_the_group_and_are_reported():
     actual = np.repeat([0, 1, 2, 3], 10)
     probs = np.eye(4)[actual] * 0.9 + 0.025

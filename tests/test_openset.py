@@ -309,6 +309,45 @@ def test_exif_naming_no_catalog_camera_agrees_with_pixels_the_open_set_rule_reje
     assert list(original.consistent) == expected
 
 
+def test_exif_naming_no_catalog_camera_is_undecided_where_only_the_tables_made_the_photo_unknown(knn_bundle, catalog,
+                                                                                                 tiny_model):
+    """Real photos (bench/real_devices.py): genuine photos of other models whose pixels pass a catalog camera's
+    threshold but whose JPEG tables no catalog firmware wrote are `unknown` on the tables alone; their EXIF, naming
+    no catalog camera, read `consistent: false` (a forgery alarm) though the tables agree with it. The grounds
+    disagree there, so the EXIF is undecided (None); where the pixels reject the photo it agrees (True)."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from camid.inference.jpeg_tables import TablePrior, signature_of_file
+
+    bundle, images, probe, margin, cut = knn_bundle
+    cameras = [{"label": c.label, "make": c.make, "models": list(c.models)} for c in catalog.cameras]
+    ensemble = Ensemble.load(bundle)
+    labels = list(ensemble.labels)
+    tables = TablePrior.fit([signature_of_file(p) for p in tiny_model.test.path],
+                            [labels.index(label) for label in tiny_model.test.label], labels)
+    odd = np.random.default_rng(0).integers(3, 60, size=(2, 64)).tolist()  # no scaled family of any firmware's
+    try:
+        Ensemble.set_confidence(bundle, {}, {**ensemble.open_set, "unseen_tables": True})
+        judged = dataclasses.replace(Ensemble.load(bundle), cameras=cameras, tables=tables, use_tables=True)
+        resaved = []  # the same pixels under tables no zoo firmware writes, EXIF naming no catalog camera
+        for jpeg in images:
+            out = io.BytesIO()
+            with Image.open(io.BytesIO(jpeg)) as image:
+                image.save(out, "JPEG", qtables=odd, exif=image.info.get("exif", b""))
+            resaved.append(with_exif_model(out.getvalue(), "Q" * len(exif_model(jpeg))))
+        out = predict_frame(judged, pd.DataFrame({"image": resaved}))
+        assert (out.tables_evidence == "unseen").all() and out.unknown.all() and (out.exif_camera == "").all()
+        by_tables = (out.unknown_by == "tables").to_numpy()
+        assert by_tables.any() and not by_tables.all()
+        assert out.consistent[by_tables].isna().all()
+        assert (out.consistent[~by_tables] == True).all()  # noqa: E712  (the pixel ground rejects them too)
+    finally:
+        Ensemble.set_confidence(bundle, {}, ensemble.open_set)  # the module's fixture as it was
+
+
 def test_one_reference_device_gets_a_threshold_of_its_own_halfway_on_a_log_scale_to_the_other_cameras():
     """Camera 0's held-out reference photos lie at cosine distance about 0.004 from its training photos, camera 1's
     photos at about 0.9: its threshold is the score at the geometric mean of the two median distances, far looser

@@ -172,6 +172,12 @@ def test_an_unknown_answer_says_which_ground_decided_it():
     assert readings({**card, "answer": outside}, True)["exif"] == (
         "EXIF Model 'iPhone 4' names no catalog camera, and the pixels are unlike every catalog camera (`unknown` on "
         "the pixel ground): no contradiction, though camid has no reference to confirm that camera")
+    # Rejected by the tables alone (the pixels accept Aster-A1): the grounds disagree, and the card says so.
+    torn = {**answer, "unknown_by": "tables", "exif_model": "iPhone 4", "consistent": None}
+    text = readings({**card, "answer": torn}, True)["exif"]
+    assert text.startswith("EXIF Model 'iPhone 4' names no catalog camera; the pixels lean to Aster-A1, but the JPEG "
+                           "tables are no catalog firmware's and made the answer `unknown`")
+    assert "undecided" in text and "camid prnu" in text
 
 
 def test_a_card_says_when_the_photo_is_most_like_the_background_cameras():

@@ -28,7 +28,7 @@ from camid.core.patches import grid_crops
 from camid.errors import CamidError
 from camid.forensics.inspect import header_facts
 from camid.inference.balancing import balance_to_quota
-from camid.inference.ensemble import PIXEL_GROUNDS
+from camid.inference.ensemble import PIXEL_GROUNDS, TABLES_GROUND
 from camid.inference.jpeg_tables import NONE, entered
 from camid.inference.openset import UNKNOWN, confidence
 from camid.inference.options import DEFAULTS, blend_for
@@ -262,18 +262,23 @@ def answers(ensemble, scores: PhotoScores, options: dict | None = None) -> pd.Da
         columns[balance_to_quota(answerable[:, columns], groups=flags, method=settings["balance"])]
     closest = np.asarray(labels)[picked]
     elsewhere = ensemble.in_background(scores.pixels[good], picked)
+    with_tables = ensemble.in_background(calibrated, picked) & entered(evidence[good])  # the tables' evidence too
     grounds = ensemble.unknown_grounds(answerable, counts, evidence[good],
                                        None if scores.features is None else scores.features[good], elsewhere,
-                                       ensemble.in_background(calibrated, picked) & entered(evidence[good])) \
+                                       with_tables) \
         if settings["open_set"] else np.full(len(good), "", dtype=object)
     unknown = grounds != ""
     groups = ensemble.camera_groups(answerable, picked)
     sizes = [(scores.sizes or [None] * n)[r] for r in good]
     # The pixels point to no catalog camera where they put the photo with the background cameras, or where the
-    # open-set rule's pixel ground rejects it: EXIF naming no catalog camera agrees with them there.
-    outside = elsewhere | np.isin(grounds, PIXEL_GROUNDS)
+    # open-set rule's pixel ground rejects it, and where, with the JPEG tables' evidence, the background cameras
+    # lead (tables some other model's firmware wrote): EXIF naming no catalog camera agrees with them there. Where
+    # the tables alone made the photo unknown otherwise (no catalog firmware's family wrote them, while the pixels
+    # accept a catalog camera), the grounds disagree and EXIF naming no catalog camera is undecided
+    # (camid.inference.metadata.metadata_check), not a contradiction.
+    outside = elsewhere | np.isin(grounds, PIXEL_GROUNDS) | (with_tables & (grounds != ""))
     named, consistent = ensemble.metadata_check([scores.exif_models[r] for r in good], answerable, groups, outside,
-                                                sizes)
+                                                sizes, (grounds == TABLES_GROUND) & ~outside)
     out.loc[good, "camera"] = np.where(unknown, UNKNOWN, closest)
     out.loc[good, "closest_camera"] = closest
     out.loc[good, "camera_group"] = [ensemble.group_name(g) for g in groups]

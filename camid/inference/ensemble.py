@@ -59,6 +59,7 @@ PIXELS_ONLY = "_pixels_only"
 # tables' (no catalog firmware's family writes them), or both.
 UNKNOWN_GROUNDS = ("pixels", "tables", "pixels and tables")
 PIXEL_GROUNDS = (UNKNOWN_GROUNDS[0], UNKNOWN_GROUNDS[2])  # the grounds where the pixels reject the photo
+TABLES_GROUND = UNKNOWN_GROUNDS[1]  # the JPEG tables alone reject it (the pixels accept a catalog camera)
 
 
 @dataclass
@@ -152,12 +153,12 @@ class Ensemble:
         return SEPARATOR.join(group)
 
     def metadata_check(self, models, probs: np.ndarray, groups: list[list[str]], background=None,
-                       sizes=None) -> tuple[list[str], list[bool | None]]:
+                       sizes=None, split=None) -> tuple[list[str], list[bool | None]]:
         """`camid.inference.metadata.metadata_check` against the bundle's catalog (with its recorded sizes) and
         metadata rule (`background`: the rows whose pixels point to no catalog camera; `sizes`: each photo's
-        (height, width) or None)."""
+        (height, width) or None; `split`: the rows the JPEG tables alone made `unknown`)."""
         return metadata_check(self.cameras, models, probs, groups, list(self.labels), self.metadata, background,
-                              sizes)
+                              sizes, split)
 
     # -- calibration and the open-set rule -----------------------------------------------------------------
 

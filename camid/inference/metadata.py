@@ -181,7 +181,7 @@ def entry_camera(entry: dict):
 
 def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[list[str]], labels: list[str],
                    metadata: dict | None = None, background=None,
-                   sizes=None) -> tuple[list[str], list[bool | None]]:
+                   sizes=None, split=None) -> tuple[list[str], list[bool | None]]:
     """EXIF against pixels. For each photo's EXIF Model (None: none), its (C,) calibrated probabilities and its
     camera group: the catalog camera whose model patterns the EXIF Model matches ("" if none), and whether the
     pixels agree with it (None when the photo has no EXIF Model or the bundle no catalog to match with): False
@@ -191,7 +191,11 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     pass the photos whose pixels the background cameras lead, and those the open-set rule's pixel ground rejects:
     a genuine photo of a camera outside the catalog, answered `unknown` on its pixels, is not read as a swapped
     EXIF). Background cameras (catalog entries marked `background`) are never named: EXIF naming one of their
-    models names no catalog camera.
+    models names no catalog camera. `split[i]` True: the grounds disagree, the pixels accepting a catalog camera
+    and the JPEG tables rejecting every one (the answers pass the photos answered `unknown` on the tables alone);
+    EXIF naming no catalog camera is then left undecided (None): the tables support it, the pixels do not, and
+    neither outweighs the other. Real photos (bench/real_devices.py): 7 of 81 genuine photos of other models,
+    answered `unknown` on their tables, read `consistent: false` before.
 
     A contradiction is left undecided (None) where the photo's pixel size (`sizes[i]`, (height, width) or None)
     is none of the named camera's catalog sizes (the catalog entry's "sizes", where it records them): a size mode
@@ -204,15 +208,16 @@ def metadata_check(catalog: list[dict], models, probs: np.ndarray, groups: list[
     cameras = [entry_camera(c) for c in catalog if not c.get("background")]
     background = np.zeros(len(groups), dtype=bool) if background is None else np.asarray(background, dtype=bool)
     sizes = [None] * len(groups) if sizes is None else sizes
+    split = np.zeros(len(groups), dtype=bool) if split is None else np.asarray(split, dtype=bool)
     named, consistent = [], []
-    for model, row, group, elsewhere, size in zip(models, np.asarray(probs), groups, background, sizes):
+    for model, row, group, elsewhere, size, torn in zip(models, np.asarray(probs), groups, background, sizes, split):
         camera = next((c for c in cameras if model and c.matches_model(model)), None)
         match = camera.label if camera else ""
         named.append(match)
         if not model or not cameras:
             consistent.append(None)
         elif not match or match not in labels:
-            consistent.append(bool(elsewhere))
+            consistent.append(True if elsewhere else None if torn else False)
         elif not contradicts(row, match, group, labels, below, twins):
             consistent.append(True)
         else:

@@ -432,6 +432,12 @@ def _exif_reading(card: dict) -> str:
         return (f"EXIF Model {model!r} names {named}; the pixels point to {answer['closest_camera']}, but the photo's "
                 f"size is none of {named}'s reference sizes{known}, so the pixels cannot judge the EXIF: undecided "
                 f"(add reference photos of {named} at this size to settle it)")
+    if consistent is None and answer.get("unknown_by") == "tables":  # answers: the grounds disagree
+        closest = answer["closest_camera"]
+        return (f"EXIF Model {model!r} names no catalog camera; the pixels lean to {closest}, but the JPEG tables are "
+                "no catalog firmware's and made the answer `unknown`: the two grounds disagree, so neither judges the "
+                f"EXIF: undecided (another camera whose pixels resemble {closest}'s, or a {closest} photo re-saved "
+                f"under another EXIF; `camid prnu` against a {closest} device's fingerprint can tell)")
     if consistent is None:
         return f"EXIF Model {model!r}; the model carries no catalog to match it with"
     if consistent and not named:  # answers: the pixels point to no catalog camera
