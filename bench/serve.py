@@ -3,7 +3,8 @@
 1. HTTP: N concurrent clients (threads, one requests.Session each) share a fixed count of requests, each a
    `dataframe_split` of B real photos (base64 JPEG), against `mlflow models serve` on loopback; printed per
    model: requests/s, images/s, p50/p99 latency and errors. Models: one smallcnn and an ensemble of two
-   (smallcnn trained with two seeds), both with D4 test-time augmentation (8 views per image), registered
+   (smallcnn trained with two seeds), both with test-time augmentation (the D4 views each bundle's evaluation
+   chose, named in its row), registered
    from a tiny virtual zoo this script builds in a temporary folder; or the one given by --model-uri.
 2. In-process: `Ensemble.predict` (all 8 views of the batch in one forward pass per model) against a naive
    loop that calls `model.predict` once per view per image, on the same patches; same probabilities, ratio of
@@ -41,9 +42,15 @@ def register_pair(model) -> dict[str, str]:
 
     single = Ensemble.write_bundle(model.members[:1], model.root / "single")
     uris = {}
+
+    def views(bundle) -> str:  # the views the bundle serves with tta on (its evaluation's choice)
+        count = len(Ensemble.load(bundle).views)
+        return f"{count} view{'s' if count != 1 else ''}"
+
     with inside(model.root, MLFLOW_TRACKING_URI=model.tracking_uri, MLFLOW_EXPERIMENT_NAME="camid-bench"):
-        for label, name, bundle in (("1 model x 8 views", "camid-single", single),
-                                    (f"ensemble of {len(model.members)} x 8 views", "camid-ensemble", model.bundle)):
+        for label, name, bundle in ((f"1 model x {views(single)}", "camid-single", single),
+                                    (f"ensemble of {len(model.members)} x {views(model.bundle)}", "camid-ensemble",
+                                     model.bundle)):
             record = register(bundle, {"weighted_accuracy": model.weighted_accuracy}, name, "champion")
             uris[label] = record["alias_uri"]
     return uris
@@ -86,7 +93,8 @@ def hammer(url: str, payload: dict, clients: int, total: int, time_limit: float)
 
 
 def naive_predict(ensemble, patches: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    """What batching replaces: one `model.predict` per D4 view per image, then the same blend."""
+    """What batching replaces: one `model.predict` per D4 view per image, then the same blend and the bundle's
+    calibration (Ensemble.predict answers calibrated patch probabilities: its fitted temperature, 1 if none)."""
     from camid.inference.blending import blend
     from camid.inference.tta import D4, d4_view
 
@@ -97,7 +105,7 @@ def naive_predict(ensemble, patches: np.ndarray, flags: np.ndarray) -> np.ndarra
                 inputs = {"image": d4_view(patches[i:i + 1], v).astype("float32"),
                           "manipulated": np.array([[flags[i]]], dtype="float32")}
                 probs[m, v, i] = model.predict(inputs, verbose=0)["camera"][0]
-    return blend(probs.reshape(-1, len(patches), len(ensemble.labels)), "mean_square")
+    return ensemble.calibrate(blend(probs.reshape(-1, len(patches), len(ensemble.labels)), "mean_square"), "patch")
 
 
 def batched_vs_naive(ensemble, patches: np.ndarray, repeats: int = 3) -> dict:
