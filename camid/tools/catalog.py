@@ -324,7 +324,8 @@ def _plan_update(records_by_label: dict[str, list[dict]], params, minutes: float
                     f"{', '.join(PLANNED_ARCHS)} alone; set train.steps_per_epoch, train.epochs and "
                     "train.crops_per_decode by hand"]
     if network_s_per_mp is None:
-        print(f"measuring how fast this machine trains {archs[0]} (three timings of a few steps on random patches) ...", flush=True)
+        print(f"measuring how fast this machine trains {archs[0]} (three timings of a few steps on random patches) ...",
+              flush=True)
         network_s_per_mp = measure_network(archs[0], params.train.patch, params.train.batch_size)
     plan = plan_training(photos, patch=params.train.patch, batch_size=params.train.batch_size,
                          budget_s=minutes * 60, arch=archs[0], network_s_per_mp=network_s_per_mp,

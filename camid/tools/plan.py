@@ -20,10 +20,10 @@ the network costs: on a 2-core AMD EPYC with AVX2 and no AVX-512, which decoded 
 machine, a `dvc repro` planned on the reference's figures for 15 minutes took 33.7, its training steps costing 3 to
 4 times the reference's (about half of the network's measured cost there was TensorFlow's malloc setting, which
 training now undoes: camid.models.callbacks.malloc_callback; the measurement below undoes it too). So `camid
-catalog from-folder` measures the network's training cost on the machine at hand (`measure_network`: the median of three
-timings of a few steps of the real model fed through a Keras PyDataset, as training feeds it, on random patches) and the plan takes it in
-place of the reference's; the other costs (decoding, cutting patches, inference, which that machine did not slow as
-much) stay as measured on the reference. The plan is written into params.yaml as plain numbers, so a run is a
+catalog from-folder` measures the network's training cost on the machine at hand (`measure_network`: the median of
+three timings of a few steps of the real model fed through a Keras PyDataset, as training feeds it, on random
+patches) and the plan takes it in place of the reference's; the other costs (decoding, cutting patches, inference,
+which that machine did not slow as much) stay as measured on the reference. The plan is written into params.yaml as plain numbers, so a run is a
 function of params.yaml alone and `dvc repro` on another machine trains exactly the same; every value stays
 editable there. `bench/real_devices.py` prints the expected and the measured time of `dvc repro` side by side.
 """
@@ -79,7 +79,8 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
                     steps: int = MEASURE_STEPS, repeats: int = MEASURE_REPEATS) -> float:
     """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
     NETWORK_S_PER_MEGAPIXEL holds for the reference machine): the median of `time_network_fit`'s `repeats` timed
-    `fit`s of `steps` steps. 15 to 80 s on 2 cores; measured once per process."""
+    `fit`s of `steps` steps. 11 to 13 s on the 2-core AVX-512 machine, up to about 80 s on a 2-core machine 3 to 4
+    times slower; measured once per process."""
     cost = time_network_fit(arch, patch, batch_size, steps, repeats=repeats)
     return cost["wall_s"] / steps / (batch_size * patch * patch / 1e6)
 
