@@ -24,7 +24,7 @@ WARMUP = 3
 
 def run_one(steps: int) -> dict:
     """In this process: the plan's measurement of the network (smallcnn, 64 px, batch 32, the train stage's malloc
-    callback) with a timed `fit` of `steps` steps."""
+    callback): timed windows of `steps` steps inside one `fit`."""
     from camid.tools.plan import time_network_fit
 
     cost = time_network_fit("smallcnn", 64, 32, steps=steps, warmup=WARMUP)

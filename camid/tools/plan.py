@@ -64,9 +64,12 @@ PLANNED_ARCHS = tuple(NETWORK_S_PER_MEGAPIXEL)
 # pass, camid.models.callbacks.batch_statistics): its cost per patch against a training step's network cost.
 PRECISE_BN_SHARE = 0.33          # measured at 64 px (0.32 at 128 px; the eager pass it replaced: 0.65 and 0.39)
 
-# The measurement: after a warm-up fit, MEASURE_REPEATS timed fits of MEASURE_STEPS steps; their median is the figure.
-# One timed fit varied from 0.70 to 1.31 s per megapixel within minutes on an idle 2-core AVX-512 cloud machine
-# (cpu/wall 1.24 to 1.83: the second vCPU is not always there); the median of three holds off one outlier either way.
+# The measurement: after a warm-up fit, one fit of MEASURE_REPEATS + 1 windows of MEASURE_STEPS steps, timed window by
+# window from a callback; the first window (the fit's start: its tf.data iterator) is not counted, and the median of
+# the others is the figure. Short whole fits were timed before: on the 2-core cloud machines they ran on one core in
+# up to 9 of 12 timings (CPU/wall about 1, twice the wall time; presumably the sandbox's guest kernel, which packs
+# threads onto fewer virtual CPUs: `sched_vcpu_pack`), while windows inside a long fit, as a training epoch runs, ran
+# on both cores in all 78 timed (bench/fit_modes.py). The whole-fit median then measured twice the training cost.
 MEASURE_STEPS, MEASURE_WARMUP, MEASURE_REPEATS = 10, 3, 3
 
 
@@ -79,30 +82,20 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
                     steps: int = MEASURE_STEPS, repeats: int = MEASURE_REPEATS) -> float:
     """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
     NETWORK_S_PER_MEGAPIXEL holds for the reference machine): the median of `time_network_fit`'s `repeats` timed
-    `fit`s of `steps` steps. 11 to 13 s on the 2-core AVX-512 machine, up to about 80 s on a 2-core machine 3 to 4
+    windows of `steps` steps inside one `fit`. 11 to 13 s on the 2-core AVX-512 machine, up to about 80 s on a 2-core machine 3 to 4
     times slower; measured once per process."""
     cost = time_network_fit(arch, patch, batch_size, steps, repeats=repeats)
     return cost["wall_s"] / steps / (batch_size * patch * patch / 1e6)
 
 
-def time_network_fit(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32, steps: int = MEASURE_STEPS,
-                     warmup: int = MEASURE_WARMUP, repeats: int = 1) -> dict:
-    """Train `arch` (2 classes, no pretrained weights; its loss and optimizer) on random patches fed through a
-    Keras PyDataset with the train stage's malloc callback, as training feeds it: a first `fit` of `warmup` steps
-    that builds and traces it, then `repeats` timed `fit`s of `steps` steps each. What a timed `fit` cost this
-    process: {"wall_s", "cpu_s"} of the one of median wall time, "wall_s_each" (every timed fit's, in order),
-    "minor_faults" (over all of them) and "peak_rss_mb", the process's peak after them (the last two None where the
-    platform has no `resource` module). measure_network and bench/malloc_thresholds.py."""
+def measurement_setup(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32):
+    """What the measurement trains: `arch` compiled (2 classes, no pretrained weights; its loss and optimizer), a Keras
+    PyDataset class that serves a list of batches `count` times over (Batches(batches, count)), and four batches of
+    random patches. time_network_fit and bench/fit_modes.py."""
     import keras
     import numpy as np
 
     from camid.models import compile_model, create_model
-    from camid.models.callbacks import malloc_callback
-
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        resource = None
 
     class Batches(keras.utils.PyDataset):
         def __init__(self, batches, count):
@@ -122,20 +115,53 @@ def time_network_fit(arch: str = "smallcnn", patch: int = 64, batch_size: int = 
                  "manipulated": np.zeros((batch_size, 1), np.float32)},
                 {"camera": rng.integers(2, size=batch_size).astype(np.int32),
                  "manipulation": rng.integers(9, size=batch_size).astype(np.int32)}) for _ in range(4)]
+    return model, Batches, batches
+
+
+def time_network_fit(arch: str = "smallcnn", patch: int = 64, batch_size: int = 32, steps: int = MEASURE_STEPS,
+                     warmup: int = MEASURE_WARMUP, repeats: int = 1) -> dict:
+    """Train `arch` (2 classes, no pretrained weights; its loss and optimizer) on random patches fed through a
+    Keras PyDataset with the train stage's malloc callback, as training feeds it: a first `fit` of `warmup` steps
+    that builds and traces it, then one `fit` of `repeats` + 1 windows of `steps` steps, each window timed from a
+    callback (the first, which holds the fit's start, is not counted: module comment above). What a window of `steps`
+    steps cost this process: {"wall_s", "cpu_s"} of the one of median wall time, "wall_s_each" and "cpu_s_each"
+    (every counted window's, in order; CPU seconds over wall seconds near 1 on a 2-core machine: it ran on one core),
+    "minor_faults" (over all of them) and "peak_rss_mb", the process's peak after them (the last two None where the
+    platform has no `resource` module). measure_network and bench/malloc_thresholds.py."""
+    import keras
+
+    from camid.models.callbacks import malloc_callback
+
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        resource = None
+
+    class Windows(keras.callbacks.Callback):
+        """(wall, CPU) clock readings after every `steps` batches, and page faults at the first."""
+
+        def __init__(self):
+            super().__init__()
+            self.marks, self.faults = [], None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % steps == 0:
+                self.marks.append((time.perf_counter(), time.process_time()))
+                if self.faults is None and resource:
+                    self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    model, Batches, batches = measurement_setup(arch, patch, batch_size)
     model.fit(Batches(batches, warmup), epochs=1, verbose=0, shuffle=False, callbacks=[malloc_callback()])
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
-    timings = []
-    for _ in range(max(1, repeats)):
-        start, cpu = time.perf_counter(), time.process_time()
-        model.fit(Batches(batches, steps), epochs=1, verbose=0, shuffle=False,  # as the train stage runs it
-                  callbacks=[malloc_callback()])
-        timings.append((time.perf_counter() - start, time.process_time() - cpu))
+    windows = Windows()
+    model.fit(Batches(batches, steps * (max(1, repeats) + 1)), epochs=1, verbose=0, shuffle=False,  # as training
+              callbacks=[malloc_callback(), windows])
+    timings = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(windows.marks, windows.marks[1:])]
     wall, cpu = sorted(timings)[len(timings) // 2]
-    cost = {"wall_s": wall, "cpu_s": cpu, "wall_s_each": [w for w, _ in timings], "minor_faults": None,
-            "peak_rss_mb": None}
+    cost = {"wall_s": wall, "cpu_s": cpu, "wall_s_each": [w for w, _ in timings],
+            "cpu_s_each": [c for _, c in timings], "minor_faults": None, "peak_rss_mb": None}
     if resource:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        cost.update(minor_faults=usage.ru_minflt - faults, peak_rss_mb=usage.ru_maxrss / 1024)
+        cost.update(minor_faults=usage.ru_minflt - windows.faults, peak_rss_mb=usage.ru_maxrss / 1024)
     return cost
 
 
