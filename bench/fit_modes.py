@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         else:
             print(f"{row['way']}: {row['one_core']} of {row['timings']} on one core; s per megapixel: median "
                   f"{row['median_s_per_mp']} (both cores {row['s_per_mp_two_cores']}, one core "
-                  f"{row['s_per_mp_one_core']})\n  each: {row['each_s_per_mp']}\n  CPU/wall: {row['each_cpu_over_wall']}")
+                  f"{row['s_per_mp_one_core']})\n  each: {row['each_s_per_mp']}\n"
+                  f"  CPU/wall: {row['each_cpu_over_wall']}")
     return 0
 
 

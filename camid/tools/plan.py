@@ -23,9 +23,10 @@ training now undoes: camid.models.callbacks.malloc_callback; the measurement bel
 catalog from-folder` measures the network's training cost on the machine at hand (`measure_network`: the median of
 three timings of a few steps of the real model fed through a Keras PyDataset, as training feeds it, on random
 patches) and the plan takes it in place of the reference's; the other costs (decoding, cutting patches, inference,
-which that machine did not slow as much) stay as measured on the reference. The plan is written into params.yaml as plain numbers, so a run is a
-function of params.yaml alone and `dvc repro` on another machine trains exactly the same; every value stays
-editable there. `bench/real_devices.py` prints the expected and the measured time of `dvc repro` side by side.
+which that machine did not slow as much) stay as measured on the reference. The plan is written into params.yaml
+as plain numbers, so a run is a function of params.yaml alone and `dvc repro` on another machine trains exactly
+the same; every value stays editable there. `bench/real_devices.py` prints the expected and the measured time of
+`dvc repro` side by side.
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def measure_network(arch: str = "smallcnn", patch: int = 64, batch_size: int = 3
                     steps: int = MEASURE_STEPS, repeats: int = MEASURE_REPEATS) -> float:
     """This machine's wall seconds per megapixel of patches for training `arch` alone (the figure
     NETWORK_S_PER_MEGAPIXEL holds for the reference machine): the median of `time_network_fit`'s `repeats` timed
-    windows of `steps` steps inside one `fit`. 11 to 13 s on the 2-core AVX-512 machine, up to about 80 s on a 2-core machine 3 to 4
-    times slower; measured once per process."""
+    windows of `steps` steps inside one `fit`. 11 to 13 s on the 2-core AVX-512 machine, up to about 80 s on a 2-core
+    machine 3 to 4 times slower; measured once per process."""
     cost = time_network_fit(arch, patch, batch_size, steps, repeats=repeats)
     return cost["wall_s"] / steps / (batch_size * patch * patch / 1e6)
 
