@@ -31,6 +31,14 @@ models' photos it would reject at other settings of evaluate.single_device_reach
     python bench/real_devices.py --refs largest --background-half A   # background cameras (below)
     python bench/real_devices.py --refs largest --reference-photos DJI-FC6360=10   # a smaller reference (below)
 
+`--twins LABEL` deals LABEL's reference photos, alternately in the order they were taken, into two catalog cameras
+`LABEL-a` and `LABEL-b`: firmware twins as the pixels see them (one sensor, one firmware, the same sessions), as
+the Nikon D70 and D70s are. The model's other devices are then right where the closest camera is either twin, and
+the open-set rule must not read the twins as each other's "other model" (camid.inference.openset.camera_thresholds
+leaves a camera's twins out of its far end; Ensemble.twin_group_margins judges a photo against the twin group).
+
+    python bench/real_devices.py --refs largest --twins DJI-FC6360   # two twins of one model (above)
+
 `--reference-photos LABEL=N` keeps only the first N photos of that model's reference device, in the order they were
 taken (EXIF DateTimeOriginal, else the file name: camid.data.splitting.in_capture_order), as an analyst who shot N
 reference photos in one session would have; the device's other photos are not questioned (same device).
@@ -86,14 +94,46 @@ def reference_choices(devices: dict, refs: str) -> list[dict[str, str]]:
     return [chosen]
 
 
-def first_shots(photos: list[Path], count: int) -> list[Path]:
-    """The first `count` photos in the order they were taken (camid.data.splitting.in_capture_order)."""
+def first_shots(photos: list[Path], count: int | None = None) -> list[Path]:
+    """The first `count` photos (all: None) in the order they were taken (camid.data.splitting.in_capture_order)."""
     from camid.data.splitting import in_capture_order
     from camid.forensics.inspect import inspect_file
 
     table = pd.DataFrame({"path": [str(p) for p in photos],
                           "taken": [inspect_file(str(p), hashes=False)["datetime"] or "" for p in photos]})
     return [Path(p) for p in in_capture_order(table)["path"].iloc[:count]]
+
+
+def twin_model(path: Path, dest: Path) -> Path:
+    """A copy of the JPEG `path` at `dest` whose EXIF Model names a twin, its last letter made "S" (or "T"), in the
+    header bytes only (bench/real_twins.py's `renamed_copy`), as the D70s's EXIF differs from the D70's:
+    `camid catalog from-folder` keeps two models apart by their EXIF Model."""
+    from PIL import Image
+
+    from real_twins import renamed_copy
+
+    with Image.open(path) as image:
+        model = str(image.getexif().get(0x0110, "")).strip("\x00 ")
+    if not model:
+        raise SystemExit(f"--twins: {path} has no EXIF Model to make a twin's of")
+    return renamed_copy(path, dest, model, model[:-1] + ("S" if model[-1] != "S" else "T"))
+
+
+def twin_split(chosen: dict[str, list[Path]], twins: list[str],
+               work: Path) -> tuple[dict[str, list[Path]], dict[str, list[str]]]:
+    """The reference photos with each of `twins`' dealt alternately, in the order taken, into two catalog cameras
+    LABEL-a and LABEL-b, the second's photos copied under `work` with a twin's EXIF Model (`twin_model`); and each
+    model's catalog cameras ({label: [label]}, {twin: [twin-a, twin-b]})."""
+    out, groups = {}, {}
+    for label, photos in chosen.items():
+        if label not in twins:
+            out[label], groups[label] = photos, [label]
+            continue
+        ordered = first_shots(photos)
+        groups[label] = [f"{label}-a", f"{label}-b"]
+        out[groups[label][0]] = ordered[0::2]
+        out[groups[label][1]] = [twin_model(p, work / "twin-photos" / p.parent.name / p.name) for p in ordered[1::2]]
+    return out, groups
 
 
 def link_tree(dest: Path, photos: dict[str, list[Path]]) -> Path:
@@ -148,14 +188,17 @@ def halves(photos: list[Path]) -> dict[str, list[Path]]:
 
 
 def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | None, overrides: dict,
-            catalog_args: list[str], background: list[Path] = (), limits: dict[str, int] | None = None) -> dict:
+            catalog_args: list[str], background: list[Path] = (), limits: dict[str, int] | None = None,
+            twins: list[str] = ()) -> dict:
     limits = limits or {}
     work = base / "_".join(f"{label}-{device[:8]}" + (f"-{limits[label]}" if label in limits else "")
-                           for label, device in refs.items())
+                           + ("-twins" if label in twins else "") for label, device in refs.items())
     work.mkdir(parents=True)
     chosen = {label: devices[label][device] for label, device in refs.items()}
-    reference = link_tree(work / "reference", {label: first_shots(photos, limits[label]) if label in limits else photos
-                                               for label, photos in chosen.items()})
+    chosen = {label: first_shots(photos, limits[label]) if label in limits else photos
+              for label, photos in chosen.items()}
+    chosen, groups = twin_split(chosen, list(twins), work)
+    reference = link_tree(work / "reference", chosen)
     for path in background:  # one folder per photo: each is its own device (of another model)
         target = reference / BACKGROUND / re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem) / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -182,14 +225,18 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
                                    for label, device in refs.items()), "dvc_repro_s": repro_s,
            "planned_s": float(expected.group(1)) * 60 if expected else None}
     answers = predict(copy, env, [other_dir], work / "others.csv", pixels_only=False)
-    truth = answers["path"].map(lambda p: Path(p).parent.parent.name)
-    row.update(other_n=len(answers), other_closest_right=float((answers["closest_camera"] == truth).mean()),
+
+    def right(table: pd.DataFrame) -> float:  # the closest camera is one of the photo's model's catalog cameras
+        return float(np.mean([closest in groups.get(Path(path).parent.parent.name, ())
+                              for path, closest in zip(table["path"], table["closest_camera"])]))
+
+    row.update(other_n=len(answers), other_closest_right=right(answers),
                other_accepted=float((answers["camera"] != "unknown").mean()),
                other_consistent_false=int((answers["consistent"].astype(str) == "False").sum()),
                other_tables=answers["tables_evidence"].value_counts().to_dict(),
                other_unknown_by=unknown_by(answers), **by_size(answers))
     pixels = predict(copy, env, [other_dir], work / "others_pixels.csv", pixels_only=True)
-    row.update(other_closest_right_pixels=float((pixels["closest_camera"] == truth).mean()),
+    row.update(other_closest_right_pixels=right(pixels),
                other_accepted_pixels=float((pixels["camera"] != "unknown").mean()))
     if unknown is not None:
         served = predict(copy, env, [unknown], work / "unknown.csv", pixels_only=False)
@@ -200,7 +247,9 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
                    unknown_rejected_pixels=float((pixels["camera"] == "unknown").mean()),
                    unknown_tables=served["tables_evidence"].value_counts().to_dict(), unknown_by=unknown_by(served),
                    unknown_consistent=served["consistent"].astype(str).value_counts().to_dict())
-    row.update(separation(copy / "models" / "ensemble", other_dir, unknown))
+    row.update(separation(copy / "models" / "ensemble", other_dir, unknown, groups))
+    row["twins"] = json.loads((copy / "models" / "ensemble" / "ensemble.json").read_text()).get(
+        "metadata", {}).get("twins", [])
     evaluate = json.loads((copy / "metrics" / "evaluate.json").read_text())
     row["open_set_reference"] = (evaluate.get("open_set_rule") or {}).get("reference")
     # Which epoch's weights each backbone kept, of how many trained, and the best-scoring one (train.checkpoint).
@@ -215,13 +264,14 @@ def one_run(base: Path, devices: dict, refs: dict[str, str], unknown: Path | Non
 REACHES = (0.5, 0.6, 0.7, 0.8)  # single-device rule positions to report besides the bundle's own
 
 
-def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
+def separation(bundle: Path, others: Path, unknown: Path | None, groups: dict[str, list[str]] | None = None) -> dict:
     """Per catalog camera with photos of other devices: `sep_<label>`, the AUROC of those photos' kNN score against
     that camera's training photos over the other models' photos' score against the same photos, and `far_<label>`,
     the other devices' median cosine distance over the reference device's validation photos' (module docstring).
     Then, for the single-device rule at each of REACHES (evaluate.single_device_reach): the share of the other
-    devices' photos it would accept against their closest camera (`accept_<reach>`) and the share of other models'
-    photos it would reject (`reject_<reach>`), from the pixels alone."""
+    devices' photos it would accept against their closest camera and its twins (`accept_<reach>`,
+    Ensemble.twin_group_margins) and the share of other models' photos it would reject (`reject_<reach>`), from
+    the pixels alone. `groups`: each model folder's catalog cameras (`twin_split`; by default the folder's own)."""
     from camid.inference.answers import score_photos
     from camid.inference.ensemble import Ensemble
     from camid.inference.openset import auroc, camera_knn_score, nearest_camera, reach_threshold
@@ -240,14 +290,15 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     unknown_features, unknown_closest = (scores(list_images([unknown]))[1:] if unknown is not None
                                          else (np.zeros((0, bank.shape[1])), np.zeros(0, dtype=int)))
     single = ensemble.open_set.get("single_device") or {}
-    truth = np.array([ensemble.labels.index(p.parent.parent.name) if p.parent.parent.name in ensemble.labels else -1
-                      for p in other_paths])
+    models = [p.parent.parent.name for p in other_paths]
+    catalog_of = {model: (groups or {}).get(model, [model]) for model in set(models)}
     # The closest camera by the features instead of the network's probabilities: the camera whose nearest training
     # photo is nearest (bench/device_gap.py prints the same on the zoo).
-    out = {"nearest_right": round(float(np.mean(nearest_camera(other_features, bank, bank_labels,
-                                                               len(ensemble.labels)) == truth)), 3)}
+    nearest = nearest_camera(other_features, bank, bank_labels, len(ensemble.labels))
+    out = {"nearest_right": round(float(np.mean([ensemble.labels[n] in catalog_of[m]
+                                                 for n, m in zip(nearest, models)])), 3)}
     for camera, label in enumerate(ensemble.labels):
-        rows = np.array([p.parent.parent.name == label for p in other_paths], dtype=bool)
+        rows = np.array([label in catalog_of[m] for m in models], dtype=bool)
         if not rows.any():
             continue
         near = lambda features: camera_knn_score(features, np.full(len(features), camera), bank, bank_labels)  # noqa: E731
@@ -259,13 +310,13 @@ def separation(bundle: Path, others: Path, unknown: Path | None) -> dict:
     fits = [single.get(label) for label in ensemble.labels]
     if not all(fits) or any(fit["other_cameras_median"] is None for fit in fits):
         return out
-    own = camera_knn_score(other_features, other_closest, bank, bank_labels)
-    theirs = camera_knn_score(unknown_features, unknown_closest, bank, bank_labels)
     for reach in REACHES:
-        cut = np.array([reach_threshold(fit, reach) for fit in fits])
-        out[f"accept_{reach}"] = round(float(np.mean(own >= cut[other_closest])), 3)
+        cut = {label: reach_threshold(fit, reach) for label, fit in zip(ensemble.labels, fits)}
+        margin = ensemble.twin_group_margins(other_features, other_closest, cut, {})[0]
+        out[f"accept_{reach}"] = round(float(np.mean(margin >= 0)), 3)
         if len(unknown_features):
-            out[f"reject_{reach}"] = round(float(np.mean(theirs < cut[unknown_closest])), 3)
+            theirs = ensemble.twin_group_margins(unknown_features, unknown_closest, cut, {})[0]
+            out[f"reject_{reach}"] = round(float(np.mean(theirs < 0)), 3)
     return out
 
 
@@ -301,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                              "how many other models the background needs")
     parser.add_argument("--reference-photos", default="", metavar="LABEL=N,...",
                         help="keep only the first N photos (in capture order) of LABEL's reference device")
+    parser.add_argument("--twins", action="append", default=[], metavar="LABEL",
+                        help="deal LABEL's reference photos into two catalog cameras LABEL-a and LABEL-b: firmware "
+                             "twins (repeatable)")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON lines")
     args = parser.parse_args(argv)
@@ -314,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         limits = {label: int(count) for label, count in pairs}
     except ValueError:
         raise SystemExit(f"--reference-photos takes LABEL=N,...: got {args.reference_photos!r}") from None
-    strangers = sorted(set(limits) - set(devices))
+    strangers = sorted((set(limits) | set(args.twins)) - set(devices))
     if strangers:
-        raise SystemExit(f"--reference-photos names no model of {args.devices}: {', '.join(strangers)}")
+        raise SystemExit(f"--reference-photos or --twins names no model of {args.devices}: {', '.join(strangers)}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="camid-real-devices-"))
     base.mkdir(parents=True, exist_ok=True)
     background = list_images([args.background]) if args.background else []
@@ -334,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for refs in reference_choices(devices, args.refs):
         print(f"references: {refs}", flush=True)
-        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split(), background, limits)
+        row = one_run(base, devices, refs, unknown, overrides, args.catalog_args.split(), background, limits,
+                      args.twins)
         row["background"] = f"{len(background)} photos" + (f" (half {args.background_half})"
                                                             if args.background_half else "") if background else "none"
         rows.append(row)

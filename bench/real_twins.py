@@ -44,14 +44,21 @@ def twin_folder(devices: Path, label: str, rename: str, dest: Path) -> str:
             (dest / folder.name / device.name).mkdir(parents=True)
             for photo in device.iterdir():
                 (dest / folder.name / device.name / photo.name).symlink_to(photo.resolve())
-    (dest / twin / moved.name).mkdir(parents=True)
     for photo in moved.iterdir():
-        data = photo.read_bytes()
-        sos = data.find(b"\xff\xda")
-        if sos < 0 or old.encode() not in data[:sos]:
-            raise SystemExit(f"{photo}: no {old!r} in its header to rename")
-        (dest / twin / moved.name / photo.name).write_bytes(data[:sos].replace(old.encode(), new.encode()) + data[sos:])
+        renamed_copy(photo, dest / twin / moved.name / photo.name, old, new)
     return twin
+
+
+def renamed_copy(photo: Path, dest: Path, old: str, new: str) -> Path:
+    """A copy of the JPEG `photo` at `dest` with every `old` in its header (before the first SOS marker) replaced
+    by `new` (as long: no offset moves), so its EXIF Model names a twin; the pixels and JPEG tables as they were."""
+    data = photo.read_bytes()
+    sos = data.find(b"\xff\xda")
+    if len(old) != len(new) or sos < 0 or old.encode() not in data[:sos]:
+        raise SystemExit(f"{photo}: no {old!r} in its header to rename to {new!r} (as long)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data[:sos].replace(old.encode(), new.encode()) + data[sos:])
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

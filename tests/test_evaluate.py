@@ -72,6 +72,50 @@ def test_the_chosen_settings_are_the_validation_optimum_and_are_stored_in_the_bu
         metrics["comparison"]["chosen_views"]["with_jpeg_tables" if metrics["jpeg_tables"] else "pixels_only"])
 
 
+def test_the_tables_are_kept_where_they_only_trade_one_twin_for_the_other():
+    """Cameras 0 and 1 are twins (the pixels split their photos half and half), camera 2 another model. The
+    twins' references each carried a per-scene table the other's did not, and their validation photos the other
+    one's: scored per camera the tables cost the twins' photos and would be dropped, with everything else they
+    tell (the firmware ground of `unknown` goes with them); scored with the twins as one camera, they cost nothing
+    and are kept. Tables that cost two cameras that are not twins are still dropped."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from camid.config import load_params
+    from camid.data.dataset import EvalSet
+    from camid.inference.jpeg_tables import TablePrior
+    from camid.inference.scoring import ValidationScores
+    from camid.stages.evaluate import choose_settings, twin_groups
+    from camid.tiny import ROOT
+
+    assert twin_groups(5, [(3, 1), (1, 4)]).tolist() == [0, 1, 2, 1, 1]
+    settings = dataclasses.replace(load_params(ROOT / "params.yaml").evaluate, tta=False, jpeg_tables=True)
+    labels = ["A", "B", "C"]
+    rng = np.random.default_rng(0)
+    actual = np.repeat([0, 1, 2], 8)
+    probs = np.zeros((24, 3))
+    lean = rng.permutation(np.tile([0.6, 0.4], 8))  # the twins' photos lean half to the right twin, half not
+    probs[:16, 0], probs[:16, 1] = lean, 1 - lean
+    probs[16:, 2], probs[16:, 0] = 0.9, 0.1
+    swapped = {0: "table B", 1: "table A", 2: "table C"}  # each twin's validation photos carry the other's table
+    signatures = [swapped[int(c)] for c in actual]
+    tables = TablePrior({"table A": [3, 0, 0], "table B": [0, 3, 0], "table C": [0, 0, 3]}, labels)
+    evalset = EvalSet(labels=actual, manipulation=np.zeros(24, int), image_id=np.arange(24),
+                      path=np.array([f"{i}.jpg" for i in range(24)], dtype=object), camera_labels=tuple(labels),
+                      images=np.zeros((24, 1, 1, 3), np.uint8))
+    val = ValidationScores(evalset=evalset, member_views=probs[None, None], signatures=signatures)
+    ensemble = SimpleNamespace(labels=labels, background=np.zeros(3, dtype=bool))
+    _, use_tables, selection = choose_settings(ensemble, val, settings, tables)
+    assert selection["val_twins_for_jpeg_tables"] == [["A", "B"]] and use_tables
+    assert selection["val_weighted_accuracy_with_jpeg_tables"] < selection["val_weighted_accuracy_pixels_only"]
+    assert selection["val_weighted_accuracy_with_jpeg_tables_twins_merged"] == pytest.approx(1.0)
+    # Not twins: the pixels tell A from B, and the tables (each swapped) cost them: dropped.
+    probs[:8, :2], probs[8:16, :2] = [0.7, 0.3], [0.3, 0.7]
+    val = ValidationScores(evalset=evalset, member_views=probs[None, None], signatures=signatures)
+    _, use_tables, selection = choose_settings(ensemble, val, settings, tables)
+    assert selection["val_twins_for_jpeg_tables"] == [] and not use_tables
+
+
 def test_jpeg_table_evidence_counts_the_training_photos_only(tiny_model, evaluated):
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
 

@@ -387,6 +387,41 @@ def test_one_reference_device_gets_a_threshold_of_its_own_halfway_on_a_log_scale
     assert alone[0]["other_cameras_median"] is None
 
 
+def test_a_cameras_twins_are_not_its_far_end():
+    """Camera 1 is camera 0's twin (its photos lie where another device of camera 0 would), camera 2 another model.
+    With camera 1's photos in the far end, camera 0's threshold sits near its own photos and rejects its other
+    device; left out as twins, the far end is camera 2's and the other device gets in, while another model stays
+    out. Where every other camera is a twin, the twins stay the far end (there is no other)."""
+    from camid.inference.openset import camera_knn_score, camera_thresholds, unit
+
+    def around(direction, distance, n, seed):  # unit rows at about `distance` (1 - cosine) from `direction`
+        rng = np.random.default_rng(seed)
+        direction = unit(np.asarray(direction, dtype=np.float32)[None])[0]
+        noise = unit(rng.normal(size=(n, len(direction))).astype(np.float32))
+        noise -= (noise @ direction)[:, None] * direction
+        angle = np.arccos(1 - distance * rng.uniform(0.8, 1.2, size=n))
+        return unit(np.cos(angle)[:, None] * direction + np.sin(angle)[:, None] * unit(noise))
+
+    a, c = np.eye(8, dtype=np.float32)[0], np.eye(8, dtype=np.float32)[2]
+    bank = np.concatenate([around(a, 0.002, 12, 0), around(a, 0.002, 12, 1), around(c, 0.002, 12, 2)])
+    bank_labels = np.repeat([0, 1, 2], 12)
+    val = np.concatenate([around(a, 0.004, 6, 3), around(a, 0.02, 10, 4), around(c, 0.004, 6, 5)])
+    labels = np.repeat([0, 1, 2], [6, 10, 6])  # more twin photos than other-model photos: they would be the median
+    pooled = camera_thresholds(val, labels, bank, bank_labels, [0], accept=0.95, reach=0.5)[0]
+    apart = camera_thresholds(val, labels, bank, bank_labels, [0], accept=0.95, reach=0.5, twins={0: {1}, 1: {0}})[0]
+    assert pooled["twins_left_out"] == [] and apart["twins_left_out"] == [1]
+    other_model = camera_knn_score(val[labels == 2], [0] * 6, bank, bank_labels)
+    assert apart["other_cameras_median"] == pytest.approx(float(np.median(other_model)))
+    assert apart["threshold"] < pooled["threshold"] - 0.001
+    another_device = camera_knn_score(around(a, 0.03, 20, 6), [0] * 20, bank, bank_labels)
+    another_model = camera_knn_score(around(unit(a + c), 0.05, 20, 7), [0] * 20, bank, bank_labels)
+    assert (another_device < pooled["threshold"]).all()
+    assert (another_device >= apart["threshold"]).all() and (another_model < apart["threshold"]).all()
+    only_twins = camera_thresholds(val[labels < 2], labels[labels < 2], bank, bank_labels, [0], accept=0.95,
+                                   twins={0: {1}})[0]
+    assert only_twins["twins_left_out"] == [] and only_twins["other_cameras_median"] is not None
+
+
 def test_a_photo_whose_closest_camera_has_its_own_threshold_is_judged_against_that_camera(knn_bundle, tiny_model):
     from camid.inference.openset import camera_knn_score
 
@@ -410,6 +445,19 @@ def test_a_photo_whose_closest_camera_has_its_own_threshold_is_judged_against_th
     np.testing.assert_allclose(new[mine], own[mine] - per_camera[first], atol=1e-9)
     np.testing.assert_allclose(new[~mine], margin[~mine] - cut, atol=1e-9)  # the others: the bank-wide rule
     assert judged.is_unknown(pred.probs, counts, pred.tables_evidence, pred.features)[0]
+    # Where the closest camera has a twin with a threshold of its own, the photo is judged against each and the
+    # better margin counts: the pixels cannot say which twin the network should have named.
+    twin = next(label for label in ensemble.labels if label != first)
+    theirs = camera_knn_score(pred.features, np.full(len(closest), ensemble.labels.index(twin)), ensemble.bank["photo"],
+                              ensemble.bank["photo_labels"])
+    rule = {**rule, "knn_threshold_camera": {**per_camera, twin: float(theirs[0]) - 1e-3}}
+    twins = {"twins": [{"cameras": [first, twin], "confused": 0.5, "photos": 4, "by": "validation"}]}
+    Ensemble.set_confidence(bundle, {}, rule, metadata=twins)
+    grouped = Ensemble.load(bundle).open_set_margin(pred.probs, counts, pred.tables_evidence, pred.features)
+    assert grouped[0] == pytest.approx(1e-3, abs=1e-6) and grouped[0] > 0 > new[0]
+    np.testing.assert_allclose(grouped[mine], np.fmax(own[mine] - per_camera[first], theirs[mine] - theirs[0] + 1e-3),
+                               atol=1e-9)
+    Ensemble.set_confidence(bundle, {}, rule, metadata=ensemble.metadata)
     # A single patch keeps the bank-wide rule.
     one = judged.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])
     assert one[0] == pytest.approx(float(ensemble.open_set_margin(pred.probs[:1], [1], None, pred.features[:1])[0]))
@@ -526,6 +574,9 @@ def test_a_camera_of_one_reference_device_gets_a_stricter_threshold_for_unseen_t
     assert rule["knn_threshold_camera"] and "knn_threshold_camera_unseen_tables" not in rule
     pair = [t for t in metadata["twins"] if t["cameras"] == ["Aster-A1", "Aster-A1s"]]
     assert len(pair) == 1 and (pair[0]["by"] == FIRMWARE or pair[0]["confused"] >= TWIN_CONFUSION)
+    # and neither is the other's far end (openset.camera_thresholds).
+    fits = rule["single_device"]
+    assert "Aster-A1s" in fits["Aster-A1"]["twins_left_out"] and "Aster-A1" in fits["Aster-A1s"]["twins_left_out"]
     assert "Boreal-B7" not in [c for t in metadata["twins"] if t["by"] == FIRMWARE for c in t["cameras"]]
     # The same where A1's reference was shot in one quality mode and A1s's in another: their tables differ but are
     # one family (IJG's at 90 and 80, real JPEG headers), and both are Aster's (the catalog's make).

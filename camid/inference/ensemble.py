@@ -200,16 +200,17 @@ class Ensemble:
         The score is the kNN typicality of the photo's features against the training photos' (`openset.
         knn_score`) where the bundle holds a feature bank and `features` are given (for a whole photo whose closest
         camera had one reference device, against that camera's training photos, `openset.camera_knn_score`, and
-        the camera's own threshold, `open_set.knn_threshold_camera`), else the calibrated top
-        probability of `probs` (N, C) against the threshold of its setting (as in `calibrate`: one patch or
-        many, with or without the JPEG tables, `tables_evidence` per row). NaN for a bundle without a rule."""
+        the camera's own threshold, `open_set.knn_threshold_camera`, or a twin's against its own: the highest,
+        `twin_group_margins`), else the calibrated top probability of `probs` (N, C) against the threshold of its
+        setting (as in `calibrate`: one patch or many, with or without the JPEG tables, `tables_evidence` per row).
+        NaN for a bundle without a rule."""
         return self._margins(probs, patch_counts, tables_evidence, features)[0]
 
     def _margins(self, probs: np.ndarray, patch_counts, tables_evidence, features):
         """(margin, raised): `open_set_margin`, and (N,) for a whole photo judged by its closest camera's own
         threshold where that camera has a stricter one for unseen JPEG tables (`open_set.
         knn_threshold_camera_unseen_tables`), the same score minus that one (NaN for every other row)."""
-        from camid.inference.openset import camera_knn_score, confidence, knn_score
+        from camid.inference.openset import confidence, knn_score
 
         kinds = ["patch" if k == 1 else "photo" for k in patch_counts]
         raised = np.full(len(kinds), np.nan)
@@ -226,10 +227,8 @@ class Ensemble:
                 cut = np.array([per_camera.get(self.labels[c], np.nan) for c in closest], dtype=np.float64)
                 own = np.array([k == "photo" for k in kinds]) & np.isfinite(cut)
                 if own.any():
-                    score = camera_knn_score(features[own], closest[own], self.bank["photo"],
-                                             self.bank["photo_labels"])
-                    margin[own] = score - cut[own]
-                    raised[own] = score - np.array([stricter.get(self.labels[c], np.nan) for c in closest[own]])
+                    margin[own], raised[own] = self.twin_group_margins(features[own], closest[own], per_camera,
+                                                                        stricter)
             for kind in set(kinds):
                 rows = np.array([k == kind for k in kinds]) & ~own
                 if rows.any():
@@ -247,6 +246,31 @@ class Ensemble:
         evidence = self._evidence_rows(tables_evidence, len(kinds))
         cut = np.array(self.fitted(thresholds, self.setting_keys(kinds, entered(evidence))), dtype=np.float64)
         return confidence(probs) - cut, raised
+
+    def twin_group_margins(self, features: np.ndarray, closest: np.ndarray, per_camera: dict,
+                            stricter: dict) -> tuple[np.ndarray, np.ndarray]:
+        """For whole photos whose closest camera (`closest`, indices) has a threshold of its own (`per_camera`,
+        label -> threshold; `stricter`, the same for unseen tables): each photo's kNN score against a camera's
+        training photos minus that camera's threshold, the highest over the closest camera and its twins that have
+        one (`metadata.twins`: the pixels cannot say which of them took a photo, so which one the network happened
+        to name must not decide whether the photo is like the catalog). (margin, raised)."""
+        from camid.inference.metadata import twin_map
+        from camid.inference.openset import camera_knn_score
+
+        twins = twin_map(self.metadata)
+        index = {label: c for c, label in enumerate(self.labels)}
+        margin, raised = np.full(len(closest), -np.inf), np.full(len(closest), -np.inf)
+        candidates = [{int(c), *(index[t] for t in twins.get(self.labels[c], ()) if t in per_camera and t in index)}
+                      for c in closest]
+        for camera in sorted(set().union(*candidates)):
+            rows = np.array([camera in group for group in candidates], dtype=bool)
+            score = camera_knn_score(features[rows], np.full(int(rows.sum()), camera), self.bank["photo"],
+                                     self.bank["photo_labels"])
+            label = self.labels[camera]
+            margin[rows] = np.fmax(margin[rows], score - per_camera[label])
+            raised[rows] = np.fmax(raised[rows], score - stricter.get(label, np.nan))
+        margin[np.isneginf(margin)], raised[np.isneginf(raised)] = np.nan, np.nan  # no score: as before twins
+        return margin, raised
 
     def unknown_grounds(self, probs: np.ndarray, patch_counts, tables_evidence=None, features=None,
                         background=None, background_tables=None) -> np.ndarray:

@@ -139,7 +139,11 @@ def confidence(probs: np.ndarray) -> np.ndarray:
 # all 32 (README, "Smaller references, and the DJI the other way round"). Both medians come
 # from the catalog's own photos. One reference device cannot show either which JPEG quality modes the model's other
 # devices use, so for such a camera unseen tables do not answer `unknown` alone: they ask the pixels to pass the
-# same scale's threshold at `evaluate.unseen_tables_reach` (0.5) instead (`Ensemble.unknown_grounds`).
+# same scale's threshold at `evaluate.unseen_tables_reach` (0.5) instead (`Ensemble.unknown_grounds`). A camera's
+# twins (metadata.twins: pairs the pixels cannot separate, by validation or by firmware) are not its far end: their
+# photos lie where the model's other devices lie, and as the far end they would set the bar at the reference
+# device's own spread; and a photo whose closest camera has twins is judged against each twin's threshold, the best
+# margin counting (`Ensemble.twin_group_margins`), since which twin the network named is chance.
 MIN_UNSEEN_DEVICE_PHOTOS = 5
 UNSEEN_DEVICES, SINGLE_DEVICE = "unseen devices", "single device (per camera, log scale)"
 MIN_DISTANCE = 1e-6  # a floor under cosine distances before their logarithm (identical features)
@@ -176,24 +180,36 @@ def log_midpoint(own: np.ndarray, other: np.ndarray, reach: float = 0.5) -> floa
 
 
 def camera_thresholds(features: np.ndarray, labels: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray,
-                      cameras, accept: float, k: int = K_NEIGHBOURS, reach: float = 0.7) -> dict[int, dict]:
+                      cameras, accept: float, k: int = K_NEIGHBOURS, reach: float = 0.7,
+                      twins: dict[int, set[int]] | None = None) -> dict[int, dict]:
     """For each camera index in `cameras` (those with one reference device), its whole-photo kNN threshold on
     `camera_knn_score`: the lower of the quantile that accepts `accept` of its validation photos (`features`
     rows whose `labels` is that camera) and the score `reach` of the way, on a log scale of distance, from their
     median distance to its training photos to the other cameras' validation photos' median distance to them
-    (`log_midpoint`; module comment above). Without other cameras' photos, the quantile alone. {camera:
-    {"threshold", "quantile", "own_median", "other_cameras_median", "photos"}}; a camera without validation photos
-    or training photos is left out."""
+    (`log_midpoint`; module comment above). The other cameras are those not among the camera's `twins` (camera ->
+    the cameras the pixels cannot tell from it, `camid.inference.metadata.twin_map` by index): a twin's photos lie
+    where another device of the model lies, not where another model does, so they would pull the far end in and
+    reject the model's own other devices; where every other camera is a twin they stay (no other far end).
+    Without other cameras' photos, the quantile alone. {camera: {"threshold", "quantile", "own_median",
+    "other_cameras_median", "photos", "twins_left_out"}}; a camera without validation photos or training photos is
+    left out."""
     features, labels, bank_labels = np.asarray(features), np.asarray(labels), np.asarray(bank_labels)
+    twins = twins or {}
     fitted = {}
     for camera in cameras:
         own_rows, bank_rows = labels == camera, bank_labels == camera
         if not own_rows.any() or not bank_rows.any():
             continue
+        twin_rows = np.isin(labels, sorted(twins.get(int(camera), ())))
+        left_out = sorted(int(c) for c in np.unique(labels[twin_rows]))
+        other_rows = ~own_rows & ~twin_rows
+        if not other_rows.any():  # only twins besides it: their distance is the one far end there is
+            other_rows, left_out = ~own_rows, []
         own = knn_score(features[own_rows], bank[bank_rows], k)
-        other = knn_score(features[~own_rows], bank[bank_rows], k) if (~own_rows).any() else np.zeros(0)
+        other = knn_score(features[other_rows], bank[bank_rows], k) if other_rows.any() else np.zeros(0)
         fit = {"quantile": fit_threshold(own, accept), "own_median": float(np.median(own)),
-               "other_cameras_median": float(np.median(other)) if len(other) else None, "photos": int(own_rows.sum())}
+               "other_cameras_median": float(np.median(other)) if len(other) else None, "photos": int(own_rows.sum()),
+               "twins_left_out": left_out}
         fitted[int(camera)] = {"threshold": reach_threshold(fit, reach), **fit}
     return fitted
 

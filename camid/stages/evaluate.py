@@ -17,6 +17,7 @@ DVC plot (CSV of actual/predicted pairs) and as an image logged to MLflow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def _bar(desc: str):
     return lambda photos: tqdm(photos, desc=desc, unit="photo", leave=False)
 
 
+def twin_groups(cameras: int, pairs) -> np.ndarray:
+    """(cameras,) each camera's group: the lowest index of the cameras joined to it through `pairs` (twins)."""
+    group = np.arange(cameras)
+    for _ in range(cameras):  # at most that many rounds until every chain of pairs has one lowest index
+        changed = False
+        for a, b in pairs:
+            low = min(group[a], group[b])
+            if group[a] != low or group[b] != low:
+                group[[a, b]], changed = low, True
+        if not changed:
+            break
+    return group[group]
+
+
 def fit_tables(cache: Path, labels: list[str]):
     """The JPEG-table evidence of the training photos (camid.inference.jpeg_tables)."""
     from camid.inference.jpeg_tables import TablePrior, signature_of_file
@@ -52,28 +67,52 @@ def fit_tables(cache: Path, labels: list[str]):
     return TablePrior.fit([signature_of_file(p) for p in photos["path"]], photos["label_index"], labels)
 
 
-def choose_settings(ensemble: Ensemble, val: ValidationScores, settings: EvaluateParams,
-                    tables) -> tuple[tuple[int, ...], bool, dict]:
+# The twins choose_settings counts as one camera: pairs whose validation centre crops (one crop a photo) were named
+# the other of the pair at least this often, or firmware twins. One crop confuses more than a whole photo (the
+# metadata rule's TWIN_CONFUSION, 0.1, is on whole photos): on the zoo, 0.1 on crops paired 4, 0.25 the 2 pairs the
+# whole photos pair (crops 0.41 and 0.39; the next, 0.16 and 0.11, are no pair on whole photos).
+CROP_TWIN_CONFUSION = 0.25
+
+
+def choose_settings(ensemble: Ensemble, val: ValidationScores, settings: EvaluateParams, tables,
+                    firmware: list[tuple[int, int]] = ()) -> tuple[tuple[int, ...], bool, dict]:
     """On the validation pass: the TTA views (the identity alone when `settings.tta` is off), then whether
-    the JPEG-table evidence is kept (`settings.jpeg_tables`, and it does not lower the validation score)."""
+    the JPEG-table evidence is kept (`settings.jpeg_tables`, and it does not lower the validation score with each
+    pair of twins counted as one camera). Twins (the `firmware` pairs of camera indices, `training_firmware_twins`,
+    and the pairs validation's pixels confuse, `camid.inference.metadata.fit_twins`) share one firmware, or look
+    it: which of the two a photo's tables favour is which twin's reference happened to carry them (a per-scene
+    table, a quality mode), not evidence, and scored per camera that chance can outweigh everything the tables
+    tell of the catalog's other cameras and drop them, and with them the firmware ground of `unknown`."""
     from camid.core.metrics import weighted_accuracy
+    from camid.inference.metadata import fit_twins
     from camid.inference.tta import select_views
 
     evalset, member_views = val.evalset, val.member_views
     manipulated = evalset.manipulation > 0
 
-    def rate(probs):
-        return weighted_accuracy(evalset.labels, probs.argmax(1), manipulated)
+    def rate(probs, group=None):
+        group = np.arange(probs.shape[1]) if group is None else group
+        return weighted_accuracy(group[np.asarray(evalset.labels)], group[probs.argmax(1)], manipulated)
 
     identity = rate(_blended(member_views, (0,), settings.blend))
     views, best = select_views(member_views, rate, lambda p: blend(p, settings.blend)) if settings.tta else ((0,), identity)
-    with_tables = rate(tables.apply(_blended(member_views, views, settings.blend), val.signatures,
-                                    evalset.manipulation == 0))
-    use_tables = bool(settings.jpeg_tables and tables.counts and with_tables >= best)
+    pixels = _blended(member_views, views, settings.blend)
+    tabled = tables.apply(pixels, val.signatures, ~manipulated)
+    with_tables = rate(tabled)
+    labels, background = list(ensemble.labels), set(np.flatnonzero(ensemble.background).tolist())
+    twins = [pair for pair in (tuple(labels.index(c) for c in twin["cameras"]) for twin in fit_twins(
+        pixels[~manipulated], np.asarray(evalset.labels)[~manipulated], labels, CROP_TWIN_CONFUSION,
+        firmware=list(firmware))) if not background & set(pair)]  # background cameras: nobody's twin (never an answer)
+    group = twin_groups(len(labels), twins)
+    merged = {"pixels": rate(pixels, group), "tables": rate(tabled, group)}
+    use_tables = bool(settings.jpeg_tables and tables.counts and merged["tables"] >= merged["pixels"])
     return views, use_tables, {
         "val_weighted_accuracy": with_tables if use_tables else best,
         "val_weighted_accuracy_pixels_only": best, "val_weighted_accuracy_pixels_only_no_tta": identity,
         "val_weighted_accuracy_with_jpeg_tables": with_tables,
+        "val_twins_for_jpeg_tables": [[labels[a], labels[b]] for a, b in twins],
+        "val_weighted_accuracy_twins_merged": merged["pixels"],
+        "val_weighted_accuracy_with_jpeg_tables_twins_merged": merged["tables"],
         "val_weighted_accuracy_per_view": {D4[v]: rate(_blended(member_views, (v,), settings.blend))
                                            if settings.tta or v == 0 else float("nan") for v in ALL_VIEWS}}
 
@@ -110,6 +149,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams, va
     any JPEG-table setting); each computed here when not given."""
     from camid.inference.calibration import apply_temperature, fit_temperature
     from camid.data.cache import read_meta
+    from camid.inference.metadata import twin_map
     from camid.inference.openset import (K_NEIGHBOURS, KNN_SCORE, MIN_UNSEEN_DEVICE_PHOTOS, SCORE, SINGLE_DEVICE,
                                          UNSEEN_DEVICES, camera_thresholds, confidence, fit_threshold, knn_score,
                                          reach_threshold)
@@ -127,7 +167,7 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams, va
     # the temperatures are fitted on those where there are enough, else on the reference devices' held-out photos
     # with the single-device margin (camid.inference.openset).
     split_info = read_meta(cache).get("split", {})
-    by_device = np.array([split_info.get("modes", {}).get(label) == "devices" for label in ensemble.labels] + [False])
+    by_device = np.append(devices_split(ensemble, cache), False)
     # Background cameras (other cameras' photos, never an answer) take no part in the rule: their validation
     # devices are other models, not unseen devices of a catalog camera (Ensemble.background).
     background = np.append(ensemble.background, False)
@@ -192,9 +232,14 @@ def fit_confidence(ensemble: Ensemble, cache: Path, settings: EvaluateParams, va
         # With background cameras, a one-reference-device camera's pixel ground is the background class instead:
         # the photos the pixels put with the other cameras are unknown (Ensemble.unknown_grounds), and no distance
         # from one device's photos is asked of its model's other devices.
+        # A camera's twins (pairs the pixels cannot separate: metadata.twins) are not its far end (camera_thresholds).
+        index = {label: c for c, label in enumerate(ensemble.labels)}
+        twins = {index[a]: {index[b] for b in others} for a, others in twin_map(metadata).items()}
         per_camera = {} if background.any() else camera_thresholds(
             scores.features[ok], y, bank["photo"], bank["photo_labels"], single, settings.open_set_accept,
-            reach=settings.single_device_reach)
+            reach=settings.single_device_reach, twins=twins)
+        for fit in per_camera.values():
+            fit["twins_left_out"] = [ensemble.labels[c] for c in fit["twins_left_out"]]
         if background.any():
             rule["background"] = {"cameras": [ensemble.labels[c] for c in np.flatnonzero(background[:-1])],
                                   "single_device": [ensemble.labels[c] for c in single]}
@@ -222,6 +267,15 @@ def _catalog_metadata(ensemble: Ensemble, pixel_probs: np.ndarray, served: np.nd
     return fit_metadata(ensemble.catalog_probs(pixel_probs)[rows][:, keep], ensemble.catalog_probs(served)[rows][:, keep],
                         np.array([new[int(c)] for c in y[rows]], dtype=int), [ensemble.labels[c] for c in keep],
                         firmware=[(new[a], new[b]) for a, b in firmware if a in new and b in new])
+
+
+def devices_split(ensemble: Ensemble, cache: Path) -> np.ndarray:
+    """(cameras,) True for each catalog camera the split dealt by device (validation holds devices training never
+    saw), False for one split by photo (one reference device)."""
+    from camid.data.cache import read_meta
+
+    modes = read_meta(cache).get("split", {}).get("modes", {})
+    return np.array([modes.get(label) == "devices" for label in ensemble.labels], dtype=bool)
 
 
 def training_firmware_twins(ensemble: Ensemble, cache: Path, by_device: np.ndarray) -> list[tuple[int, int]]:
@@ -373,7 +427,9 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         first = Ensemble.load(bundle)
         tables = fit_tables(cache, first.labels)
         val = validation_scores(first, cache, settings)  # one pass over val for the views, tables and temperatures
-        views, use_tables, selection = choose_settings(first, val, settings, tables)
+        firmware = training_firmware_twins(dataclasses.replace(first, tables=tables), cache,
+                                           devices_split(first, cache))
+        views, use_tables, selection = choose_settings(first, val, settings, tables, firmware)
         Ensemble.set_settings(bundle, views, settings.blend, selection, tables=tables, use_tables=use_tables,
                               catalog=catalog)
         Ensemble.set_confidence(bundle, *fit_confidence(Ensemble.load(bundle), cache, settings, val))
