@@ -86,10 +86,15 @@ def set_settings(bundle: Path, views: tuple[int, ...], blend: str, scores: dict 
     if tables is not None:
         tables.write(bundle)
     if catalog is not None:
-        spec["cameras"] = [{"label": c.label, "make": c.make, "models": list(c.models),
-                            "sizes": [list(hw) for hw in c.sizes], **({"background": True} if c.background else {})}
-                           for c in catalog.cameras]
+        spec["cameras"] = catalog_entries(catalog)
     write_json(spec_file, spec)
+
+
+def catalog_entries(catalog) -> list[dict]:
+    """The bundle's record of a catalog's cameras (`Ensemble.cameras`): label, EXIF make and models, sizes, and
+    whether it is a background camera."""
+    return [{"label": c.label, "make": c.make, "models": list(c.models), "sizes": [list(hw) for hw in c.sizes],
+             **({"background": True} if c.background else {})} for c in catalog.cameras]
 
 def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None,
                    metadata: dict | None = None) -> None:

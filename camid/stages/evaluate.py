@@ -427,6 +427,11 @@ def evaluate(model_dirs: list[Path], cache: Path, bundle: Path, settings: Evalua
         first = Ensemble.load(bundle)
         tables = fit_tables(cache, first.labels)
         val = validation_scores(first, cache, settings)  # one pass over val for the views, tables and temperatures
+        # The twins the tables' choice counts as one: the bundle has no catalog entries yet (set_settings writes
+        # them), so the firmware test and the background cameras take them from the catalog here.
+        from camid.inference.bundle import catalog_entries
+
+        first = dataclasses.replace(first, cameras=catalog_entries(catalog)) if catalog is not None else first
         firmware = training_firmware_twins(dataclasses.replace(first, tables=tables), cache,
                                            devices_split(first, cache))
         views, use_tables, selection = choose_settings(first, val, settings, tables, firmware)
