@@ -96,6 +96,7 @@ def catalog_entries(catalog) -> list[dict]:
     return [{"label": c.label, "make": c.make, "models": list(c.models), "sizes": [list(hw) for hw in c.sizes],
              **({"background": True} if c.background else {})} for c in catalog.cameras]
 
+
 def set_confidence(bundle: Path, temperature: dict, open_set: dict | None = None, bank: dict | None = None,
                    metadata: dict | None = None) -> None:
     """Record what validation fitted for the probabilities: the calibration temperatures ({"patch": T,

@@ -46,17 +46,13 @@ def _bar(desc: str):
 
 
 def twin_groups(cameras: int, pairs) -> np.ndarray:
-    """(cameras,) each camera's group: the lowest index of the cameras joined to it through `pairs` (twins)."""
-    group = np.arange(cameras)
-    for _ in range(cameras):  # at most that many rounds until every chain of pairs has one lowest index
-        changed = False
-        for a, b in pairs:
-            low = min(group[a], group[b])
-            if group[a] != low or group[b] != low:
-                group[[a, b]], changed = low, True
-        if not changed:
-            break
-    return group[group]
+    """(cameras,) each camera's group: the connected component of the graph whose edges are `pairs` (twins)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = (np.asarray([pair[i] for pair in pairs], dtype=int) for i in (0, 1))
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(cameras, cameras))
+    return connected_components(graph, directed=False)[1]
 
 
 def fit_tables(cache: Path, labels: list[str]):
